@@ -90,7 +90,8 @@ def install(
     files = cluster_files(source, name)
     if f"{name}@.service" not in files:
         raise InstallError(
-            f"no units for cluster {name!r} in {source}; run `clusterkit generate --name {name}` first"
+            f"no units for cluster {name!r} in {source}; "
+            f"run `clusterkit generate --name {name}` first"
         )
     service_text = files[f"{name}@.service"].read_text()
     if manager.user and ("DynamicUser=yes" in service_text or "\nUser=" in service_text):

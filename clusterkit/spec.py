@@ -28,9 +28,9 @@ RESTART_POLICIES = ("always", "on-failure", "on-abnormal", "on-abort", "on-watch
 HARDENING_LEVELS = ("strict", "default", "none")
 MANAGERS = ("system", "user")
 
-# systemd's unit-name alphabet (unit_name_is_valid), minus "\\" and "@"
-# which have meanings of their own in unit names.
-_UNIT_PREFIX = re.compile(r"[A-Za-z0-9:_.-]+")
+# A safe subset of systemd's unit-name alphabet: "@" and "\\" mean something in
+# unit names, and ":" confuses tools that take "host:path" arguments.
+_UNIT_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]*\$?")
 _MEMORY = re.compile(r"(\d+[KMGT]?|\d{1,2}%|100%|infinity)")
@@ -188,10 +188,10 @@ def _text(key: str, raw: Any) -> str:
 
 def _parse_name(key: str, raw: Any) -> str:
     name = _text(key, raw)
-    if not _UNIT_PREFIX.fullmatch(name) or name[0] in ".-":
+    if not _UNIT_PREFIX.fullmatch(name):
         raise SpecError(
             f"--{key}: {name!r} is not a valid unit name prefix "
-            "(use letters, digits, ':', '_', '.', '-'; not starting with '.' or '-')"
+            "(use letters, digits, '_', '.', '-'; not starting with '.' or '-')"
         )
     if len(name) > _UNIT_NAME_MAX:
         raise SpecError(f"--{key}: longer than {_UNIT_NAME_MAX} characters")
