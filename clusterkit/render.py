@@ -48,6 +48,10 @@ def seconds(value: float) -> str:
     return f"{value:g}s" if value >= 1 or value == 0 else f"{round(value * 1000)}ms"
 
 
+def seconds_number(value: float) -> str:
+    return f"{value:g}"
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_dir()),
@@ -63,6 +67,7 @@ def _environment() -> jinja2.Environment:
         exec_line=exec_line,
         env_assignment=env_assignment,
         seconds=seconds,
+        seconds_number=seconds_number,
     )
     return env
 

@@ -1,0 +1,333 @@
+"""One call to serve an app as a clusterkit worker.
+
+Every path does the same life cycle, the one the units expect:
+
+1. ``listen``: the socket systemd passed (or a bound one in development);
+2. ``READY=1`` once it accepts;
+3. ``WATCHDOG=1`` at half of ``WatchdogSec=``, sent from the serving loop
+   itself, so a hung loop stops the pings and systemd kills the worker;
+4. SIGTERM (and SIGINT) only set a flag: exiting inside the handler would lose
+   a request accepted just before the signal. The loop notices the flag, stops
+   accepting, sends ``STOPPING=1``, lets in-flight requests finish (at most
+   ``drain_timeout`` seconds: by default the unit's ``--stop-timeout``, passed
+   as ``CLUSTERKIT_DRAIN_TIMEOUT``; ``TimeoutStopSec=`` leaves a margin on top),
+5. and returns, so the script ends with status 0 (Node's ``exit(worker, 0, null)``).
+
+Paths:
+
+- :func:`serve_asyncio`: clusterkit's own HTTP/1.1 server (uvloop + httptools
+  when installed), the one benchmarked against Node's cluster module.
+- :func:`serve_asgi`: uvicorn, in-process, on the passed socket.
+- :func:`serve_wsgi`: waitress, in-process, on the passed socket.
+
+Running the stock servers unmodified under a clusterkit unit instead:
+
+- ``uvicorn --fd 3 app:app``: uvicorn reads no LISTEN_* and sends no
+  ``READY=1``, so the service needs ``Type=exec`` (drop-in: ``[Service]``
+  ``Type=exec``) and no ``WatchdogSec=``; exactly one socket must be passed (fd
+  3). It treats SIGTERM gracefully but re-raises it at the end, so the exit is
+  "killed by SIGTERM", which systemd counts as clean (not ``exit 0``).
+  Add ``--timeout-graceful-shutdown N`` below ``TimeoutStopSec=``.
+- ``gunicorn app:app --workers 1``: gunicorn (22+, checked in 27.0.1, see
+  ``gunicorn/systemd.py``) reads ``LISTEN_FDS``/``LISTEN_PID`` itself and sends
+  ``READY=1`` from its arbiter, so ``Type=notify`` with ``NotifyAccess=main``
+  works unchanged, and SIGTERM is its graceful stop. Use ``--workers 1``: the
+  unit instances are the workers, and gunicorn's own forked workers would be a
+  second, nested cluster. ``KillMode=mixed`` suits its arbiter/worker pair. No
+  ``WatchdogSec=`` (gunicorn sends no WATCHDOG=1). Bind options are ignored
+  when sockets are passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from clusterkit import worker as worker_mod
+from clusterkit.watchdog import Watchdog
+from clusterkit.worker import BACKLOG, Address, Worker
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _describe(sock: socket.socket) -> str:
+    return worker_mod._bound_to(sock)
+
+
+def _loop_factory(use_uvloop: bool | None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if use_uvloop is False:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if use_uvloop:
+            raise
+        return None
+    return uvloop.new_event_loop
+
+
+async def _watchdog_pinger(wd: Watchdog) -> None:
+    """Runs as a task in the serving loop: if the loop hangs, the pings stop."""
+    assert wd.interval is not None
+    while True:
+        wd.ping()
+        await asyncio.sleep(wd.interval)
+
+
+# -- asyncio ------------------------------------------------------------------
+
+
+def serve_asyncio(
+    handler_or_protocol: Any,
+    port_or_address: Address = 3000,
+    *,
+    worker: Worker | None = None,
+    drain_timeout: float | None = None,
+    fresh_grace: float = 1.0,
+    use_uvloop: bool | None = None,
+) -> None:
+    """Serve with asyncio until SIGTERM, then drain and return.
+
+    *handler_or_protocol*: a handler ``f(Request) -> bytes | str | Response``
+    (or a coroutine function), served by :mod:`clusterkit.httpserver`; or an
+    ``asyncio.Protocol`` subclass, served raw (its connections are tracked and
+    given ``drain_timeout`` to close themselves). *use_uvloop*: None = if installed.
+    """
+    w = worker or worker_mod.current()
+    sock = w.listen(port_or_address)
+    drain_timeout = w.drain_timeout if drain_timeout is None else drain_timeout
+    with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:
+        runner.run(_serve_asyncio(w, sock, handler_or_protocol, drain_timeout, fresh_grace))
+
+
+def _tracked(proto_cls: type, conns: set) -> type:
+    class Tracked(proto_cls):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport):
+            conns.add(self)
+            super().connection_made(transport)
+
+        def connection_lost(self, exc):
+            conns.discard(self)
+            super().connection_lost(exc)
+
+    Tracked.__name__ = proto_cls.__name__
+    return Tracked
+
+
+async def _serve_asyncio(
+    w: Worker, sock: socket.socket, target: Any, drain_timeout: float, fresh_grace: float
+) -> None:
+    from clusterkit.httpserver import ConnectionSet
+
+    log = w.logger()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)  # runs as a loop callback, not in the handler
+
+    raw = isinstance(target, type) and issubclass(target, asyncio.BaseProtocol)
+    if raw:
+        conns: set = set()
+        factory: Callable[[], asyncio.BaseProtocol] = _tracked(target, conns)
+    else:
+        state = ConnectionSet(target, log, fresh_grace)
+        conns = state.connections  # type: ignore[assignment]
+        factory = state.protocol
+
+        def tick() -> None:
+            state.tick()
+            loop.call_later(1.0, tick)
+
+        loop.call_later(1.0, tick)
+
+    # backlog: asyncio calls listen() again on the (shared) socket; keep systemd's.
+    server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+    wd = Watchdog()
+    pinger = loop.create_task(_watchdog_pinger(wd)) if wd.enabled else None
+    where = _describe(sock)
+    w.ready(f"serving on {where}")
+    log.info("worker %d (pid %d) serving on %s", w.id, w.pid, where)
+
+    await stop.wait()
+    server.close()  # stop accepting; the socket stays open in systemd and other workers
+    w.stopping(f"draining {len(conns)} connection(s)")
+    log.info("worker %d draining %d connection(s)", w.id, len(conns))
+    if not raw:
+        state.drain()
+    deadline = loop.time() + drain_timeout
+    while conns and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    for c in list(conns):
+        if getattr(c, "transport", None) is not None:
+            c.transport.abort()
+    if pinger:
+        pinger.cancel()
+    log.info("worker %d stopped (%d connection(s) cut)", w.id, len(conns))
+
+
+# -- ASGI (uvicorn) -------------------------------------------------------------
+
+
+def serve_asgi(
+    app: Any,
+    port_or_address: Address = 3000,
+    *,
+    worker: Worker | None = None,
+    drain_timeout: float | None = None,
+    **uvicorn_options: Any,
+) -> None:
+    """Serve an ASGI app with uvicorn on the worker's socket, then return after a drain.
+
+    uvicorn's own SIGTERM handling is already flag-only (it sets
+    ``should_exit``); we add READY=1 after its startup (lifespan included),
+    the watchdog task in its loop, STOPPING=1 when its shutdown begins, and a
+    harmless handler for the SIGTERM it re-raises at the end, so the exit is 0.
+    """
+    import uvicorn
+
+    w = worker or worker_mod.current()
+    sock = w.listen(port_or_address)
+    drain_timeout = w.drain_timeout if drain_timeout is None else drain_timeout
+    log = w.logger()
+    options: dict[str, Any] = {
+        "timeout_graceful_shutdown": drain_timeout,
+        "backlog": BACKLOG,
+        "lifespan": "auto",
+    }
+    options.update(uvicorn_options)
+    config = uvicorn.Config(app, **options)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                wd = Watchdog()
+                if wd.enabled:
+                    self._ck_pinger = asyncio.get_running_loop().create_task(_watchdog_pinger(wd))
+                w.ready(f"serving on {_describe(sock)}")
+                log.info("worker %d (pid %d) serving on %s", w.id, w.pid, _describe(sock))
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            w.stopping("draining")
+            await super().shutdown(sockets=sockets)
+            pinger = getattr(self, "_ck_pinger", None)
+            if pinger:
+                pinger.cancel()
+
+    for sig in STOP_SIGNALS:  # what uvicorn restores and re-raises into
+        signal.signal(sig, lambda signum, frame: None)
+    Server(config).run(sockets=[sock])
+    log.info("worker %d stopped", w.id)
+
+
+# -- WSGI (waitress) --------------------------------------------------------------
+
+
+def serve_wsgi(
+    app: Any,
+    port_or_address: Address = 3000,
+    *,
+    worker: Worker | None = None,
+    drain_timeout: float | None = None,
+    fresh_grace: float = 1.0,
+    threads: int = 8,
+    **waitress_options: Any,
+) -> None:
+    """Serve a WSGI app with waitress on the worker's socket, then return after a drain.
+
+    Why waitress: it runs entirely in this process (a thread pool behind one
+    select/poll loop) and takes ready-made sockets (``sockets=``), which is
+    what a systemd-started worker needs: the pid systemd execs is the one that
+    serves, with no fork. gunicorn is production-grade too, but its machinery
+    is an arbiter that forks workers; embedding its worker classes without the
+    arbiter means relying on its internals. Pure Python, no C build.
+
+    waitress has no graceful stop of its own, so we drive its loop one
+    iteration at a time: that gives the watchdog a ping point in the serving
+    loop and lets us drain (stop accepting, ``Connection: close`` on every later
+    response, close idle connections, wait for busy ones). The watchdog also
+    stops pinging when requests wait in the queue while no request finished
+    during a whole ping interval: a pool of hung app threads cannot hide
+    behind a healthy loop.
+    """
+    from waitress import wasyncore
+    from waitress.channel import HTTPChannel
+    from waitress.server import create_server
+    from waitress.task import WSGITask
+
+    w = worker or worker_mod.current()
+    sock = w.listen(port_or_address)
+    drain_timeout = w.drain_timeout if drain_timeout is None else drain_timeout
+    log = w.logger()
+    draining = threading.Event()
+    finished = [0]  # tasks completed, for the watchdog's progress check
+
+    class Task(WSGITask):
+        def build_response_header(self):  # type: ignore[no-untyped-def]
+            if draining.is_set():
+                self.set_close_on_finish()  # adds "Connection: close"
+            return super().build_response_header()
+
+        def service(self) -> None:
+            try:
+                super().service()
+            finally:
+                self.channel.ck_served = getattr(self.channel, "ck_served", 0) + 1
+                finished[0] += 1
+
+    class Channel(HTTPChannel):
+        task_class = Task
+
+    options: dict[str, Any] = {"threads": threads, "backlog": BACKLOG, "ident": w.name}
+    options.update(waitress_options)
+    server = create_server(app, sockets=[sock], **options)
+    server.channel_class = Channel
+    dispatcher = server.task_dispatcher
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda s, f: stop.set()) for sig in STOP_SIGNALS}
+    wd = Watchdog()
+    tick = min(0.25, wd.interval or 0.25)
+    seen = [-1]
+
+    def healthy() -> bool:
+        progressed = finished[0] != seen[0]
+        seen[0] = finished[0]
+        return progressed or not dispatcher.queue
+
+    where = _describe(sock)
+    w.ready(f"serving on {where}")
+    log.info("worker %d (pid %d) serving on %s (waitress, %d threads)", w.id, w.pid, where, threads)
+    deadline = None
+    try:
+        while True:
+            wasyncore.loop(timeout=tick, map=server._map, use_poll=True, count=1)
+            if wd.due() and healthy():
+                wd.ping()
+            if stop.is_set() and not draining.is_set():
+                draining.set()
+                wasyncore.dispatcher.close(server)  # stop accepting; keep the trigger
+                w.stopping(f"draining {len(server.active_channels)} connection(s)")
+                log.info("worker %d draining %d connection(s)", w.id, len(server.active_channels))
+                deadline = time.monotonic() + drain_timeout
+            if draining.is_set():
+                now = time.monotonic()
+                channels = list(server.active_channels.values())
+                if not channels or now >= (deadline or now):
+                    break
+                for ch in channels:
+                    idle = not ch.requests and ch.request is None and not ch.total_outbufs_len
+                    used = getattr(ch, "ck_served", 0)
+                    if idle and (used or time.time() - ch.creation_time >= fresh_grace):
+                        ch.will_close = True
+    finally:
+        dispatcher.shutdown(cancel_pending=True, timeout=5)
+        wasyncore.close_all(server._map)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    log.info("worker %d stopped", w.id)

@@ -1,0 +1,185 @@
+"""Each serving path (asyncio, ASGI/uvicorn, WSGI/waitress) as a real worker.
+
+Sockets come from systemd-socket-activate, or, where the socket must outlive a
+worker as it does under PID 1, from the test itself (see test_worker.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+import test_worker
+from test_worker import (
+    PYTHON,
+    _ignore,
+    needs_activate,
+    request,
+    start_activated,
+    unit_env,
+    with_socket_as_fd3,
+)
+
+# the fixtures this module shares with test_worker.py
+procs = test_worker.procs
+app_script = test_worker.app_script
+notify_socket = test_worker.notify_socket
+
+MODES = ["asyncio", "asgi", "wsgi"]
+
+
+@needs_activate
+@pytest.mark.parametrize("mode", MODES)
+def test_path_serves_then_stops_gracefully(mode, procs, app_script, notify_socket):
+    p, port = start_activated(procs, app_script, mode, notify_socket)
+    notify_socket.wait_for("READY=1")
+    status, headers, body = request(port, "/info")
+    assert status == 200 and b'"fd": 3' in body and b'"activated": true' in body
+    p.terminate()
+    assert p.wait() == 0
+    lines = notify_socket.assignments()
+    assert lines.count("READY=1") == 1
+    assert lines.index("STOPPING=1") > lines.index("READY=1")
+
+
+@needs_activate
+@pytest.mark.parametrize("mode", MODES)
+def test_path_drains_in_flight_requests(mode, procs, app_script, notify_socket):
+    p, port = start_activated(procs, app_script, mode, notify_socket, CK_SLOW="0.8")
+    notify_socket.wait_for("READY=1")
+    results: list[object] = []
+
+    def slow() -> None:
+        try:
+            results.append(request(port, "/slow")[0])
+        except Exception as e:  # noqa: BLE001
+            results.append(e)
+
+    threads = [threading.Thread(target=slow) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    p.terminate()
+    for t in threads:
+        t.join(10)
+    assert results == [200] * 3
+    assert p.wait() == 0
+
+
+@needs_activate
+@pytest.mark.parametrize("mode", MODES)
+def test_path_stops_watchdog_pings_when_hung(mode, procs, app_script, notify_socket):
+    # wsgi: one app thread; a hung request plus a queued one means no progress
+    p, port = start_activated(
+        procs, app_script, mode, notify_socket, WATCHDOG_USEC="400000", CK_THREADS="1"
+    )
+    time.sleep(1.0)
+    assert len(notify_socket.times("WATCHDOG=1")) >= 3
+    for _ in range(2):
+        threading.Thread(
+            target=_ignore, args=(request, port, "/hang"), kwargs={"timeout": 4}, daemon=True
+        ).start()
+        time.sleep(0.1)
+    time.sleep(0.5)
+    before = len(notify_socket.times("WATCHDOG=1"))
+    time.sleep(1.2)
+    assert len(notify_socket.times("WATCHDOG=1")) == before
+
+
+@needs_activate
+@pytest.mark.parametrize("fast", [True, False], ids=["httptools", "plain"])
+def test_asyncio_keepalive_and_connection_close(fast, procs, app_script, notify_socket):
+    import http.client
+
+    extra = {} if fast else {"CK_NO_FAST": "1"}
+    _, port = start_activated(procs, app_script, "asyncio", notify_socket, **extra)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/info")
+        info = conn.getresponse()
+        assert (b'"httptools": true' in info.read()) is fast
+        sock = conn.sock
+        for _ in range(3):  # keep-alive: same connection
+            conn.request("POST", "/echo", body=b"hi")
+            resp = conn.getresponse()
+            assert resp.read() == b"POST hi" and resp.getheader("Connection") is None
+            assert conn.sock is sock
+        # Connection: close is honoured: the response says so and the server closes
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):  # ends only when the server closes
+                data += chunk
+        assert b"\r\nConnection: close\r\n" in data and data.endswith(b"Hello Http")
+        # pipelining: two requests in one write, two responses in order
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(
+                b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.count(b"HTTP/1.1 200 OK") == 2 and data.endswith(b"Hello Http")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rolling_sigterm_under_load_loses_nothing(mode, procs, app_script, notify_socket):
+    """Shared mode as PID 1 runs it: the test holds the socket (O_NONBLOCK, as with
+    NonBlocking=yes), two workers accept on it, one gets SIGTERM under load."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=socket.SOMAXCONN)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    workers = []
+    for worker_id in (0, 1):
+        env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="http", CK_SLOW="0.05")
+        env.update(unit_env(notify_socket, worker_id=worker_id))
+        env.pop("WATCHDOG_USEC", None)
+        argv = [PYTHON, str(app_script), mode, str(port)]
+        p = with_socket_as_fd3(listener, argv, env=env)  # as PID 1 passes it
+        procs.append(p)
+        workers.append(p)
+    deadline = time.monotonic() + 15
+    while notify_socket.assignments().count("READY=1") < 2:
+        assert time.monotonic() < deadline, notify_socket.assignments()
+        time.sleep(0.05)
+
+    failures: list[object] = []
+    ok = [0]
+    stop = threading.Event()
+
+    def client() -> None:
+        n = 0
+        while not stop.is_set() and n < 2000:
+            n += 1
+            try:
+                status, _, body = request(port, "/slow" if n % 3 == 0 else "/")
+                if status == 200:
+                    ok[0] += 1
+                else:
+                    failures.append(status)
+            except Exception as e:  # noqa: BLE001
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.7)
+        workers[0].terminate()
+        assert workers[0].wait() == 0
+        served_before = ok[0]
+        time.sleep(0.5)  # the survivor goes on serving
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+        listener.close()
+    assert failures == []
+    assert ok[0] > served_before > 20
+    assert "STOPPING=1" in notify_socket.assignments()
