@@ -54,7 +54,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
-__all__ = ["Container", "ContainerError", "prerequisites_missing", "checkout_root"]
+__all__ = ["Container", "ContainerError", "prerequisites_missing", "checkout_root", "stop_process"]
 
 #: PATH given to commands run inside (``env -i`` drops the host's environment).
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -168,6 +168,12 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """End a process started by :meth:`Container.popen` (the command first, then nsenter)."""
+    if proc.poll() is None:
+        _kill_group(proc)
 
 
 class Container:
@@ -415,15 +421,26 @@ class Container:
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside the container (all its namespaces) with a clean environment."""
-        pid = self._require_pid()
-        envs = {"PATH": CONTAINER_PATH, "HOME": "/root", "LANG": "C.UTF-8", **(env or {})}
-        cmd = ["nsenter", "--all", "-t", str(pid), "env", "-i"]
-        cmd += [f"{k}={v}" for k, v in envs.items()] + list(argv)
-        r = _run_group(cmd, timeout=timeout, input=input)
+        r = _run_group(self._inside(argv, env), timeout=timeout, input=input)
         r.args = list(argv)
         if check and r.returncode != 0:
             raise ContainerError(_describe(self.name, r), r)
         return r
+
+    def popen(self, *argv: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+        """Start ``argv`` inside, its stdout a text pipe; end it with :func:`stop_process`."""
+        return subprocess.Popen(
+            self._inside(argv, env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def _inside(self, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
+        envs = {"PATH": CONTAINER_PATH, "HOME": "/root", "LANG": "C.UTF-8", **(env or {})}
+        cmd = ["nsenter", "--all", "-t", str(self._require_pid()), "env", "-i"]
+        return cmd + [f"{k}={v}" for k, v in envs.items()] + list(argv)
 
     def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``systemctl ARGS`` inside; raises ContainerError on failure unless ``check=False``."""
