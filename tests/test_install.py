@@ -1,0 +1,136 @@
+"""clusterkit install / uninstall, against a real systemd in a container."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clusterkit.container import Container
+
+PY = sys.executable
+CK = [PY, "-m", "clusterkit.cli"]
+APP = Path(__file__).resolve().parent / "apps" / "hello_any_port.py"
+
+
+def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
+    return c.run(*CK, *args)
+
+
+def generate(tmp_path: Path, *args: str) -> Path:
+    """Render units on the host; install them from the container's copy (see push)."""
+    out = tmp_path / "units"
+    r = subprocess.run(
+        [
+            *CK,
+            "generate",
+            "--output",
+            str(out),
+            "--name",
+            "web",
+            "--exec",
+            f"{PY} {APP}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def push(container: Container, out: Path) -> str:
+    """Copy rendered units into the container (the host's /tmp is not there)."""
+    for f in out.iterdir():
+        container.write_file(f"/srv/units/{f.name}", f.read_text(), f.stat().st_mode & 0o777)
+    return "/srv/units"
+
+
+def test_install_without_systemd_says_what_to_do(tmp_path: Path) -> None:
+    if Path("/run/systemd/system").is_dir():
+        pytest.skip("systemd is PID 1 on this machine")
+    out = generate(tmp_path, "--workers", "2")
+    r = subprocess.run([*CK, "install", "web", "--from", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "systemd is not running" in r.stderr and "clusterkit up" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_install_enable_start_and_uninstall(container: Container, tmp_path: Path) -> None:
+    out = generate(tmp_path, "--workers", "2", "--listen", "8000")
+    r = ck(container, "install", "web", "--from", push(container, out), "--now")
+    assert r.returncode == 0, r.stderr
+    assert "installed web" in r.stdout
+    for unit in ("web.target", "web.socket"):
+        assert container.systemctl("is-enabled", unit).stdout.strip() == "enabled"
+    units = ("web@0.service", "web@1.service", "web.socket")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = container.systemctl("is-active", *units, check=False).stdout.split()
+        if states == ["active"] * 3:
+            break
+        time.sleep(0.1)
+    assert states == ["active"] * 3
+    assert container.http_get(8000)[0] == 200
+
+    r = ck(container, "uninstall", "web")
+    assert r.returncode == 0, r.stderr
+    assert not Path(f"/proc/{container.pid}/root/etc/systemd/system/web@.service").exists()
+    state = container.systemctl("is-active", "web@0.service", "web.socket", check=False).stdout
+    assert "active\n" not in state.replace("inactive", "")
+    with pytest.raises(OSError):
+        container.http_get(8000, timeout=2)
+
+
+def test_drop_ins_survive_reinstall_and_hand_edits_are_refused(
+    container: Container, tmp_path: Path
+) -> None:
+    out = generate(tmp_path, "--workers", "1", "--listen", "8001")
+    assert ck(container, "install", "web", "--from", push(container, out)).returncode == 0
+    container.write_file(
+        "/etc/systemd/system/web@.service.d/override.conf", "[Service]\nEnvironment=MARK=kept\n"
+    )
+    out = generate(tmp_path, "--workers", "2", "--listen", "8001")  # a changed cluster
+    r = ck(container, "install", "web", "--from", push(container, out), "--now")
+    assert r.returncode == 0, r.stderr
+    env = container.systemctl("show", "-p", "Environment", "web@1.service").stdout
+    assert "MARK=kept" in env
+    assert container.http_get(8001)[0] == 200
+
+    installed = Path(f"/proc/{container.pid}/root/etc/systemd/system/web.target")
+    installed.write_text(installed.read_text() + "# my note\n")
+    r = ck(container, "install", "web", "--from", push(container, out))
+    assert r.returncode == 1 and "edited by hand" in r.stderr
+    assert installed.read_text().endswith("# my note\n")
+    assert (
+        ck(container, "install", "web", "--from", push(container, out), "--force").returncode == 0
+    )
+
+    assert ck(container, "uninstall", "web").returncode == 0
+    dropin = Path(f"/proc/{container.pid}/root/etc/systemd/system/web@.service.d/override.conf")
+    assert dropin.read_text() == "[Service]\nEnvironment=MARK=kept\n"
+
+
+@pytest.mark.parametrize("scheduling", ["shared", "reuseport"])
+def test_auto_workers_follow_the_cpus_of_the_running_host(
+    container: Container, tmp_path: Path, scheduling: str
+) -> None:
+    out = generate(tmp_path, "--workers", "auto", "--listen", "8002", "--scheduling", scheduling)
+    r = ck(container, "install", "web", "--from", push(container, out), "--now")
+    assert r.returncode == 0, r.stderr
+    generator = Path(f"/proc/{container.pid}/root/etc/systemd/system-generators/clusterkit-web")
+    assert generator.exists()
+    cpus = int(container.run("nproc").stdout)
+    wants = container.systemctl("show", "-p", "Wants", "--value", "web.target").stdout.split()
+    assert sorted(w for w in wants if w.startswith("web@")) == sorted(
+        f"web@{i}.service" for i in range(cpus)
+    )
+    active = container.systemctl(
+        "list-units", "--plain", "--no-legend", "--state=active", "web@*.service"
+    ).stdout
+    assert len(active.strip().splitlines()) == cpus
+    assert ck(container, "uninstall", "web").returncode == 0
+    assert not generator.exists()
