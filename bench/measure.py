@@ -1,0 +1,189 @@
+"""Measurements. Each takes a started System and returns plain numbers (dict)."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+from bench import procfs
+from bench.client import Load, SockDiag, attributed_request, run_in_netns
+from bench.systems.base import NotSupported, System
+
+WRK_THREADS = 2
+WRK_CONNECTIONS = 64
+
+
+def wrk_argv(system: System, seconds: float, close: bool, connections: int = WRK_CONNECTIONS):
+    argv = [
+        "wrk",
+        f"-t{WRK_THREADS}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+    ]
+    if close:
+        argv += ["-H", "Connection: close"]
+    return [*system.load_prefix(), *argv, f"http://{system.host}:{system.port}/"]
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    return {"rps": rps, "p99_ms": p99, "requests": total, "errors": errors}
+
+
+def wrk(system: System, seconds: float, close: bool) -> dict:
+    argv = wrk_argv(system, seconds, close)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 15)
+    if r.returncode != 0:
+        raise RuntimeError(f"wrk failed: {r.stderr}")
+    res = parse_wrk(r.stdout)
+    res["command"] = " ".join(argv)
+    return res
+
+
+def memory_mib(system: System) -> dict:
+    pids = system.pids()
+    return {
+        "pss_mib": sum(procfs.pss_kib(p) for p in pids) / 1024,
+        "processes": len(pids),
+    }
+
+
+def fairness(system: System, seconds: float, keepalive: bool, conns: int) -> dict:
+    """Requests served per worker at a moderate load (our Python client, `conns` threads).
+
+    keepalive=False: a new connection per request. keepalive=True: `conns` persistent
+    connections (reopened only if the server closes them). Each connection is attributed to
+    the worker that accepted it (see bench/client.py), so the servers are not changed.
+    """
+    load = Load(
+        system.host,
+        system.port,
+        keepalive_threads=conns if keepalive else 0,
+        close_threads=0 if keepalive else conns,
+        netns_pid=system.netns_pid,
+        workers=system.worker_pids,
+        max_seconds=seconds,
+    ).start()
+    time.sleep(seconds)
+    load.stop()
+    counts = [load.per_worker.get(p, 0) for p in system.worker_pids()]
+    total = sum(counts)
+    if not counts or total == 0:
+        return {"busiest_share": None, "max_over_mean": None}
+    return {
+        "busiest_share": max(counts) / total,
+        "max_over_mean": max(counts) / statistics.mean(counts),
+        "counts": sorted(counts, reverse=True),
+        "failed": sum(load.failures.values()),
+        "unattributed": load.unattributed,
+    }
+
+
+def respawn_time(system: System, timeout: float = 10.0) -> dict:
+    """SIGKILL one worker (no load), then send requests on new connections until one is served
+    by a worker pid that did not exist before the kill. None if that never happens."""
+    if not system.respawns:
+        return {"respawn_s": None}
+    before = set(system.worker_pids())
+    killed: list[int] = []
+
+    def probe() -> float | None:
+        diag = SockDiag()
+        try:
+            t0 = time.monotonic()
+            killed.append(system.kill_one_worker())
+            while time.monotonic() - t0 < timeout:
+                pid, fail = attributed_request(
+                    system.host, system.port, system.worker_pids, diag, 1.0
+                )
+                if pid is not None and fail is None and pid not in before:
+                    return time.monotonic() - t0
+                time.sleep(0.002)
+            return None
+        finally:
+            diag.close()
+
+    seconds = run_in_netns(system.netns_pid, probe)
+    system.wait_workers(set(killed))
+    return {"respawn_s": seconds}
+
+
+AVAIL_KEEPALIVE_THREADS = 4
+AVAIL_CLOSE_THREADS = 4
+
+
+def availability(system: System, action: Callable[[], object], settle: float = 1.0) -> dict:
+    """Run the client load (4 keep-alive + 4 new-connection threads), do `action` after `settle`
+    seconds, keep the load `settle` seconds after the action returned, count failures."""
+    load = Load(
+        system.host,
+        system.port,
+        keepalive_threads=AVAIL_KEEPALIVE_THREADS,
+        close_threads=AVAIL_CLOSE_THREADS,
+        netns_pid=system.netns_pid,
+        max_seconds=10.0,
+    ).start()
+    try:
+        time.sleep(settle)
+        t0 = time.monotonic()
+        action()
+        action_s = time.monotonic() - t0
+        time.sleep(settle)
+    finally:
+        load.stop()
+    failures = dict(load.failures)
+    return {
+        "failed": sum(failures.values()),
+        "failures": failures,
+        # of the failures, those on a reused keep-alive connection with no byte of response
+        # (a client library would typically retry these GETs on a new connection)
+        "reused_no_response": load.reused_no_response,
+        "ok": load.ok,
+        "action_s": action_s,
+    }
+
+
+def avail_kill(system: System) -> dict:
+    def act() -> None:
+        killed = system.kill_one_worker()
+        if system.respawns:
+            system.wait_workers({killed})
+
+    return availability(system, act)
+
+
+def avail_reload(system: System) -> dict:
+    try:
+        return availability(system, system.rolling_reload)
+    except NotSupported as e:
+        return {"failed": None, "note": str(e) or "not supported"}
+
+
+def avail_restart(system: System) -> dict:
+    try:
+        return availability(system, system.restart_all)
+    except NotSupported as e:
+        return {"failed": None, "note": str(e) or "not supported"}

@@ -1,0 +1,350 @@
+"""bench/RESULTS.md and bench/results.png from the per-run results."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench.systems import BASELINE
+
+
+def _get(*path: str) -> Callable[[dict], float | None]:
+    def get(run: dict) -> float | None:
+        v = run
+        for k in path:
+            if not isinstance(v, dict) or k not in v:
+                return None
+            v = v[k]
+        return v if isinstance(v, int | float) else None
+
+    return get
+
+
+def _scaling(run: dict) -> float | None:
+    n, one = _get("keepalive", "rps")(run), _get("keepalive_1worker", "rps")(run)
+    return n / one if n and one else None
+
+
+@dataclass
+class Figure:
+    key: str
+    title: str
+    unit: str
+    get: Callable[[dict], float | None]
+    better: str  # "higher" / "lower"
+    ratio: bool = True
+    fmt: str = "{:,.0f}"
+
+
+FIGURES = [
+    Figure("ka_rps", "Keep-alive throughput (wrk)", "req/s", _get("keepalive", "rps"), "higher"),
+    Figure(
+        "ka_p99",
+        "Keep-alive p99 latency (wrk)",
+        "ms",
+        _get("keepalive", "p99_ms"),
+        "lower",
+        fmt="{:.2f}",
+    ),
+    Figure(
+        "nc_rps",
+        "New connection per request throughput (wrk, `Connection: close`)",
+        "req/s",
+        _get("newconn", "rps"),
+        "higher",
+    ),
+    Figure(
+        "nc_p99",
+        "New connection per request p99 latency (wrk)",
+        "ms",
+        _get("newconn", "p99_ms"),
+        "lower",
+        fmt="{:.2f}",
+    ),
+    Figure(
+        "fair_nc",
+        "Fairness, new connection per request: busiest worker's share",
+        "share",
+        _get("fair_newconn", "busiest_share"),
+        "lower",
+        fmt="{:.1%}",
+    ),
+    Figure(
+        "fair_ka",
+        "Fairness, 8 keep-alive connections: busiest worker's share",
+        "share",
+        _get("fair_keepalive", "busiest_share"),
+        "lower",
+        fmt="{:.1%}",
+    ),
+    Figure(
+        "kill",
+        "Availability (a): SIGKILL of one worker under load: failed requests",
+        "failed",
+        _get("avail_kill", "failed"),
+        "lower",
+        ratio=False,
+    ),
+    Figure(
+        "reload",
+        "Availability (b): rolling reload under load: failed requests",
+        "failed",
+        _get("avail_reload", "failed"),
+        "lower",
+        ratio=False,
+    ),
+    Figure(
+        "restart",
+        "Availability (c): restart of all workers under load: failed requests",
+        "failed",
+        _get("avail_restart", "failed"),
+        "lower",
+        ratio=False,
+    ),
+    Figure(
+        "start",
+        "Start: from the start command until every worker has served",
+        "s",
+        _get("start_s"),
+        "lower",
+        fmt="{:.3f}",
+    ),
+    Figure(
+        "respawn",
+        "Respawn: from SIGKILL of a worker until a new worker pid serves",
+        "s",
+        _get("respawn", "respawn_s"),
+        "lower",
+        fmt="{:.3f}",
+    ),
+    Figure(
+        "memory",
+        "Memory: total PSS of every process (primary/master/daemon included)",
+        "MiB",
+        _get("memory", "pss_mib"),
+        "lower",
+        fmt="{:.1f}",
+    ),
+    Figure(
+        "one_rps",
+        "Scaling: keep-alive throughput with 1 worker",
+        "req/s",
+        _get("keepalive_1worker", "rps"),
+        "higher",
+    ),
+    Figure(
+        "scaling",
+        "Scaling: N workers / 1 worker (keep-alive)",
+        "x",
+        _scaling,
+        "higher",
+        fmt="{:.2f}",
+    ),
+]
+
+
+def median(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def table(fig: Figure, runs: dict[str, list[dict]]) -> list[str]:
+    base = median([fig.get(r) for r in runs.get(BASELINE, [])])
+    head = f"| system | median ({fig.unit}) |"
+    sep = "|---|---:|"
+    if fig.ratio:
+        head += f" ratio to {BASELINE} |"
+        sep += "---:|"
+    head += " runs |"
+    sep += "---|"
+    lines = [head, sep]
+    for name, rs in runs.items():
+        vals = [fig.get(r) for r in rs]
+        m = median(vals)
+        cell = fig.fmt.format(m) if m is not None else _na(fig, rs)
+        row = f"| {name} | {cell} |"
+        if fig.ratio:
+            row += f" {m / base:.2f}× |" if m is not None and base else " – |"
+        row += " " + ", ".join(fig.fmt.format(v) if v is not None else "–" for v in vals) + " |"
+        lines.append(row)
+    return lines
+
+
+def _na(fig: Figure, rs: list[dict]) -> str:
+    for r in rs:
+        for k in ("avail_reload", "avail_restart"):
+            if fig.key in ("reload", "restart") and isinstance(r.get(k), dict):
+                if r[k].get("note"):
+                    return f"n/a ({r[k]['note']})"
+        if fig.key == "respawn" and isinstance(r.get("respawn"), dict):
+            if r["respawn"].get("respawn_s", 0) is None:
+                return "never (not respawned)"
+        for v in r.values():
+            if isinstance(v, dict) and "error" in v:
+                pass
+    return "–"
+
+
+def failure_details(key: str, runs: dict[str, list[dict]]) -> list[str]:
+    lines = []
+    for name, rs in runs.items():
+        parts = []
+        for r in rs:
+            a = r.get(key) or {}
+            if a.get("failed") is None:
+                continue
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(a.get("failures", {}).items()))
+            parts.append(
+                f"{a['ok']:,} ok, {kinds or 'no failures'}; "
+                f"of the failures {a.get('reused_no_response', 0)} on a reused keep-alive "
+                "connection with no byte of response; "
+                f"action {a['action_s']:.2f}s"
+            )
+        if parts:
+            lines.append(f"- {name}: " + " | ".join(parts))
+    return lines
+
+
+def chart(path: str, runs: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [f for f in FIGURES if f.key in ("ka_rps", "nc_rps", "memory", "fair_nc", "one_rps")]
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ratios = []
+        for f in shown:
+            base = median([f.get(r) for r in runs.get(BASELINE, [])])
+            m = median([f.get(r) for r in runs[name]])
+            ratios.append(m / base if m is not None and base else 0)
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(shown))]
+        bars = ax.bar(xs, ratios, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(shown)))
+    labels = {
+        "ka_rps": "keep-alive req/s\n(higher is better)",
+        "nc_rps": "new-connection req/s\n(higher is better)",
+        "memory": "total PSS\n(lower is better)",
+        "fair_nc": "busiest worker share\n(lower is fairer)",
+        "one_rps": "1-worker keep-alive req/s\n(higher is better)",
+    }
+    ax.set_xticklabels([labels[f.key] for f in shown], fontsize=8)
+    ax.set_ylabel(f"ratio to {BASELINE} (median of runs)")
+    ax.set_title("clusterkit benchmark: ratios to Node's cluster module (round-robin)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run(*argv: str) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (r.stdout or r.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine_meta() -> dict:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = "?"
+    with open("/proc/meminfo") as f:
+        mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.1f} GiB"
+    try:
+        with open("/etc/debian_version") as f:
+            distro = "Debian " + f.read().strip()
+    except OSError:
+        distro = "?"
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory": mem,
+        "kernel": platform.release(),
+        "distro": distro,
+        "python": sys.version.split()[0],
+        "wrk_version": _run("wrk", "-v"),
+        "load_avg_at_end": open("/proc/loadavg").read().split()[:3],
+    }
+
+
+def write(out: str, meta: dict, runs: dict[str, list[dict]]) -> None:
+    chart(os.path.join(out, "results.png"), runs)
+    versions: dict[str, str] = {}
+    for rs in runs.values():
+        for r in rs:
+            versions.update(r.get("versions", {}))
+    md = [
+        "# clusterkit benchmark results",
+        "",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['cpu']}, {meta['cpus']} CPUs, {meta['memory']}, {meta['distro']}, "
+        f"Linux {meta['kernel']}; load average at the end {' '.join(meta['load_avg_at_end'])}",
+        f"- versions: Python {meta['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+        + f", {meta['wrk_version']}",
+        f"- command: `{meta['command']}` ({meta['runs']} run(s) per system, {meta['workers']} "
+        f"workers, {meta['duration']:g} s wrk loads, {meta['fair_seconds']:g} s fairness loads)",
+        f"- load: `{meta['wrk']}`, loopback; every figure is the median of the runs, "
+        f"ratios are to `{BASELINE}` (Node's cluster module, the seed's hello world).",
+        "- see [README.md](README.md) for what each figure means and how it is measured.",
+        "",
+        "![ratios to Node cluster](results.png)",
+        "",
+        "## Systems and exact commands",
+        "",
+    ]
+    for name, rs in runs.items():
+        r = next((r for r in rs if r.get("commands")), rs[0] if rs else {})
+        md.append(f"- **{name}**: {r.get('description', '')}")
+        for op, cmd in r.get("commands", {}).items():
+            md.append(f"  - {op}: `{cmd}`")
+    for fig in FIGURES:
+        md += ["", f"## {fig.title}", "", *table(fig, runs)]
+        detail = {"kill": "avail_kill", "reload": "avail_reload", "restart": "avail_restart"}
+        if fig.key in detail:
+            md += ["", *failure_details(detail[fig.key], runs)]
+        if fig.key in ("fair_nc", "fair_ka"):
+            k = "fair_newconn" if fig.key == "fair_nc" else "fair_keepalive"
+            md.append("")
+            for name, rs in runs.items():
+                counts = [str(r.get(k, {}).get("counts", "–")) for r in rs]
+                md.append(f"- {name}: requests per worker {'; '.join(counts)}")
+    md += [
+        "",
+        "## Notes",
+        "",
+        "- wrk runs on the same CPUs as the servers; with 2 CPUs it takes about one of them, so "
+        "absolute throughput and the N/1-worker scaling are bounded by the load generator too.",
+        "- gunicorn's default sync worker closes the connection after every response: its "
+        "keep-alive figures are new-connection figures.",
+        "- The seed's `cluster.js` only logs a worker's death: no respawn, no reload; its "
+        "restart-all is a restart of the program (the port is closed meanwhile).",
+        "- Other processes may have shared the machine: see the load average above; compare "
+        "ratios within one run rather than absolute figures across runs.",
+    ]
+    errors = [
+        f"- {name} run {i + 1}: {k}: {v['error']}"
+        for name, rs in runs.items()
+        for i, r in enumerate(rs)
+        for k, v in r.items()
+        if isinstance(v, dict) and "error" in v
+    ]
+    if errors:
+        md += ["", "## Measurement errors", "", *errors]
+    with open(os.path.join(out, "RESULTS.md"), "w") as f:
+        f.write("\n".join(md) + "\n")

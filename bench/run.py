@@ -1,0 +1,199 @@
+"""Benchmark clusterkit against Node's cluster module, pm2, gunicorn and uvicorn.
+
+    .venv/bin/python bench/run.py                 # 3 runs, 10 s loads, every system
+    .venv/bin/python bench/run.py --quick         # 1 run, 3 s loads (a smoke test)
+    .venv/bin/python bench/run.py --only node-cluster-rr uvicorn --runs 5
+
+Writes bench/RESULTS.md, bench/results.png and bench/results.json (raw per-run numbers).
+See bench/README.md for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import measure, report  # noqa: E402
+from bench.systems import BASELINE, SYSTEMS  # noqa: E402
+from bench.systems.base import NPROC, REGISTRY, ROOT, System  # noqa: E402
+
+RUNNING: list[System] = []
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def port_free(host: str, port: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+        time.sleep(0.05)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def started(name: str, workers: int) -> tuple[System, float]:
+    system = SYSTEMS[name]()
+    if system.netns_pid is None and not port_free(system.host, system.port):
+        raise RuntimeError(f"{system.host}:{system.port} is in use; cannot start {name}")
+    RUNNING.append(system)
+    return system, system.start(workers)
+
+
+def stop(system: System) -> None:
+    system.stop()
+    if system in RUNNING:
+        RUNNING.remove(system)
+
+
+def healthy(system: System, workers: int) -> System:
+    """Restart the system if it lost a worker for good (e.g. Node's seed after SIGKILL)."""
+    if len(system.worker_pids()) == workers:
+        return system
+    log(f"  {system.name}: {len(system.worker_pids())}/{workers} workers, restarting it")
+    stop(system)
+    RUNNING.append(system)
+    system.start(workers)
+    return system
+
+
+def guarded(out: dict, key: str, fn) -> None:
+    try:
+        out[key] = fn()
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed measurement is reported, the run goes on
+        log(f"  {key} failed: {e!r}")
+        traceback.print_exc(limit=3)
+        out[key] = {"error": repr(e)}
+
+
+def run_system(name: str, workers: int, seconds: float, fair_seconds: float) -> dict:
+    r: dict = {}
+    system, r["start_s"] = started(name, workers)
+    r["commands"] = {}
+    try:
+        log(f"  {name}: {workers} workers serving after {r['start_s']:.3f}s")
+        measure.wrk(system, 1, close=False)  # warm-up, not recorded
+        guarded(r, "keepalive", lambda: measure.wrk(system, seconds, close=False))
+        guarded(r, "newconn", lambda: measure.wrk(system, seconds, close=True))
+        guarded(r, "memory", lambda: measure.memory_mib(system))
+        guarded(r, "fair_newconn", lambda: measure.fairness(system, fair_seconds, False, 4))
+        guarded(r, "fair_keepalive", lambda: measure.fairness(system, fair_seconds, True, 8))
+        guarded(r, "respawn", lambda: measure.respawn_time(system))
+        healthy(system, workers)
+        guarded(r, "avail_kill", lambda: measure.avail_kill(system))
+        healthy(system, workers)
+        guarded(r, "avail_reload", lambda: measure.avail_reload(system))
+        healthy(system, workers)
+        guarded(r, "avail_restart", lambda: measure.avail_restart(system))
+        r["commands"] = dict(system.commands)
+        r["versions"] = system.versions()
+        r["description"] = system.description
+    finally:
+        stop(system)
+    if workers > 1:
+        one = None
+
+        def scaling() -> dict:
+            nonlocal one
+            one, _ = started(name, 1)
+            return measure.wrk(one, seconds, close=False)
+
+        try:
+            guarded(r, "keepalive_1worker", scaling)
+        finally:
+            if one is not None:
+                stop(one)
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--runs", type=int, default=3, help="runs per system (median taken)")
+    p.add_argument("--duration", type=float, default=10, help="seconds per wrk load (<= 10)")
+    p.add_argument("--workers", type=int, default=NPROC, help="workers (default: CPU count)")
+    p.add_argument("--only", nargs="+", choices=list(SYSTEMS), help="systems to run")
+    p.add_argument("--quick", action="store_true", help="1 run, 3 s loads")
+    p.add_argument("--out", default=ROOT, help="directory for RESULTS.md/results.png/json")
+    p.add_argument(
+        "--report-only", metavar="JSON", help="rewrite RESULTS.md/results.png from a results.json"
+    )
+    a = p.parse_args(argv)
+    if a.report_only:
+        with open(a.report_only) as f:
+            data = json.load(f)
+        report.write(a.out, data["meta"], data["runs"])
+        return 0
+    if a.quick:
+        a.runs, a.duration = 1, 3
+    a.duration = min(a.duration, 10)
+    fair_seconds = min(a.duration, 5)
+    names = a.only or list(SYSTEMS)
+    if BASELINE not in names:
+        names.insert(0, BASELINE)  # every figure is a ratio to it
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    began = datetime.datetime.now(datetime.UTC)
+    try:
+        for i in range(a.runs):  # systems interleaved, so slow drift hits all of them alike
+            for name in names:
+                log(f"run {i + 1}/{a.runs}: {name}")
+                try:
+                    runs[name].append(run_system(name, a.workers, a.duration, fair_seconds))
+                except Exception as e:  # noqa: BLE001 - reported, the other systems still run
+                    log(f"  {name} failed: {e!r}")
+                    traceback.print_exc(limit=5)
+                    runs[name].append({"run": {"error": repr(e)}})
+    except KeyboardInterrupt:
+        log("interrupted: stopping everything started")
+        return 130
+    finally:
+        for system in list(RUNNING):
+            try:
+                stop(system)
+            except Exception as e:  # noqa: BLE001
+                log(f"stop {system.name}: {e!r}")
+        REGISTRY.kill_all()
+    meta = report.machine_meta()
+    meta.update(
+        date=began.strftime("%Y-%m-%d %H:%M UTC"),
+        command=" ".join([".venv/bin/python", "bench/run.py", *(argv or sys.argv[1:])]),
+        runs=a.runs,
+        duration=a.duration,
+        fair_seconds=fair_seconds,
+        workers=a.workers,
+        wrk=f"wrk -t{measure.WRK_THREADS} -c{measure.WRK_CONNECTIONS} -d{round(a.duration)}s "
+        "--latency [-H 'Connection: close'] http://127.0.0.1:3000/",
+    )
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "runs": runs}, f, indent=1, default=str)
+    report.write(a.out, meta, runs)
+    log(f"wrote {os.path.join(a.out, 'RESULTS.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The systems under test, by name. The first one is the baseline every ratio is taken against.
+
+To add one (e.g. clusterkit-shared / clusterkit-reuseport): subclass bench.systems.base.System
+in a new module and add a factory here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bench.systems.base import System
+from bench.systems.nodejs import NodeCluster, Pm2
+from bench.systems.pythonweb import Gunicorn, Uvicorn
+
+BASELINE = "node-cluster-rr"
+
+SYSTEMS: dict[str, Callable[[], System]] = {
+    "node-cluster-rr": lambda: NodeCluster("rr"),
+    "node-cluster-none": lambda: NodeCluster("none"),
+    "pm2": Pm2,
+    "gunicorn": Gunicorn,
+    "uvicorn": Uvicorn,
+    # "clusterkit-shared": lambda: Clusterkit("shared"),        # added by the lead
+    # "clusterkit-reuseport": lambda: Clusterkit("reuseport"),
+}
