@@ -234,6 +234,267 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- the primary: status, events and control of a running cluster ----
+
+
+def _settings(args: argparse.Namespace):
+    from clusterkit import primary
+
+    try:
+        return primary.setup_primary(args.name, user=args.user_manager)
+    except primary.PrimaryError as e:
+        raise CommandError(str(e), USAGE_ERROR) from None
+
+
+def _primary_call(call, *args, **kwargs):
+    """Run a clusterkit.primary call; its failures become one-line CommandErrors."""
+    from clusterkit import primary
+
+    try:
+        return call(*args, **kwargs)
+    except primary.PrimaryError as e:
+        raise CommandError(f"{e} (is the cluster installed? try clusterkit status)") from None
+
+
+def _last_exits(settings) -> dict[int, object]:
+    from clusterkit import events
+
+    reader = events.EventReader(settings.name, user=settings.user, exits_only=True)
+    try:
+        return {ev.worker: ev for ev in reader}
+    finally:
+        reader.close()
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return (
+        f"{s // 86400}d{s % 86400 // 3600}h"
+        if s >= 86400
+        else (f"{s // 3600}h{s % 3600 // 60}m" if s >= 3600 else f"{s // 60}m{s % 60}s")
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from clusterkit import primary
+
+    settings = _settings(args)
+    workers = _primary_call(primary.get_workers, settings)
+    exits = _last_exits(settings)
+    rows = []
+    for w in workers.values():
+        row = w.to_json()
+        ev = exits.get(w.id)
+        row["last_exit"] = (
+            None
+            if ev is None
+            else {
+                k: ev.to_json()[k]
+                for k in (
+                    "pid",
+                    "code",
+                    "signal",
+                    "exited_after_disconnect",
+                    "invocation_id",
+                    "time",
+                )
+            }
+        )
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(
+            f"no workers of {settings.name} are loaded (start them: systemctl start "
+            f"{settings.name}.target)"
+        )
+        return 0
+    print(f"{'ID':>3} {'PID':>7} {'STATE':<12} {'UPTIME':>8} {'RESTARTS':>8}  LAST EXIT")
+    for row in rows:
+        last = row["last_exit"]
+        if last is None:
+            text = "-"
+        else:
+            how = f"signal {last['signal']}" if last["signal"] else f"code {last['code']}"
+            text = f"{how} at {last['time'][:19]}" + (
+                " (disconnect)" if last["exited_after_disconnect"] else ""
+            )
+        print(
+            f"{row['id']:>3} {row['pid'] or '-':>7} {row['state']:<12} "
+            f"{_uptime(row['uptime']):>8} {row['restarts']:>8}  {text}"
+        )
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    import json
+
+    from clusterkit import events
+
+    settings = _settings(args)
+    since = None
+    if args.since:
+        try:
+            since = events.parse_since(args.since)
+        except ValueError as e:
+            raise CommandError(f"--since: {e}", USAGE_ERROR) from None
+    reader = events.EventReader(
+        settings.name,
+        user=settings.user,
+        since=since,
+        cursor=args.after_cursor,
+        at_end=args.follow and since is None and not args.after_cursor,
+    )
+    stream = reader.follow() if args.follow else iter(reader)
+    try:
+        for ev in stream:
+            if args.json:
+                print(json.dumps(ev.to_json()), flush=True)
+            else:
+                print(f"{ev.time.astimezone():%Y-%m-%d %H:%M:%S} {ev.describe()}", flush=True)
+    finally:
+        reader.close()
+    return 0
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    from clusterkit import primary
+
+    settings = _settings(args)
+    env = {}
+    for item in args.env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--env: {item!r} is not KEY=VALUE", USAGE_ERROR)
+        env[key] = value
+    w = _primary_call(primary.fork, env or None, settings=settings)
+    print(f"forked worker {w.id} ({w.unit}, pid {w.pid}): {w.state}")
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from clusterkit import primary
+
+    settings = _settings(args)
+    w = primary.Worker(args.id, settings=settings)
+    _primary_call(w.kill, args.signal)
+    print(f"sent {args.signal} to worker {args.id} ({w.unit})")
+    return 0
+
+
+def cmd_disconnect(args: argparse.Namespace) -> int:
+    from clusterkit import primary
+
+    settings = _settings(args)
+    if args.id is None:
+        _primary_call(primary.disconnect, settings=settings)
+        print(f"disconnected every worker of {settings.name}")
+    else:
+        w = primary.Worker(args.id, settings=settings)
+        _primary_call(w.disconnect)
+        print(f"disconnected worker {args.id} ({w.unit})")
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from clusterkit import primary
+    from clusterkit.spec import MAX_WORKERS
+
+    if not 0 <= args.count <= MAX_WORKERS:
+        raise CommandError(f"N: {args.count} is outside 0-{MAX_WORKERS}", USAGE_ERROR)
+    settings = _settings(args)
+    started, stopped = _primary_call(primary.scale, args.count, settings=settings)
+    print(
+        f"{settings.name}: {args.count} workers"
+        f" (started {started or 'none'}, stopped {stopped or 'none'});"
+        f" until reboot: {settings.name}.target still starts the generated number"
+    )
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from clusterkit import primary
+
+    settings = _settings(args)
+
+    def progress(old, new, n: int, total: int) -> None:
+        print(f"[{n}/{total}] worker {old.id}: pid {old.pid} -> {new.pid} {new.state}", flush=True)
+
+    done = _primary_call(primary.reload, progress, settings=settings)
+    if not done:
+        raise CommandError(f"no running workers of {settings.name} to reload")
+    print(f"reloaded {len(done)} workers of {settings.name}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from clusterkit import up
+
+    if args.exec is None and args.config is None:
+        # No app given: the bundled example, Node's hello-world cluster.js.
+        example = up.bundled_example()
+        if example is None:
+            raise CommandError(
+                "no app given and the bundled example is not here (installed from a wheel?); "
+                'pass --exec "CMD" or --config pyproject.toml',
+                USAGE_ERROR,
+            )
+        args.config = example / "pyproject.toml"
+        args.name = args.name or "hello"
+        args.exec = f"{sys.executable} {example / 'cluster.py'}"
+        args.working_directory = args.working_directory or str(example)
+        args.python = args.python or sys.executable
+    args.workers = args.workers or "auto"
+    return up.up(spec_from_args(args), say=lambda line: print(line, flush=True))
+
+
+def _add_primary_parsers(sub) -> None:
+    def add(name: str, help: str, func):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("name", help="cluster name (the NAME of NAME@K.service)")
+        p.add_argument(
+            "--user",
+            dest="user_manager",
+            action="store_true",
+            help="the calling user's service manager",
+        )
+        p.set_defaults(func=func)
+        return p
+
+    p = add("status", "one row per worker: id, pid, state, uptime, restarts, last exit", cmd_status)
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = add("events", "Node's cluster events from the journal", cmd_events)
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument(
+        "--since", help="ISO time, @EPOCH, or --since=-5min (also -30s, -2h, -1d); default: all"
+    )
+    p.add_argument("--after-cursor", metavar="CURSOR", help="resume after this journal cursor")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = add("fork", "start the next free worker", cmd_fork)
+    p.add_argument(
+        "--env", action="append", metavar="KEY=VALUE", help="environment for it; repeatable"
+    )
+
+    p = add("kill", "send a signal to one worker's process (systemctl kill)", cmd_kill)
+    p.add_argument("id", type=int, help="worker id")
+    p.add_argument("--signal", "-s", default="SIGTERM", help="signal name (default SIGTERM)")
+
+    p = add("disconnect", "gracefully stop one worker, or all", cmd_disconnect)
+    p.add_argument("id", type=int, nargs="?", help="worker id (default: every worker)")
+
+    p = add("scale", "run exactly N workers (until reboot)", cmd_scale)
+    p.add_argument("count", type=int, metavar="N")
+
+    add("reload", "rolling restart, one worker at a time, no refused connections", cmd_reload)
+
+
 def _add_manager_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtime",
@@ -281,6 +542,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manager_options(p)
     p.set_defaults(func=cmd_uninstall)
 
+    p = sub.add_parser(
+        "up",
+        help="render and run a cluster on real systemd in the foreground "
+        "(a throwaway container where systemd is not PID 1); Ctrl-C stops it",
+    )
+    _add_spec_options(p)
+    p.set_defaults(func=cmd_up)
+
+    _add_primary_parsers(sub)
     return parser
 
 

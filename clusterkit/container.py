@@ -253,6 +253,7 @@ class Container:
             self._spawn()
             self._wait_for_pid1(deadline)
             self._wait_running(deadline)
+            self._open_path_to_checkout()
         except BaseException as exc:
             log = self.log()
             self.poweroff()
@@ -320,6 +321,24 @@ class Container:
         state = r.stdout.strip()
         if state not in ("running", "degraded"):
             raise ContainerError(f"{self.name}: system state {state!r}: {r.stderr.strip()}", r)
+
+    def _open_path_to_checkout(self) -> None:
+        """Let unprivileged (DynamicUser=) workers reach the bound checkout.
+
+        The directories above a bind mount are the container's own (on its tmpfs
+        root), created at boot; some, like ``/root``, are mode 0700. Opening
+        them for traversal changes nothing on the host.
+        """
+        root = checkout_root()
+        if root is None:
+            return
+        tmpfs = Path(f"/proc/{self.pid}/root/").stat().st_dev
+        for parent in root.parents:
+            inside = Path(f"/proc/{self.pid}/root{parent}")
+            stat = inside.stat()
+            mode = stat.st_mode
+            if parent != Path("/") and stat.st_dev == tmpfs and not mode & 0o001:
+                inside.chmod((mode & 0o7777) | 0o001)
 
     def _check_alive(self) -> None:
         assert self._proc is not None

@@ -161,12 +161,16 @@ class Worker:
 
         *port_or_address*: a port (``3000``), ``"host:port"``, ``(host, port)``, a
         unix socket path (``"/run/x.sock"``, ``"@abstract"``), or None for "the one
-        socket systemd passed". A passed socket must match it (port, or path);
-        without passed sockets the address is bound here (SO_REUSEADDR), once:
+        socket systemd passed". Under systemd the units own the address: a single
+        passed socket is used whatever was asked (the address in the code is the
+        development default); among several, the one matching the port or path.
+        Without passed sockets the address is bound here (SO_REUSEADDR), once:
         calling again with the same address returns the same socket.
         """
         kind, target = _parse(port_or_address)
         passed = self.sockets()
+        if len(passed) == 1:
+            return passed[0]
         if passed:
             found = [s for s in passed if _matches(s, kind, target)]
             if kind == "any" and len(found) > 1:

@@ -327,6 +327,15 @@ def test_socket_activated_worker_uses_passed_fd(procs, app_script, notify_socket
 
 
 @needs_activate
+def test_one_passed_socket_is_used_whatever_port_the_code_names(procs, app_script, notify_socket):
+    # The unit owns the address: code saying listen(3000) serves on the unit's port.
+    p, port = start_activated(procs, app_script, "asyncio", notify_socket, address=3000)
+    info = json.loads(request(port, "/info")[2])
+    assert info["fd"] == 3 and info["activated"] is True
+    assert listening_inodes(p.pid) == {"3"}
+
+
+@needs_activate
 def test_sigterm_drains_in_flight_and_exits_0(procs, app_script, notify_socket):
     p, port = start_activated(procs, app_script, "asyncio", notify_socket, CK_SLOW="0.8")
     notify_socket.wait_for("READY=1")

@@ -1,0 +1,452 @@
+"""The primary's side of Node's cluster API, with systemd doing the work.
+
+``from clusterkit import cluster`` re-exports these names lazily (a worker
+never imports this module). systemd is the real primary: it forks, restarts and
+holds the port; this module asks it (``systemctl``) and listens to it (the
+journal, :mod:`clusterkit.events`)::
+
+    from clusterkit import cluster
+    cluster.setup_primary(name="hello")
+    cluster.on("exit", lambda w, code, sig: print(f"worker {w.process.pid} died"))
+    cluster.run()          # Node's event loop keeps its primary alive; here, say so
+
+Mapping (DESIGN.md): ``fork()`` is ``systemctl start NAME@K.service`` for the
+lowest free K; ``worker.kill(sig)`` is ``systemctl kill --signal=SIG``;
+``worker.disconnect()`` is ``systemctl stop`` (SIGTERM, drain, exit 0), and in
+reuseport mode also stops ``NAME@K.socket``, whose queue would otherwise hold
+connections for a worker that never comes back. Node's ``kill()`` disconnects
+first and so sets ``exitedAfterDisconnect``; ``systemctl kill`` does not.
+
+Nothing here is persistent: ``fork``/``disconnect``/``scale`` change the running
+system only; ``NAME.target`` still starts the generated number of workers at boot.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from clusterkit import events as _events
+
+SCHED_SHARED = "shared"  # one socket, every worker accepts on it (Node's SCHED_NONE)
+SCHED_REUSEPORT = "reuseport"  # one SO_REUSEPORT socket per worker, the kernel spreads
+FORK_DROPIN = "50-clusterkit-fork.conf"
+
+_SHOW = (
+    "Id,ActiveState,SubState,MainPID,ExecMainPID,InvocationID,NRestarts,Type,Job,"
+    "ExecMainStartTimestampMonotonic"
+)
+
+
+class PrimaryError(Exception):
+    """systemd refused or is not reachable; the message says what to do."""
+
+
+@dataclass
+class Settings:
+    """Node's ``cluster.settings``: here, which cluster and which manager."""
+
+    name: str
+    user: bool = False  # the calling user's manager (systemctl --user)
+
+    @property
+    def systemctl(self) -> tuple[str, ...]:
+        return ("systemctl", "--user") if self.user else ("systemctl",)
+
+
+_settings: Settings | None = None
+_handlers: dict[str, list[Callable[..., Any]]] = {e: [] for e in _events.EVENTS}
+
+
+def _name_from_pyproject(path: Path = Path("pyproject.toml")) -> str | None:
+    if not path.is_file():
+        return None
+    from clusterkit.spec import load_config
+
+    name = load_config(path).get("name")
+    return name if isinstance(name, str) else None
+
+
+def setup_primary(name: str | None = None, *, user: bool | None = None) -> Settings:
+    """Choose the cluster: ``name``, else ``$CLUSTERKIT_NAME``, else ./pyproject.toml's."""
+    global _settings
+    name = name or os.environ.get("CLUSTERKIT_NAME") or _name_from_pyproject()
+    if not name:
+        raise PrimaryError(
+            "no cluster name: call setup_primary(name=...), set CLUSTERKIT_NAME, "
+            "or run where pyproject.toml has [tool.clusterkit] name"
+        )
+    from clusterkit.spec import SpecError, _parse_name
+
+    try:
+        _parse_name("name", name)
+    except SpecError as e:
+        raise PrimaryError(str(e)) from None
+    _settings = Settings(name, user=bool(user))
+    return _settings
+
+
+setupPrimary = setup_primary  # Node's spelling
+
+
+def _current() -> Settings:
+    return _settings or setup_primary()
+
+
+# ---- systemctl -------------------------------------------------------------------
+
+
+def systemctl(*args: str, settings: Settings | None = None, check: bool = True) -> str:
+    """Run systemctl for the cluster's manager; PrimaryError with its message on failure."""
+    s = settings or _current()
+    argv = [*s.systemctl, "--no-pager", *args]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise PrimaryError("systemctl not found: this machine does not run systemd") from None
+    if check and r.returncode != 0:
+        detail = (r.stderr or r.stdout).strip().splitlines()
+        raise PrimaryError(f"{' '.join(argv)} failed: {detail[-1] if detail else r.returncode}")
+    return r.stdout
+
+
+def _show(units: Iterable[str], props: str, settings: Settings) -> list[dict[str, str]]:
+    units = list(units)
+    if not units:
+        return []
+    out = systemctl("show", "-p", props, *units, settings=settings)
+    blocks = []
+    for block in out.strip().split("\n\n"):
+        blocks.append(dict(line.split("=", 1) for line in block.splitlines() if "=" in line))
+    return blocks
+
+
+def _instances(settings: Settings) -> list[str]:
+    """NAME@K.service units systemd has loaded (running, starting, failed...)."""
+    out = systemctl(
+        "list-units",
+        "--all",
+        "--plain",
+        "--no-legend",
+        f"{settings.name}@*.service",
+        settings=settings,
+    )
+    units = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [u for u in units if _events._instance(u, settings.name) is not None]
+
+
+# ---- workers ---------------------------------------------------------------------
+
+
+@dataclass
+class Process:
+    """Node's ``worker.process``: the main process of the current run."""
+
+    pid: int | None
+    _worker: Worker = field(repr=False)
+
+    def kill(self, signal: str = "SIGTERM") -> None:
+        self._worker.kill(signal)
+
+
+@dataclass
+class Worker:
+    """One instance NAME@K.service, as systemd saw it when this object was made."""
+
+    id: int
+    pid: int | None = None
+    state: str = "dead"  # starting | online | listening | disconnected | dead
+    invocation_id: str | None = None
+    uptime: float | None = None  # seconds since the main process started
+    restarts: int = 0  # systemd's NRestarts (automatic restarts)
+    exited_after_disconnect: bool | None = None
+    systemd_state: str = ""  # ActiveState/SubState, e.g. "activating/auto-restart"
+    settings: Settings = field(default_factory=_current, repr=False)
+
+    @property
+    def unit(self) -> str:
+        return f"{self.settings.name}@{self.id}.service"
+
+    @property
+    def process(self) -> Process:
+        return Process(self.pid, self)
+
+    def is_dead(self) -> bool:
+        return self.state == "dead"
+
+    def is_connected(self) -> bool:
+        return self.state in ("online", "listening")
+
+    def refresh(self) -> Worker:
+        """Re-read this worker's state from systemd."""
+        fresh = _worker_from(_show([self.unit], _SHOW, self.settings)[0], self.settings)
+        after = self.exited_after_disconnect
+        self.__dict__.update(fresh.__dict__)
+        self.exited_after_disconnect = after if fresh.exited_after_disconnect is None else True
+        return self
+
+    def kill(self, signal: str = "SIGTERM") -> None:
+        """Send ``signal`` to the main process (``systemctl kill``); systemd restarts it."""
+        sig = signal.upper().removeprefix("SIG")
+        systemctl(
+            "kill", "--kill-who=main", f"--signal=SIG{sig}", self.unit, settings=self.settings
+        )
+
+    def disconnect(self) -> None:
+        """Graceful stop: SIGTERM, drain, exit; returns once it has exited."""
+        systemctl("stop", *_with_socket([self.id], self.settings), settings=self.settings)
+        self.exited_after_disconnect = True
+        self.refresh()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "unit": self.unit,
+            "pid": self.pid,
+            "state": self.state,
+            "invocation_id": self.invocation_id,
+            "uptime": None if self.uptime is None else round(self.uptime, 3),
+            "restarts": self.restarts,
+            "systemd_state": self.systemd_state,
+        }
+
+    @property
+    def is_running(self) -> bool:
+        """Taken: running, starting, stopping, or waiting to be restarted by systemd."""
+        return bool(self.systemd_state) and not self.systemd_state.startswith(
+            ("inactive/", "failed/")
+        )
+
+
+def _state(props: dict[str, str]) -> str:
+    active, sub = props.get("ActiveState", ""), props.get("SubState", "")
+    if active == "active":
+        return "listening" if props.get("Type") == "notify" else "online"
+    if active in ("activating", "reloading") and sub != "auto-restart":
+        return "starting"
+    if active == "deactivating" and props.get("Job"):
+        return "disconnected"  # a stop was requested and is under way
+    return "dead"
+
+
+def _worker_from(props: dict[str, str], settings: Settings) -> Worker:
+    worker_id = _events._instance(props.get("Id"), settings.name)
+    assert worker_id is not None, props
+    state = _state(props)
+    pid = int(props.get("MainPID") or 0) or None
+    started = int(props.get("ExecMainStartTimestampMonotonic") or 0)
+    uptime = time.monotonic() - started / 1e6 if started and pid else None
+    return Worker(
+        worker_id,
+        pid=pid,
+        state=state,
+        invocation_id=props.get("InvocationID") or None,
+        uptime=uptime,
+        restarts=int(props.get("NRestarts") or 0),
+        exited_after_disconnect=True if state == "disconnected" else None,
+        systemd_state=f"{props.get('ActiveState', '')}/{props.get('SubState', '')}",
+        settings=settings,
+    )
+
+
+def get_workers(settings: Settings | None = None) -> dict[int, Worker]:
+    """Node's ``cluster.workers``: id -> Worker, as systemd sees them now."""
+    s = settings or _current()
+    found = [_worker_from(p, s) for p in _show(_instances(s), _SHOW, s)]
+    return {w.id: w for w in sorted(found, key=lambda w: w.id)}
+
+
+def scheduling(settings: Settings | None = None) -> str:
+    """``shared`` or ``reuseport``, from the unit's CLUSTERKIT_SCHEDULING."""
+    s = settings or _current()
+    env = _show([f"{s.name}@0.service"], "Environment", s)[0].get("Environment", "")
+    for word in env.split():
+        if word.startswith("CLUSTERKIT_SCHEDULING="):
+            return word.split("=", 1)[1]
+    return SCHED_SHARED
+
+
+def _with_socket(ids: Iterable[int], s: Settings, reuseport: bool | None = None) -> list[str]:
+    """The units of these workers: their services, and their sockets in reuseport mode."""
+    ids = list(ids)
+    if reuseport is None:
+        reuseport = scheduling(s) == SCHED_REUSEPORT
+    units = [f"{s.name}@{i}.service" for i in ids]
+    return units + ([f"{s.name}@{i}.socket" for i in ids] if reuseport else [])
+
+
+def __getattr__(name: str) -> object:
+    # Module attributes that must be read fresh from systemd each time.
+    if name == "workers":
+        return get_workers()
+    if name == "settings":
+        return _current()
+    if name in ("scheduling_policy", "schedulingPolicy"):
+        return scheduling()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- fork, disconnect, scale, reload ------------------------------------------------
+
+
+def _dropin_dir(s: Settings, worker_id: int) -> Path:
+    if s.user:
+        base = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}")
+        base = base / "systemd" / "user"
+    else:
+        base = Path("/run/systemd/system")
+    return base / f"{s.name}@{worker_id}.service.d"
+
+
+def _env_line(key: str, value: str) -> str:
+    # Environment= takes C-quoted words; % is a specifier, $ is not expanded here.
+    text = f"{key}={value}".replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'Environment="{text}"\n'
+
+
+def fork(env: dict[str, str] | None = None, *, settings: Settings | None = None) -> Worker:
+    """Start the lowest free instance; returns once it is started (READY=1).
+
+    ``env`` goes into a runtime drop-in, ``/run/systemd/system/NAME@K.service.d/``
+    ``50-clusterkit-fork.conf`` (gone at reboot; ``systemctl cat`` shows it). A
+    fork without ``env`` removes the drop-in an earlier fork of K left.
+    """
+    s = settings or _current()
+    busy = {w.id for w in get_workers(s).values() if w.is_running}
+    worker_id = next(i for i in range(len(busy) + 1) if i not in busy)
+    dropin = _dropin_dir(s, worker_id) / FORK_DROPIN
+    if env:
+        for key in env:
+            if not key.replace("_", "a").isalnum() or key[0].isdigit():
+                raise PrimaryError(f"fork: {key!r} is not a valid variable name")
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text("[Service]\n" + "".join(_env_line(k, v) for k, v in env.items()))
+        systemctl("daemon-reload", settings=s)
+    elif dropin.exists():
+        dropin.unlink()
+        systemctl("daemon-reload", settings=s)
+    systemctl("start", *reversed(_with_socket([worker_id], s)), settings=s)
+    return get_workers(s)[worker_id]
+
+
+def disconnect(callback: Callable[[], Any] | None = None, *, settings: Settings | None = None):
+    """Gracefully stop every worker (and their sockets in reuseport mode), then ``callback()``."""
+    s = settings or _current()
+    ids = [w.id for w in get_workers(s).values() if w.is_running]
+    if ids:
+        systemctl("stop", *_with_socket(ids, s), settings=s)
+    if callback is not None:
+        callback()
+
+
+def scale(count: int, *, settings: Settings | None = None) -> tuple[list[int], list[int]]:
+    """Run workers 0..count-1 and stop the others; returns (started ids, stopped ids)."""
+    s = settings or _current()
+    running = {w.id for w in get_workers(s).values() if w.is_running}
+    start = [i for i in range(count) if i not in running]
+    stop = sorted(i for i in running if i >= count)
+    if stop:
+        systemctl("stop", *_with_socket(stop, s), settings=s)
+    if start:
+        systemctl("start", *reversed(_with_socket(start, s)), settings=s)
+    return start, stop
+
+
+def reload(
+    progress: Callable[[Worker, Worker, int, int], Any] | None = None,
+    *,
+    settings: Settings | None = None,
+) -> list[Worker]:
+    """Rolling restart: each running worker in turn, the next only once the new one is READY.
+
+    ``systemctl restart`` returns when the new process has sent READY=1; PID 1
+    keeps the listening socket open meanwhile, so connections wait in its queue
+    (or go to the other workers) and none is refused.
+    """
+    s = settings or _current()
+    old = [w for w in get_workers(s).values() if w.is_running]
+    done = []
+    for n, w in enumerate(old, 1):
+        systemctl("restart", w.unit, settings=s)
+        new = get_workers(s)[w.id]
+        if progress is not None:
+            progress(w, new, n, len(old))
+        done.append(new)
+    return done
+
+
+# ---- events ------------------------------------------------------------------------
+
+
+def on(event: str, callback: Callable[..., Any]) -> None:
+    """Node's ``cluster.on``: fork/online/disconnect(worker), listening(worker, address),
+    exit(worker, code, signal). Dispatched by :func:`run`."""
+    if event not in _handlers:
+        raise ValueError(f"unknown event {event!r} (known: {', '.join(_events.EVENTS)})")
+    _handlers[event].append(callback)
+
+
+def _address(s: Settings) -> dict[str, object] | None:
+    """Node's listening address, from the socket unit's Listen= (first stream)."""
+    sock = f"{s.name}.socket" if scheduling(s) == SCHED_SHARED else f"{s.name}@0.socket"
+    listen = _show([sock], "Listen", s)[0].get("Listen", "").split(" ")[0]
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        return {"address": listen, "port": None, "addressType": -1} if listen else None
+    host = host.strip("[]")
+    return {"address": host, "port": int(port), "addressType": 6 if ":" in host else 4}
+
+
+def dispatch(ev: _events.Event, s: Settings) -> None:
+    """Call the handlers of one event with Node's arguments."""
+    handlers = _handlers.get(ev.event, [])
+    if not handlers:
+        return
+    w = Worker(ev.worker, pid=ev.pid, invocation_id=ev.invocation_id, settings=s)
+    if ev.event == "exit":
+        w.exited_after_disconnect = bool(ev.exited_after_disconnect)
+        args: tuple[object, ...] = (w, ev.code, ev.signal)
+    else:
+        current = get_workers(s).get(ev.worker)
+        if current is not None and current.invocation_id == ev.invocation_id:
+            w = current
+        w.state = {"fork": "starting", "disconnect": "disconnected"}.get(ev.event, ev.event)
+        args = (w, _address(s)) if ev.event == "listening" else (w,)
+    for h in list(handlers):
+        h(*args)
+
+
+def run(
+    *,
+    since: datetime | None = None,
+    cursor: str | None = None,
+    timeout: float | None = None,
+    stop: Callable[[], bool] | None = None,
+    settings: Settings | None = None,
+) -> str | None:
+    """Follow the journal and dispatch events to the ``on()`` handlers; blocks.
+
+    Node's primary stays alive through its event loop; a Python primary calls
+    this. From now on by default; ``since``/``cursor`` replay history first.
+    Returns the cursor of the last record read (pass it back to resume) once
+    ``timeout`` seconds pass or ``stop()`` is true.
+    """
+    s = settings or _current()
+    reader = _events.EventReader(
+        s.name, user=s.user, since=since, cursor=cursor, at_end=since is None and not cursor
+    )
+    try:
+        for ev in reader.follow(timeout=timeout, stop=stop):
+            dispatch(ev, s)
+    finally:
+        reader.close()
+    return reader.cursor
+
+
+wait = run

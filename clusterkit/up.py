@@ -1,0 +1,236 @@
+"""``clusterkit up``: render a cluster's units and run them on real systemd, in the foreground.
+
+Where systemd is PID 1, the units are installed as runtime units
+(``/run/systemd/system``, gone at reboot) and started. Where it is not (a
+container, a CI machine), a throwaway systemd container is booted with the
+host's network, so the port is reachable from the host exactly as it would be
+on a server. Either way: progress while starting, the workers that serve, then
+the cluster's events as they happen; Ctrl-C (or SIGTERM) stops the workers
+and removes everything ``up`` set up.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from clusterkit import render, unitfiles
+from clusterkit.spec import Spec
+
+START_TIMEOUT = 60.0
+Say = Callable[[str], None]
+
+
+def bundled_example() -> Path | None:
+    """examples/hello of the checkout this package runs from (absent in a wheel install)."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "hello"
+    return example if (example / "cluster.py").is_file() else None
+
+
+def write_units(spec: Spec, directory: Path) -> list[Path]:
+    files = []
+    for name, text in render.render(spec).items():
+        path = directory / name
+        unitfiles.atomic_write(
+            path,
+            unitfiles.with_header(name, text, shebang=text.startswith("#!")),
+            mode=0o755 if name.startswith(render.GENERATOR_PREFIX) else 0o644,
+        )
+        files.append(path)
+    return files
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    # Ctrl-C and `kill PID` must both end in the same clean-up.
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def up(spec: Spec, say: Say = print) -> int:
+    """Run ``spec`` until interrupted; 0 after a clean stop, 1 if it never started."""
+    with _sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="clusterkit-up-") as tmp:
+        files = write_units(spec, Path(tmp))
+        say(f"[1/4] rendered {len(files)} files for {spec.name} into {tmp}")
+        if Path("/run/systemd/system").is_dir():
+            return _up_on_host(spec, files, say)
+        return _up_in_container(spec, files, say)
+
+
+def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
+    from clusterkit.container import Container, ContainerError, prerequisites_missing, stop_process
+
+    missing = prerequisites_missing()
+    if missing:
+        say(f"clusterkit up: systemd is not PID 1 here and no container can boot: {missing}")
+        return 1
+    say("[2/4] systemd is not PID 1 here: booting a throwaway systemd container (host network)")
+    started = time.monotonic()
+    box = Container(private_network=False)
+    try:
+        box.start()
+        say(f"      container {box.name} is up ({time.monotonic() - started:.1f}s)")
+        generators = [f for f in files if f.name.startswith(render.GENERATOR_PREFIX)]
+        for generator in generators:
+            box.write_file(
+                f"/run/systemd/system-generators/{generator.name}", generator.read_text(), 0o755
+            )
+        box.install_units([f for f in files if f not in generators])
+
+        def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
+            return box.systemctl(*args, check=False)
+
+        if not _start(spec, systemctl, say):
+            return 1
+        follower = box.popen(
+            sys.executable, "-m", "clusterkit.cli", "events", spec.name, "--follow"
+        )
+        return _serve_until_interrupted(
+            spec, follower, say, lambda: (stop_process(follower), _stop(spec, systemctl, say))
+        )
+    except ContainerError as e:
+        say(f"clusterkit up: {str(e).splitlines()[0]}")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        say("      powering off the container")
+        box.poweroff()
+
+
+def _up_on_host(spec: Spec, files: list[Path], say: Say) -> int:
+    from clusterkit.install import InstallError, Manager, install, uninstall
+
+    manager = Manager.for_scope(runtime=True)
+    say(f"[2/4] systemd is PID 1: installing runtime units into {manager.unit_dir}")
+
+    def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["systemctl", *args], capture_output=True, text=True)
+
+    try:
+        install(files[0].parent, spec.name, manager)
+    except InstallError as e:
+        say(f"clusterkit up: {e}")
+        return 1
+    try:
+        if not _start(spec, systemctl, say):
+            return 1
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "clusterkit.cli", "events", spec.name, "--follow"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        return _serve_until_interrupted(
+            spec, follower, say, lambda: (_end(follower), _stop(spec, systemctl, say))
+        )
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        say(f"      removing {spec.name}'s runtime units")
+        uninstall(spec.name, manager)
+
+
+def _workers(spec: Spec, systemctl: Callable[..., subprocess.CompletedProcess[str]]) -> list[str]:
+    wants = systemctl("show", "-p", "Wants", "--value", f"{spec.name}.target").stdout.split()
+    return sorted(
+        (w for w in wants if w.startswith(f"{spec.name}@") and w.endswith(".service")),
+        key=_worker_id,
+    )
+
+
+def _worker_id(unit: str) -> int:
+    return int(unit.split("@")[1].split(".")[0])
+
+
+def _start(
+    spec: Spec, systemctl: Callable[..., subprocess.CompletedProcess[str]], say: Say
+) -> bool:
+    units = _workers(spec, systemctl)
+    say(f"[3/4] starting {spec.name}.target: {len(units)} workers")
+    r = systemctl("start", "--no-block", f"{spec.name}.target")
+    if r.returncode != 0:
+        say(f"clusterkit up: systemctl start {spec.name}.target failed: {r.stderr.strip()}")
+        return False
+    deadline = time.monotonic() + START_TIMEOUT
+    pending = list(units)
+    while pending and time.monotonic() < deadline:
+        for unit in list(pending):
+            props = _show(systemctl, unit, "ActiveState", "MainPID")
+            if props["ActiveState"] == "active":
+                say(f"      worker {_worker_id(unit)} (pid {props['MainPID']}) is ready")
+                pending.remove(unit)
+            elif props["ActiveState"] == "failed":
+                say(f"clusterkit up: {unit} failed; see: journalctl -u {unit}")
+                return False
+        time.sleep(0.1)
+    if pending:
+        say(f"clusterkit up: {', '.join(pending)} not ready after {START_TIMEOUT:g}s")
+        return False
+    return True
+
+
+def _show(
+    systemctl: Callable[..., subprocess.CompletedProcess[str]], unit: str, *props: str
+) -> dict[str, str]:
+    out = systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
+    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return {p: values.get(p, "") for p in props}
+
+
+def _serve_until_interrupted(
+    spec: Spec, follower: subprocess.Popen[str], say: Say, stop: Callable[[], None]
+) -> int:
+    try:
+        port = next((listen.port for listen in spec.listen if listen.port), None)
+        if port is not None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                body = response.read().decode(errors="replace").strip()
+            say(f"[4/4] serving: http://127.0.0.1:{port}/ answered {response.status} {body[:60]!r}")
+        else:
+            say("[4/4] serving")
+        say("      events follow; Ctrl-C stops everything")
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            say(f"      {line.rstrip()}")
+        return 0
+    except KeyboardInterrupt:
+        say("\n      Ctrl-C: stopping")
+        return 0
+    finally:
+        stop()
+
+
+def _end(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _stop(spec: Spec, systemctl: Callable[..., subprocess.CompletedProcess[str]], say: Say) -> None:
+    # `systemctl stop NAME.target` returns before the workers have stopped: wait for them.
+    systemctl("stop", f"{spec.name}.target", f"{spec.name}.socket", f"{spec.name}@*.socket")
+    systemctl("stop", f"{spec.name}@*.service")
+    deadline = time.monotonic() + spec.stop_timeout_sec + 5
+    while time.monotonic() < deadline:
+        listed = systemctl(
+            "list-units", "--state=active,deactivating", "--plain", "--no-legend", f"{spec.name}@*"
+        ).stdout
+        if not listed.strip():
+            break
+        time.sleep(0.1)
+    say(f"      stopped {spec.name}")

@@ -1,0 +1,68 @@
+"""clusterkit up, the README's main job: run as a user would, then Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nspawn_machines() -> set[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return set(re.findall(r"systemd-nspawn .*--machine=(\S+)", out))
+
+
+@pytest.mark.usefixtures("containers_available")
+def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
+    if os.path.isdir("/run/systemd/system"):
+        pytest.skip("systemd is PID 1 here: up would install into the host")
+    port = free_port()
+    before = nspawn_machines()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clusterkit.cli", "up", "--listen", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "[4/4] serving" in line or "clusterkit up:" in line:
+                break
+        output = "".join(lines)
+        assert "[4/4] serving" in output, output
+        ready = re.findall(r"worker (\d+) \(pid \d+\) is ready", output)
+        assert sorted(map(int, ready)) == list(range(len(os.sched_getaffinity(0))))
+        bodies = set()
+        for _ in range(20):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                assert response.status == 200
+                bodies.add(response.read())
+        assert bodies == {b"hello world\n"}
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output
+    assert "stopped hello" in output and "powering off" in output, output
+    assert nspawn_machines() <= before
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
