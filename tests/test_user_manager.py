@@ -1,0 +1,137 @@
+"""--manager user / install --user / --user control, against a real user manager."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from clusterkit.container import Container
+
+PY = sys.executable
+APP = Path(__file__).resolve().parent / "apps" / "hello_any_port.py"
+USER_ENV = {"XDG_RUNTIME_DIR": "/run/user/0", "HOME": "/root"}
+
+
+@pytest.fixture
+def user_container(make_container: Callable[..., Container]) -> Container:
+    # A user manager needs PAM's configuration; the container's /etc starts empty.
+    c = make_container(binds_ro=["/etc/pam.d", "/etc/security"])
+    c.systemctl("start", "user@0.service")
+    return c
+
+
+def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
+    return c.run(PY, "-m", "clusterkit.cli", *args, env=USER_ENV)
+
+
+def poll(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_user_units_install_serve_and_report_exits(user_container: Container, tmp_path: Path):
+    c = user_container
+    out = tmp_path / "units"
+    r = subprocess.run(
+        [
+            PY,
+            "-m",
+            "clusterkit.cli",
+            "generate",
+            "--name",
+            "mine",
+            "--manager",
+            "user",
+            "--exec",
+            f"{PY} {APP}",
+            "--workers",
+            "2",
+            "--listen",
+            "8080",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    service = (out / "mine@.service").read_text()
+    assert "DynamicUser" not in service and "ProtectSystem" not in service
+    for f in out.iterdir():
+        c.write_file(f"/srv/units/{f.name}", f.read_text())
+
+    # System units refuse --user; user units install into ~/.config/systemd/user.
+    r = ck(c, "install", "mine", "--from", "/srv/units", "--user", "--now")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert Path(f"/proc/{c.pid}/root/root/.config/systemd/user/mine@.service").exists()
+
+    def serving() -> bool:
+        try:
+            return c.http_get(8080, timeout=2) == (200, "hello world\n")
+        except OSError:
+            return False
+
+    poll("the user cluster to serve", serving)
+    status = json.loads(ck(c, "status", "mine", "--json", "--user").stdout)
+    assert sorted(w["id"] for w in status) == [0, 1]
+    victim = next(w for w in status if w["id"] == 1)["pid"]
+
+    assert ck(c, "kill", "mine", "1", "--signal", "SIGKILL", "--user").returncode == 0
+
+    def exit_seen() -> bool:
+        lines = ck(c, "events", "mine", "--json", "--user").stdout.splitlines()
+        return any(
+            e["event"] == "exit"
+            and e["worker"] == 1
+            and e["pid"] == victim
+            and e["signal"] == "SIGKILL"
+            and e["code"] is None
+            for e in map(json.loads, lines)
+        )
+
+    poll("the SIGKILL exit event", exit_seen)
+    poll(
+        "worker 1 back",
+        lambda: any(
+            w["id"] == 1 and w["pid"] not in (None, victim) and w["state"] == "listening"
+            for w in json.loads(ck(c, "status", "mine", "--json", "--user").stdout)
+        ),
+    )
+    assert ck(c, "uninstall", "mine", "--user").returncode == 0
+    assert not Path(f"/proc/{c.pid}/root/root/.config/systemd/user/mine@.service").exists()
+
+
+def test_system_units_are_refused_by_a_user_manager(user_container: Container, tmp_path: Path):
+    c = user_container
+    out = tmp_path / "units"
+    subprocess.run(
+        [
+            PY,
+            "-m",
+            "clusterkit.cli",
+            "generate",
+            "--name",
+            "sys",
+            "--exec",
+            f"{PY} {APP}",
+            "--workers",
+            "1",
+            "--output",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    for f in out.iterdir():
+        c.write_file(f"/srv/units/{f.name}", f.read_text())
+    r = ck(c, "install", "sys", "--from", "/srv/units", "--user")
+    assert r.returncode == 1
+    assert "--manager user" in r.stderr and len(r.stderr.strip().splitlines()) == 1
