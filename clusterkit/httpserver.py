@@ -11,10 +11,12 @@ text/plain), a :class:`Response`, or an awaitable of either::
     def hello(req): return "Hello Http"
 
 Draining (graceful stop) is driven by :class:`ConnectionSet`: after
-:meth:`ConnectionSet.drain` every response says ``Connection: close``, idle
-keep-alive connections are closed at once, and a connection that was accepted
-but has not sent a request yet gets ``fresh_grace`` seconds to do so (SIGTERM
-can land just after accept(); closing it then would lose that request).
+:meth:`ConnectionSet.drain` every response says ``Connection: close``, and a
+connection with no request in progress gets ``fresh_grace`` seconds to send
+one before it is closed. Closing it at once would race with the client: a
+request sent on a reused keep-alive connection, or on one accepted just
+before SIGTERM, would meet a reset (seen: 4-7 failed requests per rolling
+reload under load; none with the grace).
 """
 
 from __future__ import annotations
@@ -244,12 +246,12 @@ class HttpProtocol(asyncio.Protocol):
             self._respond(Response(text, status), keep=False)
 
     def close_if_idle(self, grace_over: bool = False) -> None:
-        """Close now if idle; a never-used connection first gets ``fresh_grace``."""
+        """Close if idle once ``fresh_grace`` is over; a request in the meantime is served."""
         if self.transport is None or self.closing:
             return
         if self.busy or self.pending or self.in_message:
             return  # its response will carry Connection: close
-        if self.served or grace_over:
+        if grace_over:
             self.closing = True
             self.transport.close()
         else:

@@ -250,8 +250,8 @@ def serve_wsgi(
     waitress has no graceful stop of its own, so we drive its loop one
     iteration at a time: that gives the watchdog a ping point in the serving
     loop and lets us drain (stop accepting, ``Connection: close`` on every later
-    response, close idle connections, wait for busy ones). The watchdog also
-    stops pinging when requests wait in the queue while no request finished
+    response, close connections left idle for ``fresh_grace``, wait for busy
+    ones). The watchdog also stops pinging when requests wait in the queue while no request finished
     during a whole ping interval: a pool of hung app threads cannot hide
     behind a healthy loop.
     """
@@ -277,7 +277,6 @@ def serve_wsgi(
             try:
                 super().service()
             finally:
-                self.channel.ck_served = getattr(self.channel, "ck_served", 0) + 1
                 finished[0] += 1
 
     class Channel(HTTPChannel):
@@ -315,15 +314,19 @@ def serve_wsgi(
                 w.stopping(f"draining {len(server.active_channels)} connection(s)")
                 log.info("worker %d draining %d connection(s)", w.id, len(server.active_channels))
                 deadline = time.monotonic() + drain_timeout
+                drain_began = time.time()
             if draining.is_set():
                 now = time.monotonic()
                 channels = list(server.active_channels.values())
                 if not channels or now >= (deadline or now):
                     break
                 for ch in channels:
+                    # An idle connection gets fresh_grace to send one more request
+                    # (answered with Connection: close): closing it at once races
+                    # with a client reusing it.
                     idle = not ch.requests and ch.request is None and not ch.total_outbufs_len
-                    used = getattr(ch, "ck_served", 0)
-                    if idle and (used or time.time() - ch.creation_time >= fresh_grace):
+                    waited = time.time() - max(ch.creation_time, drain_began)
+                    if idle and waited >= fresh_grace:
                         ch.will_close = True
     finally:
         dispatcher.shutdown(cancel_pending=True, timeout=5)

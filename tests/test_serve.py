@@ -183,3 +183,28 @@ def test_rolling_sigterm_under_load_loses_nothing(mode, procs, app_script, notif
     assert failures == []
     assert ok[0] > served_before > 20
     assert "STOPPING=1" in notify_socket.assignments()
+
+
+@needs_activate
+@pytest.mark.parametrize("mode", ["asyncio", "wsgi"])
+def test_keepalive_connection_idle_at_sigterm_gets_one_more_request(
+    mode, procs, app_script, notify_socket
+):
+    # A client reusing a keep-alive connection races with the drain: closing
+    # the idle connection at once would reset its next request.
+    import http.client
+
+    p, port = start_activated(procs, app_script, mode, notify_socket)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"Hello Http"
+        p.terminate()
+        notify_socket.wait_for("STOPPING=1")
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"Hello Http")
+        assert resp.getheader("Connection") == "close"
+    finally:
+        conn.close()
+    assert p.wait(15) == 0
