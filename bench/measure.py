@@ -65,10 +65,14 @@ def wrk(system: System, seconds: float, close: bool) -> dict:
 
 def memory_mib(system: System) -> dict:
     pids = system.pids()
-    return {
+    out: dict = {
         "pss_mib": sum(procfs.pss_kib(p) for p in pids) / 1024,
         "processes": len(pids),
     }
+    extra = system.memory_not_counted()
+    if extra:
+        out["not_counted_mib"] = extra
+    return out
 
 
 def fairness(system: System, seconds: float, keepalive: bool, conns: int) -> dict:

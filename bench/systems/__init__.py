@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench.systems.base import System
+from bench.systems.clusterkit import Clusterkit
 from bench.systems.nodejs import NodeCluster, Pm2
 from bench.systems.pythonweb import Gunicorn, Uvicorn
 
@@ -20,6 +21,6 @@ SYSTEMS: dict[str, Callable[[], System]] = {
     "pm2": Pm2,
     "gunicorn": Gunicorn,
     "uvicorn": Uvicorn,
-    # "clusterkit-shared": lambda: Clusterkit("shared"),        # added by the lead
-    # "clusterkit-reuseport": lambda: Clusterkit("reuseport"),
+    "clusterkit-shared": lambda: Clusterkit("shared"),
+    "clusterkit-reuseport": lambda: Clusterkit("reuseport"),
 }

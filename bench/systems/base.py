@@ -124,6 +124,10 @@ class System:
     def versions(self) -> dict[str, str]:
         return {}
 
+    def memory_not_counted(self) -> dict[str, float]:
+        """PSS in MiB of processes that run alongside but are not counted in pids() (by name)."""
+        return {}
+
     # --- helpers ------------------------------------------------------------------------
     def load_prefix(self) -> list[str]:
         """argv prefix for load generators (wrk) so they run in the system's network namespace."""

@@ -1,0 +1,242 @@
+"""clusterkit under real systemd: `clusterkit-shared` and `clusterkit-reuseport`.
+
+Each start boots a throwaway systemd 252 (clusterkit.container: systemd-nspawn, private
+network, the checkout bound at its own path so the venv runs inside), renders the units with
+`clusterkit generate` (the defaults users get, RestartSec=1s included), installs them and runs
+`systemctl start NAME.target`. The workers are bench/systems/python/clusterkit_hello.py:
+`serve_asyncio` (uvloop + httptools), clusterkit's fastest serving path.
+
+Everything is measured from the host: wrk and the Python client join the container's network
+namespace (netns_pid = its PID 1), and pids are host pids. A worker's host pid is read from its
+unit's cgroup (cgroup.procs lists pids in the *reader's* pid namespace), keeping the process
+that runs the worker script (the unit's MainPID; ExecStopPost's exit reporter shares the cgroup
+for a moment at every exit).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import procfs
+from bench.systems.base import REGISTRY, WORK, System
+
+HELLO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python", "clusterkit_hello.py")
+PY = sys.executable  # the checkout's venv, bound at the same path inside the container
+CLUSTERKIT = os.path.join(os.path.dirname(PY), "clusterkit")
+UNIT_NAME = "hello"
+#: processes of the container that are not counted in memory but reported apart (by comm)
+NOT_COUNTED = ("systemd-journal", "dbus-daemon", "systemd-logind")
+
+
+class Clusterkit(System):
+    """A clusterkit cluster of `workers` instances of hello@.service, systemd as the primary.
+
+    Memory (pids()) counts the workers and the container's PID 1 (systemd, the primary here;
+    on a server it runs anyway). journald, dbus-daemon and logind run in the container too;
+    they are not counted, their PSS is reported apart (memory_not_counted()).
+    """
+
+    def __init__(
+        self, scheduling: str, restart_sec: float | None = None, script: str = HELLO
+    ) -> None:
+        super().__init__()
+        self.scheduling = scheduling
+        self.restart_sec = restart_sec
+        self.script = script  # the worker; another script only for experiments
+        self.name = f"clusterkit-{scheduling}"
+        self.box = None  # clusterkit.container.Container, once booted
+        self.boot_s: float | None = None
+        self._cgroup_base: Path | None = None
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        boot = f"{self.boot_s:.2f} s" if self.boot_s is not None else "not measured"
+        return (
+            f"clusterkit `--scheduling {self.scheduling}` under systemd (systemd-nspawn, private "
+            "network; load generators join its network namespace), workers on `serve_asyncio` "
+            "(uvloop + httptools). Memory counts the workers + the container's PID 1 (systemd, "
+            "the primary); journald, dbus-daemon and logind are reported apart. Container boot "
+            f"(not part of the start time): {boot}"
+        )
+
+    # --- setup ---------------------------------------------------------------------------
+    def generate_argv(self, workers: int, out: str) -> list[str]:
+        argv = [
+            CLUSTERKIT,
+            "generate",
+            "--name",
+            UNIT_NAME,
+            "--exec",
+            f"{PY} {self.script}",
+            "--workers",
+            str(workers),
+            "--listen",
+            str(self.port),
+            "--scheduling",
+            self.scheduling,
+            "--output",
+            out,
+        ]
+        if self.restart_sec is not None:
+            argv += ["--restart-sec", f"{self.restart_sec:g}"]
+        return argv
+
+    def render(self, workers: int) -> list[Path]:
+        """`clusterkit generate` into bench/work/NAME-units (cwd: an empty dir, so no
+        pyproject.toml's [tool.clusterkit] is merged)."""
+        out = os.path.join(WORK, f"{self.name}-units")
+        os.makedirs(WORK, exist_ok=True)
+        for old in Path(out).glob("*"):
+            old.unlink()
+        argv = self.generate_argv(workers, out)
+        with tempfile.TemporaryDirectory(prefix="bench-ck-") as cwd:
+            subprocess.run(argv, cwd=cwd, check=True, capture_output=True, text=True)
+        self.commands.setdefault(
+            "generate", shlex.join([*argv[:-1], "DIR"]).replace(CLUSTERKIT, "clusterkit")
+        )
+        return sorted(Path(out).iterdir())
+
+    def boot(self) -> None:
+        from clusterkit.container import Container
+
+        self.box = Container(name=f"bench-{self.name}-{os.urandom(3).hex()}")
+        t0 = time.monotonic()
+        self.box.start()
+        self.boot_s = time.monotonic() - t0
+        self.netns_pid = self.box.pid
+        REGISTRY.note([self.box.pid])
+        self.commands.setdefault(
+            "container",
+            "Container(private_network=True).start(): " + shlex.join(self.box.nspawn_argv()),
+        )
+
+    def start(self, workers: int) -> float:
+        """Boot the container (not timed), install the units, then time
+        `systemctl start NAME.target` until every worker has served a request."""
+        self.workers = workers
+        units = self.render(workers)
+        self.boot()
+        self.box.install_units(units)
+        self._cgroup_base = self._find_cgroup_base()
+        self.commands.setdefault("start", f"systemctl start {UNIT_NAME}.target")
+        t0 = time.monotonic()
+        self.box.systemctl("start", f"{UNIT_NAME}.target")
+        return self.wait_serving(t0)
+
+    def _find_cgroup_base(self) -> Path:
+        """The container's system.slice as seen through /proc/PID/root (hybrid or pure v2)."""
+        root = Path(f"/proc/{self.box.pid}/root/sys/fs/cgroup")
+        for base in (root / "unified" / "system.slice", root / "system.slice"):
+            if (base / "cgroup.procs").exists():
+                return base
+        raise RuntimeError(f"{self.name}: no system.slice under {root}")
+
+    # --- processes -----------------------------------------------------------------------
+    def _unit_procs(self, k: int) -> list[int]:
+        assert self._cgroup_base is not None
+        path = self._cgroup_base / f"system-{UNIT_NAME}.slice" / f"{UNIT_NAME}@{k}.service"
+        try:
+            return [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        except OSError:
+            return []
+
+    def worker_pids(self) -> list[int]:
+        """Host pids of the MainPIDs of hello@0..N-1.service: the process in each unit's cgroup
+        that runs the worker script (before exec a forked child still runs systemd's code)."""
+        if self.box is None or not self.box.pid or self._cgroup_base is None:
+            return []
+        out = []
+        for k in range(self.workers):
+            for pid in self._unit_procs(k):
+                if procfs.cmdline(pid).endswith(self.script) and procfs.alive(pid):
+                    out.append(pid)
+        return out
+
+    def _by_comm(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        if self.box is None or not self.box.pid:
+            return out
+        for pid in procfs.children(self.box.pid):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    out.setdefault(f.read().strip(), []).append(pid)
+            except OSError:
+                pass
+        return out
+
+    def pids(self) -> list[int]:
+        """The workers and the container's PID 1 (systemd, the primary)."""
+        if self.box is None or not self.box.pid:
+            return []
+        return [self.box.pid, *self.worker_pids()]
+
+    def memory_not_counted(self) -> dict[str, float]:
+        """PSS (MiB) of the container's other processes, reported apart."""
+        comms = self._by_comm()
+        return {
+            c: sum(procfs.pss_kib(p) for p in comms.get(c, [])) / 1024
+            for c in NOT_COUNTED
+            if c in comms
+        }
+
+    def verify_pids(self) -> list[tuple[int, int]]:
+        """(MainPID inside, host pid) per worker, checked against NSpid in /proc/PID/status:
+        raises if the cgroup-derived host pids are not systemd's MainPIDs."""
+        inside = []
+        for k in range(self.workers):
+            r = self.box.systemctl("show", "-p", "MainPID", "--value", f"{UNIT_NAME}@{k}.service")
+            inside.append(int(r.stdout.strip()))
+        pairs = []
+        for host in self.worker_pids():
+            with open(f"/proc/{host}/status") as f:
+                nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+            pairs.append((int(nspid[-1]), host))
+        if sorted(p for p, _ in pairs) != sorted(inside):
+            raise RuntimeError(f"{self.name}: MainPIDs {inside} != cgroup pids {pairs}")
+        return pairs
+
+    # --- operations ----------------------------------------------------------------------
+    def rolling_reload(self) -> None:
+        old = set(self.worker_pids())
+        self.commands["rolling_reload"] = f"clusterkit reload {UNIT_NAME}"
+        r = self.box.run(PY, "-m", "clusterkit.cli", "reload", UNIT_NAME, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"clusterkit reload failed: {r.stderr or r.stdout}")
+        self.wait_workers(old)
+
+    def restart_all(self) -> None:
+        old = set(self.worker_pids())
+        glob = f"{UNIT_NAME}@*.service"
+        self.commands["restart_all"] = f"systemctl restart '{glob}'"
+        self.box.systemctl("restart", glob)
+        self.wait_workers(old)
+
+    def stop(self) -> None:
+        """Power the container off (idempotent; also after a failed or interrupted start)."""
+        box, self.box = self.box, None
+        if box is not None:
+            box.poweroff()
+        self.netns_pid = None
+        self._cgroup_base = None
+
+    def versions(self) -> dict[str, str]:
+        import httptools
+        import uvloop
+
+        import clusterkit
+
+        first = subprocess.run(["systemctl", "--version"], capture_output=True, text=True)
+        return {
+            "clusterkit": clusterkit.__version__,
+            "systemd": first.stdout.split("\n")[0].removeprefix("systemd "),
+            "python (clusterkit workers)": platform.python_version(),
+            "uvloop": uvloop.__version__,
+            "httptools": httptools.__version__,
+        }
