@@ -331,8 +331,15 @@ def fork(env: dict[str, str] | None = None, *, settings: Settings | None = None)
     elif dropin.exists():
         dropin.unlink()
         systemctl("daemon-reload", settings=s)
-    systemctl("start", *reversed(_with_socket([worker_id], s)), settings=s)
+    _start([worker_id], s)
     return get_workers(s)[worker_id]
+
+
+def _start(ids: list[int], s: Settings) -> None:
+    units = list(reversed(_with_socket(ids, s)))  # each socket before its service
+    # An instance that hit its start limit (reuseport mode) stays refused until reset.
+    systemctl("reset-failed", *units, settings=s, check=False)
+    systemctl("start", *units, settings=s)
 
 
 def disconnect(callback: Callable[[], Any] | None = None, *, settings: Settings | None = None):
@@ -354,7 +361,7 @@ def scale(count: int, *, settings: Settings | None = None) -> tuple[list[int], l
     if stop:
         systemctl("stop", *_with_socket(stop, s), settings=s)
     if start:
-        systemctl("start", *reversed(_with_socket(start, s)), settings=s)
+        _start(start, s)
     return start, stop
 
 
