@@ -254,6 +254,7 @@ class Container:
             self._wait_for_pid1(deadline)
             self._wait_running(deadline)
             self._open_path_to_checkout()
+            self._show_checkout_through_private_tmp()
         except BaseException as exc:
             log = self.log()
             self.poweroff()
@@ -339,6 +340,22 @@ class Container:
             mode = stat.st_mode
             if parent != Path("/") and stat.st_dev == tmpfs and not mode & 0o001:
                 inside.chmod((mode & 0o7777) | 0o001)
+
+    def _show_checkout_through_private_tmp(self) -> None:
+        """A checkout under /tmp would be hidden from PrivateTmp=yes services: bind it back.
+
+        The drop-in applies to every service in this throwaway container only; the
+        units under test stay exactly as generated.
+        """
+        root = checkout_root()
+        if root is None or not any(root.is_relative_to(t) for t in ("/tmp", "/var/tmp")):
+            return
+        self.write_file(
+            "/run/systemd/system/service.d/50-clusterkit-checkout.conf",
+            f"# The checkout lives under a temporary directory; see clusterkit/container.py\n"
+            f"[Service]\nBindReadOnlyPaths=-{root}\n",
+        )
+        self.systemctl("daemon-reload")
 
     def _check_alive(self) -> None:
         assert self._proc is not None
