@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from scenario import wait_for
 
 from clusterkit.container import Container
 
@@ -67,13 +67,12 @@ def test_install_enable_start_and_uninstall(container: Container, tmp_path: Path
     for unit in ("web.target", "web.socket"):
         assert container.systemctl("is-enabled", unit).stdout.strip() == "enabled"
     units = ("web@0.service", "web@1.service", "web.socket")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        states = container.systemctl("is-active", *units, check=False).stdout.split()
-        if states == ["active"] * 3:
-            break
-        time.sleep(0.1)
-    assert states == ["active"] * 3
+    wait_for(
+        "the workers and the socket to be active",
+        lambda: (
+            container.systemctl("is-active", *units, check=False).stdout.split() == ["active"] * 3
+        ),
+    )
     assert container.http_get(8000)[0] == 200
 
     r = ck(container, "uninstall", "web")

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+from scenario import wait_for
 
 from clusterkit.container import CONTAINER_PATH, Container
 
@@ -67,18 +66,6 @@ while not stop:
         head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
         conn.sendall(head % len(body) + body)
 """
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 30) -> object:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def ck(c: Container, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

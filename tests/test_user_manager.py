@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from scenario import wait_for
 
 from clusterkit.container import Container
 
@@ -28,13 +28,6 @@ def user_container(make_container: Callable[..., Container]) -> Container:
 
 def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
     return c.run(PY, "-m", "clusterkit.cli", *args, env=USER_ENV)
-
-
-def poll(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_user_units_install_serve_and_report_exits(user_container: Container, tmp_path: Path):
@@ -79,7 +72,7 @@ def test_user_units_install_serve_and_report_exits(user_container: Container, tm
         except OSError:
             return False
 
-    poll("the user cluster to serve", serving)
+    wait_for("the user cluster to serve", serving)
     status = json.loads(ck(c, "status", "mine", "--json", "--user").stdout)
     assert sorted(w["id"] for w in status) == [0, 1]
     victim = next(w for w in status if w["id"] == 1)["pid"]
@@ -97,8 +90,8 @@ def test_user_units_install_serve_and_report_exits(user_container: Container, tm
             for e in map(json.loads, lines)
         )
 
-    poll("the SIGKILL exit event", exit_seen)
-    poll(
+    wait_for("the SIGKILL exit event", exit_seen)
+    wait_for(
         "worker 1 back",
         lambda: any(
             w["id"] == 1 and w["pid"] not in (None, victim) and w["state"] == "listening"
