@@ -114,41 +114,21 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--description", help="Description= of the units")
 
 
-def _flags(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "name": args.name,
-        "exec": args.exec,
-        "listen": args.listen,
-        "workers": args.workers,
-        "scheduling": args.scheduling,
-        "user": args.user,
-        "group": args.group,
-        "working-directory": args.working_directory,
-        "env": args.env,
-        "restart": args.restart,
-        "restart-sec": args.restart_sec,
-        "stop-timeout": args.stop_timeout,
-        "watchdog-sec": args.watchdog_sec,
-        "cpu-affinity": args.cpu_affinity,
-        "memory-max": args.memory_max,
-        "type": args.type,
-        "hardening": args.hardening,
-        "manager": args.manager,
-        "python": args.python,
-        "description": args.description,
-    }
+def _flags(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, object]:
+    # Each config key has the flag of the same name; argparse stores it with "_".
+    return {key: getattr(args, key.replace("-", "_")) for key in keys}
 
 
 def spec_from_args(args: argparse.Namespace):
     """The validated Spec for these arguments (and their config file)."""
-    from clusterkit.spec import SpecError, build_spec, load_config
+    from clusterkit.spec import CONFIG_KEYS, SpecError, build_spec, load_config
 
     try:
         config_path = args.config
         if config_path is None and Path("pyproject.toml").is_file():
             config_path = Path("pyproject.toml")
         config = load_config(config_path) if config_path is not None else {}
-        return build_spec(config, _flags(args))
+        return build_spec(config, _flags(args, CONFIG_KEYS))
     except SpecError as e:
         raise CommandError(str(e), USAGE_ERROR) from None
 

@@ -371,3 +371,7 @@ def _parse_python(key: str, raw: Any) -> str:
     if not value.startswith("/"):
         raise SpecError(f"--{key}: {value!r} must be an absolute path to a Python with clusterkit")
     return value
+
+
+#: the keys of [tool.clusterkit], each also a flag of `clusterkit generate`
+CONFIG_KEYS: tuple[str, ...] = tuple(_fields())

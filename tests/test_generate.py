@@ -26,19 +26,12 @@ def generate(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+HELLO = ("--name", "hello", "--exec", f"{PYTHON} -m http.server")
+
+
 def test_hello_from_the_issue(tmp_path: Path) -> None:
     out = tmp_path / "units"
-    r = generate(
-        out,
-        "--name",
-        "hello",
-        "--exec",
-        f"{PYTHON} -m http.server",
-        "--listen",
-        "3000",
-        "--workers",
-        "4",
-    )
+    r = generate(out, *HELLO, "--listen", "3000", "--workers", "4")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "hello.socket",
@@ -61,17 +54,7 @@ def test_hello_from_the_issue(tmp_path: Path) -> None:
 
 def test_reuseport_writes_a_socket_template(tmp_path: Path) -> None:
     out = tmp_path / "units"
-    r = generate(
-        out,
-        "--name",
-        "hello",
-        "--exec",
-        f"{PYTHON} -m http.server",
-        "--workers",
-        "2",
-        "--scheduling",
-        "reuseport",
-    )
+    r = generate(out, *HELLO, "--workers", "2", "--scheduling", "reuseport")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "hello.target",
