@@ -433,3 +433,26 @@ def test_k_default_hardened_units_run_the_example(
         assert r.ok and r.body == "hello world\n", r
     r = c.run("systemd-analyze", "security", "--offline=yes", "--threshold=20", cl.unit(0))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+
+
+# -- worker logs ---------------------------------------------------------------------------
+
+
+def test_worker_logs_reach_the_journal_with_the_worker_id(
+    container: Container, tmp_path: Path
+) -> None:
+    """The serving path logs through clusterkit.log: one journal field says which worker."""
+    cl = deploy(container, tmp_path)
+    for k in (0, 1):
+        pid = cl.main_pid(k)
+
+        def logged(k: int = k, pid: int = pid) -> list[dict[str, object]]:
+            return [
+                e
+                for e in container.journal(f"CLUSTERKIT_WORKER_ID={k}", f"_PID={pid}")
+                if "serving on" in str(e.get("MESSAGE"))
+            ]
+
+        record = wait_for(f"worker {k}'s log record", logged)[0]
+        assert record["CLUSTERKIT_NAME"] == cl.name
+        assert record["_SYSTEMD_UNIT"] == cl.unit(k)
