@@ -292,18 +292,20 @@ CLUSTERKIT_NOTES = [
     "join its network namespace, pids are host pids. Memory counts the workers and the "
     "container's PID 1 (systemd, the primary); journald, dbus-daemon and logind also run there "
     "and are listed apart under the memory table (on a server they run anyway).",
-    "- Rolling reload / restart of all workers: every failure is on a reused keep-alive "
-    "connection with no byte of response. clusterkit's HTTP server, on SIGTERM, closes idle "
-    "keep-alive connections at once (`ConnectionSet.drain` -> `HttpProtocol.close_if_idle`); a "
-    "client sending its next request at that moment gets a reset (the request was already in "
-    "the socket's receive buffer) or an EOF. The worker journals '0 connection(s) cut': nothing "
-    "in flight is lost. A worker whose drain gives served idle connections the same grace as "
-    "fresh ones (the next request is answered with `Connection: close`) had 0 failures in 6 of "
-    "6 reloads/restarts, against 4-7 each with the shipped drain.",
-    "- Fairness: the kernel spreads connections, not requests. Shared socket: the workers race "
-    "to accept (about 60/40 with new connections); reuseport hashes each connection's 4-tuple, "
-    "so 8 keep-alive connections split 4/4 only about 27% of the time (C(8,4)/2^8). Node's "
-    "round-robin deals connections in turn.",
+    "- Rolling reload / restart of all workers: 0 failed requests. An earlier drain closed idle "
+    "keep-alive connections at once on SIGTERM, and a client sending its next request at that "
+    "moment got a reset or an EOF (4-7 failures per reload); the drain now gives an idle "
+    "connection `fresh_grace` (1 s) to send one more request, answered with `Connection: "
+    "close` (`clusterkit/httpserver.py`, covered by "
+    "`tests/test_serve.py::test_keepalive_connection_idle_at_sigterm_gets_one_more_request`).",
+    "- Fairness: the kernel spreads connections, not requests. With a new connection per "
+    "request both modes split about 50/50. With 8 long keep-alive connections, reuseport hashes "
+    "each connection's 4-tuple once, so the split is whatever the hash gives: 4/4 only about "
+    "27% of the time (C(8,4)/2^8), hence a busiest share of 58-69% in these runs (target 52%: "
+    "missed). The shared socket lets the idle worker accept first and came out even here, but "
+    "has given one worker most keep-alive connections in earlier runs (DESIGN.md). Node's "
+    "round-robin deals connections in turn. With many short-lived connections the skew "
+    "disappears; with a few long ones, prefer `--scheduling shared`.",
     "- Respawn: the units' default `RestartSec=1s` (not tuned down here). After a SIGKILL: the "
     "exit reporter (ExecStopPost, ~0.05 s), RestartSec, then Python start-up, imports and "
     "READY=1 (~0.12-0.14 s). With `clusterkit generate --restart-sec 0.1` respawn measured "
