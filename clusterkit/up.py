@@ -11,7 +11,9 @@ and removes everything ``up`` set up.
 
 from __future__ import annotations
 
+import errno
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,8 @@ from clusterkit.spec import Spec
 
 START_TIMEOUT = 60.0
 Say = Callable[[str], None]
+#: runs a command where the units run (the host, or inside the container)
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def bundled_example() -> Path | None:
@@ -60,8 +64,33 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _unusable_address(spec: Spec) -> str | None:
+    """Why the first TCP address of ``spec`` cannot be listened on here, or None."""
+    for listen in spec.listen:
+        if listen.is_unix:
+            continue
+        host, _, _ = listen.address.rpartition(":")
+        host = host.strip("[]") or "::"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                probe.bind((host, listen.port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return f"{listen.address}: already in use on this machine"
+                return f"{listen.address}: cannot listen there ({e.strerror})"
+    return None
+
+
 def up(spec: Spec, say: Say = print) -> int:
     """Run ``spec`` until interrupted; 0 after a clean stop, 1 if it never started."""
+    busy = _unusable_address(spec)
+    if busy:
+        say(f"clusterkit up: --listen {busy}; free it, or choose another with --listen")
+        return 1
     with _sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="clusterkit-up-") as tmp:
         files = write_units(spec, Path(tmp))
         say(f"[1/4] rendered {len(files)} files for {spec.name} into {tmp}")
@@ -90,16 +119,16 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
             )
         box.install_units([f for f in files if f not in generators])
 
-        def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
-            return box.systemctl(*args, check=False)
+        def run(*argv: str) -> subprocess.CompletedProcess[str]:
+            return box.run(*argv)
 
-        if not _start(spec, systemctl, say):
+        if not _start(spec, run, say):
             return 1
         follower = box.popen(
             sys.executable, "-m", "clusterkit.cli", "events", spec.name, "--follow"
         )
         return _serve_until_interrupted(
-            spec, follower, say, lambda: (stop_process(follower), _stop(spec, systemctl, say))
+            spec, follower, say, lambda: (stop_process(follower), _stop(spec, run, say))
         )
     except ContainerError as e:
         say(f"clusterkit up: {str(e).splitlines()[0]}")
@@ -117,8 +146,8 @@ def _up_on_host(spec: Spec, files: list[Path], say: Say) -> int:
     manager = Manager.for_scope(runtime=True)
     say(f"[2/4] systemd is PID 1: installing runtime units into {manager.unit_dir}")
 
-    def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["systemctl", *args], capture_output=True, text=True)
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True)
 
     try:
         install(files[0].parent, spec.name, manager)
@@ -126,7 +155,7 @@ def _up_on_host(spec: Spec, files: list[Path], say: Say) -> int:
         say(f"clusterkit up: {e}")
         return 1
     try:
-        if not _start(spec, systemctl, say):
+        if not _start(spec, run, say):
             return 1
         follower = subprocess.Popen(
             [sys.executable, "-m", "clusterkit.cli", "events", spec.name, "--follow"],
@@ -134,7 +163,7 @@ def _up_on_host(spec: Spec, files: list[Path], say: Say) -> int:
             text=True,
         )
         return _serve_until_interrupted(
-            spec, follower, say, lambda: (_end(follower), _stop(spec, systemctl, say))
+            spec, follower, say, lambda: (_end(follower), _stop(spec, run, say))
         )
     except KeyboardInterrupt:
         return 0
@@ -143,10 +172,10 @@ def _up_on_host(spec: Spec, files: list[Path], say: Say) -> int:
         uninstall(spec.name, manager)
 
 
-def _workers(spec: Spec, systemctl: Callable[..., subprocess.CompletedProcess[str]]) -> list[str]:
-    wants = systemctl("show", "-p", "Wants", "--value", f"{spec.name}.target").stdout.split()
+def _workers(spec: Spec, run: Run) -> list[str]:
+    wants = run("systemctl", "show", "-p", "Wants", "--value", f"{spec.name}.target").stdout
     return sorted(
-        (w for w in wants if w.startswith(f"{spec.name}@") and w.endswith(".service")),
+        (w for w in wants.split() if w.startswith(f"{spec.name}@") and w.endswith(".service")),
         key=_worker_id,
     )
 
@@ -155,12 +184,10 @@ def _worker_id(unit: str) -> int:
     return int(unit.split("@")[1].split(".")[0])
 
 
-def _start(
-    spec: Spec, systemctl: Callable[..., subprocess.CompletedProcess[str]], say: Say
-) -> bool:
-    units = _workers(spec, systemctl)
+def _start(spec: Spec, run: Run, say: Say) -> bool:
+    units = _workers(spec, run)
     say(f"[3/4] starting {spec.name}.target: {len(units)} workers")
-    r = systemctl("start", "--no-block", f"{spec.name}.target")
+    r = run("systemctl", "start", "--no-block", f"{spec.name}.target")
     if r.returncode != 0:
         say(f"clusterkit up: systemctl start {spec.name}.target failed: {r.stderr.strip()}")
         return False
@@ -168,12 +195,17 @@ def _start(
     pending = list(units)
     while pending and time.monotonic() < deadline:
         for unit in list(pending):
-            props = _show(systemctl, unit, "ActiveState", "MainPID")
+            props = _show(run, unit, "ActiveState", "MainPID", "NRestarts")
             if props["ActiveState"] == "active":
                 say(f"      worker {_worker_id(unit)} (pid {props['MainPID']}) is ready")
                 pending.remove(unit)
-            elif props["ActiveState"] == "failed":
-                say(f"clusterkit up: {unit} failed; see: journalctl -u {unit}")
+            elif props["ActiveState"] == "failed" or int(props["NRestarts"] or 0) >= 2:
+                # systemd keeps restarting a crashing worker: show why now, since a
+                # throwaway container's journal is gone once it powers off.
+                say(f"clusterkit up: {unit} keeps failing; its last journal lines:")
+                log = run("journalctl", "--no-pager", "-o", "cat", "-n", "15", "-u", unit).stdout
+                for line in log.splitlines():
+                    say(f"      | {line}")
                 return False
         time.sleep(0.1)
     if pending:
@@ -182,10 +214,8 @@ def _start(
     return True
 
 
-def _show(
-    systemctl: Callable[..., subprocess.CompletedProcess[str]], unit: str, *props: str
-) -> dict[str, str]:
-    out = systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
+def _show(run: Run, unit: str, *props: str) -> dict[str, str]:
+    out = run("systemctl", "show", unit, *(f"--property={p}" for p in props)).stdout
     values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     return {p: values.get(p, "") for p in props}
 
@@ -221,16 +251,22 @@ def _end(process: subprocess.Popen[str]) -> None:
         process.kill()
 
 
-def _stop(spec: Spec, systemctl: Callable[..., subprocess.CompletedProcess[str]], say: Say) -> None:
+def _stop(spec: Spec, run: Run, say: Say) -> None:
     # `systemctl stop NAME.target` returns before the workers have stopped: wait for them.
-    systemctl("stop", f"{spec.name}.target", f"{spec.name}.socket", f"{spec.name}@*.socket")
-    systemctl("stop", f"{spec.name}@*.service")
+    name = spec.name
+    run("systemctl", "stop", f"{name}.target", f"{name}.socket", f"{name}@*.socket")
+    run("systemctl", "stop", f"{name}@*.service")
     deadline = time.monotonic() + spec.stop_timeout_sec + 5
     while time.monotonic() < deadline:
-        listed = systemctl(
-            "list-units", "--state=active,deactivating", "--plain", "--no-legend", f"{spec.name}@*"
+        listed = run(
+            "systemctl",
+            "list-units",
+            "--state=active,deactivating",
+            "--plain",
+            "--no-legend",
+            f"{name}@*",
         ).stdout
         if not listed.strip():
             break
         time.sleep(0.1)
-    say(f"      stopped {spec.name}")
+    say(f"      stopped {name}")

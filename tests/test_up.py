@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,43 @@ def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
     assert nspawn_machines() <= before
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def run_up(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clusterkit.cli", "up", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.usefixtures("containers_available")
+def test_up_says_when_the_port_is_taken_and_boots_nothing() -> None:
+    before = nspawn_machines()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        r = run_up("--listen", f"127.0.0.1:{port}")
+    assert r.returncode == 1
+    assert f"--listen 127.0.0.1:{port}: already in use" in r.stdout
+    assert "[2/4]" not in r.stdout
+    assert nspawn_machines() <= before
+
+
+@pytest.mark.usefixtures("containers_available")
+def test_up_shows_why_a_worker_keeps_failing_before_powering_off() -> None:
+    if os.path.isdir("/run/systemd/system"):
+        pytest.skip("systemd is PID 1 here: up would install into the host")
+    before = nspawn_machines()
+    app = Path(__file__).resolve().parent / "apps" / "broken.py"
+    r = run_up(
+        "--name", "broken", "--exec", f"{sys.executable} {app}", "--listen", str(free_port())
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "broken@" in r.stdout and "keeps failing" in r.stdout
+    assert "| RuntimeError: this worker cannot start" in r.stdout
+    assert "powering off" in r.stdout
+    assert nspawn_machines() <= before
