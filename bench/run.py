@@ -134,11 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=NPROC, help="workers (default: CPU count)")
     p.add_argument("--only", nargs="+", choices=list(SYSTEMS), help="systems to run")
     p.add_argument("--quick", action="store_true", help="1 run, 3 s loads")
-    p.add_argument("--out", default=ROOT, help="directory for RESULTS.md/results.png/json")
+    p.add_argument(
+        "--out",
+        help="directory for RESULTS.md/results.png/json (default: bench/ for a full run of "
+        "every system, else bench/work/partial/, so a smoke test never overwrites the results)",
+    )
     p.add_argument(
         "--report-only", metavar="JSON", help="rewrite RESULTS.md/results.png from a results.json"
     )
     a = p.parse_args(argv)
+    full = not (a.quick or a.only) and a.runs >= 3 and a.duration >= 10
+    a.out = a.out or (ROOT if full or a.report_only else os.path.join(ROOT, "work", "partial"))
+    os.makedirs(a.out, exist_ok=True)
     if a.report_only:
         with open(a.report_only) as f:
             data = json.load(f)
