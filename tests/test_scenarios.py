@@ -231,7 +231,6 @@ def test_e_all_workers_stopped_socket_activation_serves(
     container: Container, tmp_path: Path, mode: str
 ) -> None:
     """e: with every worker stopped, traffic starts one by socket activation; none refused."""
-    """d: exit 3 and exit 0 give their codes; disconnect() gives exited_after_disconnect."""
     c = container
     cl = deploy(c, tmp_path, scheduling=mode)
     c.systemctl("stop", cl.unit(0), cl.unit(1))
