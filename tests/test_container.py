@@ -94,10 +94,9 @@ def test_run_returns_output_and_exit_code(
 
 
 def test_run_timeout(container: Container) -> None:
-    t0 = time.monotonic()
+    # The timeout fires (TimeoutExpired) and the command inside is gone with it.
     with pytest.raises(subprocess.TimeoutExpired):
         container.run("sleep", "30", timeout=0.5)
-    assert time.monotonic() - t0 < 5
     assert "sleep 30" not in container.run("ps", "-eo", "args").stdout
 
 
