@@ -137,27 +137,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from clusterkit import render, unitfiles
 
     spec = spec_from_args(args)
-    texts = render.render(spec)
-    files = {
-        name: unitfiles.with_header(name, text, shebang=text.startswith("#!"))
-        for name, text in texts.items()
-    }
-    possible = [
-        f"{spec.name}.socket",
-        f"{spec.name}@.socket",
-        f"{spec.name}@.service",
-        f"{spec.name}.target",
-        f"{render.GENERATOR_PREFIX}{spec.name}",
-    ]
-    stale = tuple(n for n in possible if n not in files and (args.output / n).exists())
     try:
-        result = unitfiles.write_all(
-            args.output,
-            files,
-            force=args.force,
-            stale=stale,
-            executable=tuple(n for n in files if n.startswith(render.GENERATOR_PREFIX)),
-        )
+        result = render.write(spec, args.output, force=args.force)
     except unitfiles.HandEditedError as e:
         raise CommandError(str(e)) from None
     except OSError as e:

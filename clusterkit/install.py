@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clusterkit import unitfiles
-from clusterkit.render import GENERATOR_PREFIX
+from clusterkit.render import GENERATOR_PREFIX, file_names
 
 
 class InstallError(Exception):
@@ -64,14 +64,7 @@ class Manager:
 
 def cluster_files(directory: Path, name: str) -> dict[str, Path]:
     """The clusterkit-written files of cluster ``name`` found in ``directory``."""
-    candidates = [
-        f"{name}.socket",
-        f"{name}@.socket",
-        f"{name}@.service",
-        f"{name}.target",
-        f"{GENERATOR_PREFIX}{name}",
-    ]
-    return {c: directory / c for c in candidates if unitfiles.is_ours(directory / c)}
+    return {n: directory / n for n in file_names(name) if unitfiles.is_ours(directory / n)}
 
 
 def clusters_in(directory: Path) -> list[str]:

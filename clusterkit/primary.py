@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from clusterkit import events as _events
+from clusterkit.spec import SpecError, parse_env
+from clusterkit.unitfiles import atomic_write
+from clusterkit.unitsyntax import env_assignment
 
 SCHED_SHARED = "shared"  # one socket, every worker accepts on it (Node's SCHED_NONE)
 SCHED_REUSEPORT = "reuseport"  # one SO_REUSEPORT socket per worker, the kernel spreads
@@ -304,12 +307,6 @@ def _dropin_dir(s: Settings, worker_id: int) -> Path:
     return base / f"{s.name}@{worker_id}.service.d"
 
 
-def _env_line(key: str, value: str) -> str:
-    # Environment= takes C-quoted words; % is a specifier, $ is not expanded here.
-    text = f"{key}={value}".replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-    return f'Environment="{text}"\n'
-
-
 def fork(env: dict[str, str] | None = None, *, settings: Settings | None = None) -> Worker:
     """Start the lowest free instance; returns once it is started (READY=1).
 
@@ -322,11 +319,13 @@ def fork(env: dict[str, str] | None = None, *, settings: Settings | None = None)
     worker_id = next(i for i in range(len(busy) + 1) if i not in busy)
     dropin = _dropin_dir(s, worker_id) / FORK_DROPIN
     if env:
-        for key in env:
-            if not key.replace("_", "a").isalnum() or key[0].isdigit():
-                raise PrimaryError(f"fork: {key!r} is not a valid variable name")
+        try:  # the spec's rules for --env: names, control characters, reserved names
+            pairs = parse_env(env)
+        except SpecError as e:
+            raise PrimaryError(f"fork: {e}") from None
+        lines = "".join(f"Environment={env_assignment(f'{k}={v}')}\n" for k, v in pairs)
         dropin.parent.mkdir(parents=True, exist_ok=True)
-        dropin.write_text("[Service]\n" + "".join(_env_line(k, v) for k, v in env.items()))
+        atomic_write(dropin, "[Service]\n" + lines)
         systemctl("daemon-reload", settings=s)
     elif dropin.exists():
         dropin.unlink()

@@ -1,8 +1,8 @@
 """Spec -> unit file texts, through the Jinja2 templates in ``templates/``.
 
-Nothing else renders a unit. The filters below are systemd's quoting rules
-(systemd.service(5) "Command lines", systemd.unit(5) "Specifiers"), so a value
-the user wrote reaches the worker byte for byte.
+Nothing else renders a unit. The templates quote every value with
+:mod:`clusterkit.unitsyntax`, so a value the user wrote reaches the worker byte
+for byte. :func:`write` adds clusterkit's header and writes the files.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import jinja2
 
+from clusterkit import unitfiles
 from clusterkit.spec import FD_NAME, Spec
+from clusterkit.unitsyntax import env_assignment, exec_arg, exec_line, specifiers
 
 GENERATOR_PREFIX = "clusterkit-"
 
@@ -21,27 +23,6 @@ def templates_dir() -> Path:
     """The templates: inside the installed wheel, or the checkout's top-level templates/."""
     packaged = Path(str(resources.files("clusterkit"))) / "templates"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "templates"
-
-
-def specifiers(value: str) -> str:
-    """Escape systemd's %-specifiers."""
-    return value.replace("%", "%%")
-
-
-def exec_arg(arg: str) -> str:
-    """One argv word for ExecStart=: C-quoted, with % and $ escaped (no expansion)."""
-    quoted = arg.replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + specifiers(quoted).replace("$", "$$") + '"'
-
-
-def exec_line(argv: tuple[str, ...]) -> str:
-    # The program stays unquoted: systemd reads prefixes such as "+" and "-" from it.
-    return " ".join([specifiers(argv[0]).replace("$", "$$")] + [exec_arg(a) for a in argv[1:]])
-
-
-def env_assignment(assignment: str) -> str:
-    """A KEY=VALUE for Environment=: C-quoted, % escaped (Environment= does not expand $)."""
-    return '"' + specifiers(assignment.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def seconds(value: float) -> str:
@@ -70,6 +51,17 @@ def _environment() -> jinja2.Environment:
         seconds_number=seconds_number,
     )
     return env
+
+
+def file_names(name: str) -> tuple[str, ...]:
+    """Every file a cluster ``name`` can have, in either scheduling mode."""
+    return (
+        f"{name}.socket",
+        f"{name}@.socket",
+        f"{name}@.service",
+        f"{name}.target",
+        f"{GENERATOR_PREFIX}{name}",
+    )
 
 
 def unit_names(spec: Spec) -> dict[str, str]:
@@ -109,3 +101,17 @@ def _tidy(text: str) -> str:
     while lines and lines[-1] == "":
         lines.pop()
     return "\n".join(lines) + "\n"
+
+
+def write(spec: Spec, directory: Path, *, force: bool = False) -> unitfiles.WriteResult:
+    """Render ``spec`` into ``directory`` with clusterkit's header; drop files it no longer has.
+
+    Raises :class:`unitfiles.HandEditedError` (nothing written) over a hand edit.
+    """
+    files = {
+        name: unitfiles.with_header(name, text, shebang=text.startswith("#!"))
+        for name, text in render(spec).items()
+    }
+    stale = tuple(n for n in file_names(spec.name) if n not in files and (directory / n).exists())
+    generators = tuple(n for n in files if n.startswith(GENERATOR_PREFIX))
+    return unitfiles.write_all(directory, files, force=force, stale=stale, executable=generators)

@@ -375,3 +375,8 @@ def _parse_python(key: str, raw: Any) -> str:
 
 #: the keys of [tool.clusterkit], each also a flag of `clusterkit generate`
 CONFIG_KEYS: tuple[str, ...] = tuple(_fields())
+
+
+def parse_env(raw: Any) -> tuple[tuple[str, str], ...]:
+    """``--env`` values (a mapping, or KEY=VALUE strings), checked as the spec checks them."""
+    return _parse_env("env", raw)

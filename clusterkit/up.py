@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clusterkit import render, unitfiles
+from clusterkit import render
 from clusterkit.spec import Spec
 
 START_TIMEOUT = 60.0
@@ -39,16 +39,8 @@ def bundled_example() -> Path | None:
 
 
 def write_units(spec: Spec, directory: Path) -> list[Path]:
-    files = []
-    for name, text in render.render(spec).items():
-        path = directory / name
-        unitfiles.atomic_write(
-            path,
-            unitfiles.with_header(name, text, shebang=text.startswith("#!")),
-            mode=0o755 if name.startswith(render.GENERATOR_PREFIX) else 0o644,
-        )
-        files.append(path)
-    return files
+    result = render.write(spec, directory)
+    return [directory / name for name in (*result.written, *result.unchanged)]
 
 
 @contextmanager
