@@ -141,7 +141,7 @@ def _instances(settings: Settings) -> list[str]:
         settings=settings,
     )
     units = [line.split()[0] for line in out.splitlines() if line.strip()]
-    return [u for u in units if _events._instance(u, settings.name) is not None]
+    return [u for u in units if _events.instance_id(u, settings.name) is not None]
 
 
 # ---- workers ---------------------------------------------------------------------
@@ -239,7 +239,7 @@ def _state(props: dict[str, str]) -> str:
 
 
 def _worker_from(props: dict[str, str], settings: Settings) -> Worker:
-    worker_id = _events._instance(props.get("Id"), settings.name)
+    worker_id = _events.instance_id(props.get("Id"), settings.name)
     assert worker_id is not None, props
     state = _state(props)
     pid = int(props.get("MainPID") or 0) or None

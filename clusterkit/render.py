@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jinja2
 
-from clusterkit import unitfiles
+from clusterkit import report, unitfiles
 from clusterkit.spec import FD_NAME, Spec
 from clusterkit.unitsyntax import env_assignment, exec_arg, exec_line, specifiers
 
@@ -84,11 +84,19 @@ def render(spec: Spec) -> dict[str, str]:
         "spec": spec,
         "fd_name": FD_NAME,
         "description": spec.description or f"clusterkit cluster {spec.name}",
+        "report_started": _expanding_command(report.started_command()),
+        "report_exited": _expanding_command(report.exited_command()),
     }
     return {
         name: _tidy(env.get_template(template).render(context))
         for name, template in unit_names(spec).items()
     }
+
+
+def _expanding_command(argv: tuple[str, ...]) -> str:
+    # clusterkit's own fixed commands, whose ${VAR}s systemd must expand (so no
+    # exec_arg escaping): words with a space are double-quoted, nothing else needs it.
+    return " ".join(f'"{word}"' if " " in word else word for word in argv)
 
 
 def _tidy(text: str) -> str:
