@@ -49,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from clusterkit import worker as worker_mod
+from clusterkit.limits import Limits
 from clusterkit.watchdog import Watchdog
 from clusterkit.worker import BACKLOG, Address, Worker
 
@@ -90,6 +91,7 @@ def serve_asyncio(
     drain_timeout: float | None = None,
     fresh_grace: float = 1.0,
     use_uvloop: bool | None = None,
+    limits: Limits | None = None,
 ) -> None:
     """Serve with asyncio until SIGTERM, then drain and return.
 
@@ -97,12 +99,14 @@ def serve_asyncio(
     (or a coroutine function), served by :mod:`clusterkit.httpserver`; or an
     ``asyncio.Protocol`` subclass, served raw (its connections are tracked and
     given ``drain_timeout`` to close themselves). *use_uvloop*: None = if installed.
+    *limits*: request size limits and timeouts (:class:`clusterkit.httpserver.Limits`),
+    e.g. ``Limits(max_body_size=10 << 20)``; a raw protocol sets its own.
     """
     w = worker or worker_mod.current()
     sock = w.listen(port_or_address)
     drain_timeout = w.drain_timeout if drain_timeout is None else drain_timeout
     with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:
-        runner.run(_serve_asyncio(w, sock, handler_or_protocol, drain_timeout, fresh_grace))
+        runner.run(_serve_asyncio(w, sock, handler_or_protocol, drain_timeout, fresh_grace, limits))
 
 
 def _tracked(proto_cls: type, conns: set) -> type:
@@ -120,7 +124,12 @@ def _tracked(proto_cls: type, conns: set) -> type:
 
 
 async def _serve_asyncio(
-    w: Worker, sock: socket.socket, target: Any, drain_timeout: float, fresh_grace: float
+    w: Worker,
+    sock: socket.socket,
+    target: Any,
+    drain_timeout: float,
+    fresh_grace: float,
+    limits: Limits | None = None,
 ) -> None:
     from clusterkit.httpserver import ConnectionSet
 
@@ -135,15 +144,10 @@ async def _serve_asyncio(
         conns: set = set()
         factory: Callable[[], asyncio.BaseProtocol] = _tracked(target, conns)
     else:
-        state = ConnectionSet(target, log, fresh_grace)
+        state = ConnectionSet(target, log, fresh_grace, limits)
         conns = state.connections  # type: ignore[assignment]
         factory = state.protocol
-
-        def tick() -> None:
-            state.tick()
-            loop.call_later(1.0, tick)
-
-        loop.call_later(1.0, tick)
+        state.start_ticking(loop)
 
     # backlog: asyncio calls listen() again on the (shared) socket; keep systemd's.
     server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
@@ -172,6 +176,20 @@ async def _serve_asyncio(
 
 # -- ASGI (uvicorn) -------------------------------------------------------------
 
+_LIMITS = Limits()
+
+#: uvicorn settings for the baseline (README, "Limits and timeouts"); any can be
+#: overridden by passing it to serve_asgi. h11, not httptools: uvicorn's httptools
+#: protocol buffers a request head without end (a 200 MiB header: +236 MiB RSS),
+#: h11 refuses one past h11_max_incomplete_event_size. uvicorn has no header-read
+#: timeout and no header count/size or body limit (the body is streamed to the app).
+ASGI_LIMITS: dict[str, Any] = {
+    "http": "h11",
+    "h11_max_incomplete_event_size": _LIMITS.max_head_size,
+    "timeout_keep_alive": _LIMITS.keep_alive_timeout,
+    "limit_concurrency": 1000,  # connections + tasks; then 503 (gunicorn's worker_connections)
+}
+
 
 def serve_asgi(
     app: Any,
@@ -198,6 +216,7 @@ def serve_asgi(
         "timeout_graceful_shutdown": drain_timeout,
         "backlog": BACKLOG,
         "lifespan": "auto",
+        **ASGI_LIMITS,
     }
     options.update(uvicorn_options)
     config = uvicorn.Config(app, **options)
@@ -226,6 +245,16 @@ def serve_asgi(
 
 
 # -- WSGI (waitress) --------------------------------------------------------------
+
+#: waitress settings for the baseline; any can be overridden by passing it to serve_wsgi.
+#: waitress answers 431 for a large head and 413 for a large body; channel_timeout
+#: closes a connection inactive that long (idle keep-alive, or a stalled request).
+WSGI_LIMITS: dict[str, Any] = {
+    "max_request_header_size": _LIMITS.max_head_size,
+    "max_request_body_size": _LIMITS.max_body_size,
+    "channel_timeout": int(_LIMITS.keep_alive_timeout),
+    "cleanup_interval": 1,
+}
 
 
 def serve_wsgi(
@@ -282,7 +311,12 @@ def serve_wsgi(
     class Channel(HTTPChannel):
         task_class = Task
 
-    options: dict[str, Any] = {"threads": threads, "backlog": BACKLOG, "ident": w.name}
+    options: dict[str, Any] = {
+        "threads": threads,
+        "backlog": BACKLOG,
+        "ident": w.name,
+        **WSGI_LIMITS,
+    }
     options.update(waitress_options)
     server = create_server(app, sockets=[sock], **options)
     server.channel_class = Channel
