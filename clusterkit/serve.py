@@ -15,10 +15,13 @@ Every path does the same life cycle, the one the units expect:
 
 Paths:
 
-- :func:`serve_asyncio`: clusterkit's own HTTP/1.1 server (uvloop + httptools
+- :func:`serve_asyncio`: clusterkit's own HTTP/1.1 server (httptools, and uvloop
   when installed), the one benchmarked against Node's cluster module.
 - :func:`serve_asgi`: uvicorn, in-process, on the passed socket.
 - :func:`serve_wsgi`: waitress, in-process, on the passed socket.
+
+Each applies the request limits and timeouts of :class:`clusterkit.limits.Limits`
+that its server has (``ASGI_LIMITS``, ``WSGI_LIMITS``; bench/SERVER.md says why).
 
 Running the stock servers unmodified under a clusterkit unit instead:
 

@@ -96,9 +96,20 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="module", params=["asyncio", "uvicorn"])
+# CK_PROTOCOL_EXTRA=uvicorn-httptools adds uvicorn's httptools protocol (see bench/SERVER.md)
+SERVERS = ["asyncio", "uvicorn", *filter(None, os.environ.get("CK_PROTOCOL_EXTRA", "").split(","))]
+
+
+@pytest.fixture(scope="module", params=SERVERS)
 def server(request, tmp_path_factory) -> Iterator[Server]:
     s = Server(request.param, tmp_path_factory.mktemp(request.param))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def wsgi_server(tmp_path_factory) -> Iterator[Server]:
+    s = Server("wsgi", tmp_path_factory.mktemp("wsgi"))
     yield s
     s.stop()
 
@@ -311,7 +322,7 @@ def test_too_long_request_target(request, server):
 
 def reference_lacks(request, server: Server, what: str) -> None:
     """uvicorn has no such limit: the case fails there (strict: we learn when it gains one)."""
-    if server.kind == "uvicorn":
+    if server.kind.startswith("uvicorn"):
         request.node.add_marker(pytest.mark.xfail(reason=f"uvicorn: {what}", strict=True))
 
 
@@ -359,11 +370,12 @@ def test_too_large_chunked_body_is_413(asyncio_server):
 def test_bad_handler_is_500_and_logged(server, path):
     statuses, _, r = exchange(server, get(path))
     assert statuses == [500]
-    text = server.wait_log(path) if server.kind == "asyncio" else server.logs()
-    if server.kind == "asyncio":
-        assert ("NoneType" if path == "/none" else "boom from /raise") in text
+    if path == "/raise":
+        server.wait_log("boom from /raise")  # the traceback
+    elif server.kind == "asyncio":
+        server.wait_log("GET /none returned NoneType")
     else:
-        server.wait_log("returned without starting response" if path == "/none" else "boom")
+        server.wait_log("returned without starting response")
 
 
 def test_crlf_in_response_header_is_500_never_sent(server):
@@ -489,6 +501,16 @@ def test_endless_header_keeps_rss_bounded(server):
     assert growth < RSS_BOUND
 
 
+def test_stalled_body_and_silent_connection_are_closed(asyncio_server):
+    stalled = asyncio_server.connect()
+    stalled.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    silent = asyncio_server.connect()  # never sends a byte
+    assert timed_out(Reader(stalled), TIMEOUT + 10)  # body_timeout: 408, closed
+    assert Reader(silent).closed(timeout=TIMEOUT + 10)  # header_timeout: closed
+    stalled.close()
+    silent.close()
+
+
 def test_reference_keeps_slowloris_connections(request, server):
     """uvicorn has no header-read timeout: a half-sent request is held (xfail)."""
     reference_lacks(request, server, "no timeout for reading a request head")
@@ -518,6 +540,33 @@ def test_pipelined_flood_is_flow_controlled(asyncio_server):
     assert sent < 2_000_000
     assert asyncio_server.rss() - before < RSS_BOUND
     sock.close()
+
+
+# -- serve_wsgi: the waitress settings clusterkit passes ------------------------------
+
+
+def test_wsgi_refuses_large_head_and_body(wsgi_server):
+    statuses, _, r = exchange(wsgi_server, get("/", "X-Big: " + "v" * 100_000 + "\r\n"))
+    assert statuses == [431] and r.closed()
+    data = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n"
+    statuses, _, r = exchange(wsgi_server, data)
+    assert statuses == [413] and r.closed()
+    statuses, resps, r = exchange(wsgi_server, post("/echo", b"small"))
+    assert statuses == [200] and resps[0][2] == b"small"
+
+
+def test_wsgi_closes_idle_and_half_sent_connections(wsgi_server):
+    statuses, _, idle = exchange(wsgi_server, get("/"))
+    assert statuses == [200]
+    slow = [wsgi_server.connect() for _ in range(20)]
+    for s in slow:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    # channel_timeout (1 s here) plus waitress's cleanup_interval (1 s)
+    assert idle.closed(timeout=TIMEOUT + 10)
+    deadline = time.monotonic() + TIMEOUT + 10
+    for s in slow:
+        assert timed_out(Reader(s), max(0.01, deadline - time.monotonic()))
+        s.close()
 
 
 def test_serve_asyncio_requires_httptools():

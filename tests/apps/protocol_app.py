@@ -1,6 +1,6 @@
 """The app the protocol suite (tests/test_protocol.py) serves, one per server.
 
-``python protocol_app.py asyncio|uvicorn``: the socket comes as fd 3
+``python protocol_app.py asyncio|uvicorn|wsgi``: the socket comes as fd 3
 (LISTEN_FDS=1); ``CK_TIMEOUT`` (seconds) shortens the header, body and
 keep-alive timeouts so the suite sees them fire. Routes, the same in both:
 
@@ -45,7 +45,7 @@ def run_asyncio() -> None:
     serve_asyncio(handler, None, limits=limits, drain_timeout=1)
 
 
-def run_uvicorn() -> None:
+def run_uvicorn(**options) -> None:
     from clusterkit.serve import serve_asgi
 
     async def app(scope, receive, send):
@@ -77,8 +77,25 @@ def run_uvicorn() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 
-    serve_asgi(app, None, drain_timeout=1, timeout_keep_alive=TIMEOUT, log_level="info")
+    serve_asgi(app, None, drain_timeout=1, timeout_keep_alive=TIMEOUT, log_level="info", **options)
+
+
+def run_wsgi() -> None:
+    from clusterkit.serve import serve_wsgi
+
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read()
+        out = body if environ["PATH_INFO"] == "/echo" else b"hello"
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))]
+        )
+        return [out]
+
+    serve_wsgi(app, None, drain_timeout=1, threads=2, channel_timeout=max(1, int(TIMEOUT)))
 
 
 if __name__ == "__main__":
-    {"asyncio": run_asyncio, "uvicorn": run_uvicorn}[sys.argv[1]]()
+    if sys.argv[1] == "uvicorn-httptools":  # not serve_asgi's default: for bench/SERVER.md
+        run_uvicorn(http="httptools")
+    else:
+        {"asyncio": run_asyncio, "uvicorn": run_uvicorn, "wsgi": run_wsgi}[sys.argv[1]]()
