@@ -1,6 +1,6 @@
 """A small, fast HTTP/1.1 server protocol for asyncio (Node's ``http.createServer``).
 
-Parsing is httptools' (llhttp, Node's own parser): the ``fast`` extra. Keep-alive
+Parsing is httptools' (llhttp, Node's own parser): the ``fast`` extra. HTTP/1.1 keep-alive
 and pipelining are supported, ``Connection: close`` is honoured, responses carry
 ``Content-Length`` and ``Date``.
 
@@ -336,7 +336,8 @@ class HttpProtocol(asyncio.Protocol):
             b"".join(self.body),
             p.get_http_version(),
         )
-        keep = p.should_keep_alive() and not self.upgrade
+        # HTTP/1.0 keep-alive is not offered (as uvicorn): the connection closes
+        keep = p.should_keep_alive() and not self.upgrade and req.version != "1.0"
         if self.busy:
             self.pending.append((req, keep))
             if self.transport is not None:

@@ -248,7 +248,11 @@ def test_keep_alive_get(server):
 
 
 def test_http10_and_connection_close_are_closed(server):
-    for data in (b"GET / HTTP/1.0\r\n\r\n", get("/", "Connection: close\r\n")):
+    for data in (
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        get("/", "Connection: close\r\n"),
+    ):
         statuses, _, r = exchange(server, data)
         assert statuses == [200]
         assert r.closed()
@@ -303,6 +307,12 @@ def test_pipelined_requests_answered_in_order(server):
     assert statuses == [200] * 4
     assert [b for _, _, b in resps] == [b"slow", b"second", b"slow", b"hello"]
     assert still_serves(r)
+
+
+def test_refusal_behind_a_pipelined_request_comes_in_order(server):
+    statuses, resps, r = exchange(server, get("/slow") + b"GET / HTTP/1.1\r\nHost x\r\n\r\n", n=3)
+    assert statuses == [200, 400] and resps[0][2] == b"slow"
+    assert r.closed()
 
 
 def test_malformed_request_is_400_and_closed(server):
