@@ -208,6 +208,7 @@ def serve_asgi(
     ``should_exit``); we add READY=1 after its startup (lifespan included),
     the watchdog task in its loop, STOPPING=1 when its shutdown begins, and a
     harmless handler for the SIGTERM it re-raises at the end, so the exit is 0.
+    uvicorn gets :data:`ASGI_LIMITS` unless *uvicorn_options* say otherwise.
     """
     import uvicorn
 
@@ -285,7 +286,8 @@ def serve_wsgi(
     response, close connections left idle for ``fresh_grace``, wait for busy
     ones). The watchdog also stops pinging when requests wait in the queue while no request finished
     during a whole ping interval: a pool of hung app threads cannot hide
-    behind a healthy loop.
+    behind a healthy loop. waitress gets :data:`WSGI_LIMITS` unless
+    *waitress_options* say otherwise.
     """
     from waitress import wasyncore
     from waitress.channel import HTTPChannel
