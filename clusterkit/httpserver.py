@@ -171,6 +171,7 @@ class HttpProtocol(asyncio.Protocol):
         "in_head",
         "in_message",
         "expect_continue",
+        "has_host",
         "upgrade",
         "busy",
         "pending",
@@ -195,6 +196,7 @@ class HttpProtocol(asyncio.Protocol):
         self.in_head = False
         self.in_message = False
         self.expect_continue = False
+        self.has_host = False
         self.upgrade = False
         self.busy = False
         self.pending: deque[tuple[Request | int, bool]] = deque()
@@ -277,6 +279,8 @@ class HttpProtocol(asyncio.Protocol):
         self.body = []
         self.body_size = 0
         self.expect_continue = False
+        self.has_host = False
+        self.upgrade = False
         if not self.busy:
             self.deadline = self.state.now + self.limits.header_timeout
 
@@ -303,12 +307,16 @@ class HttpProtocol(asyncio.Protocol):
                 raise _Reject(400) from None
             if length > limits.max_body_size:
                 raise _Reject(413)
+        elif key == "host":
+            self.has_host = True
         elif key == "expect" and val.lower() == "100-continue":
             self.expect_continue = True
         self.headers.append((key, val))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if not self.has_host and self.parser.get_http_version() == "1.1":
+            raise _Reject(400)  # RFC 9112, 3.2: a server MUST answer 400
         if self.parser.should_upgrade():
             self.upgrade = True
         if not self.busy:

@@ -315,6 +315,38 @@ def test_refusal_behind_a_pipelined_request_comes_in_order(server):
     assert r.closed()
 
 
+MALFORMED = {
+    "no-host": b"GET / HTTP/1.1\r\n\r\n",
+    "length-and-chunked": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "two-lengths": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+    ),
+    "bad-length": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5x\r\n\r\nhello",
+    "unknown-coding": b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    "obs-fold": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+    "bare-lf": b"GET / HTTP/1.1\nHost: x\n\n",
+    "space-before-colon": b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+    "bad-chunk-size": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n"
+    ),
+}
+#: what uvicorn's h11 protocol accepts (h11 is lenient there; it closes after a CL+TE request)
+H11_ACCEPTS = {"length-and-chunked", "obs-fold", "bare-lf"}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_ambiguous_or_malformed_head_is_400_and_closed(request, server, case):
+    """Request smuggling vectors and RFC 9112 MUSTs: refused, never guessed."""
+    if case in H11_ACCEPTS and server.kind == "uvicorn":
+        reference_lacks(request, server, f"(h11) accepts {case}")
+    statuses, _, r = exchange(server, MALFORMED[case])
+    assert statuses == [400]
+    assert r.closed()
+
+
 def test_malformed_request_is_400_and_closed(server):
     for data in (b"GET / HTTP/1.1\r\nHost x\r\n\r\n", b"\x00\x01garbage\r\n\r\n"):
         statuses, _, r = exchange(server, data)
