@@ -419,7 +419,10 @@ class HttpProtocol(asyncio.Protocol):
                     close = True
                 continue
             lines.append(f"{k}: {v}".encode("latin-1"))
-        lines.append(b"Content-Length: %d" % len(body))
+        if status in (204, 304):  # no body, and no Content-Length for one (RFC 9110)
+            body = b""
+        else:
+            lines.append(b"Content-Length: %d" % len(body))
         return b"\r\n".join(lines) + self.state.date, body, close
 
     def _respond(self, req: Request, result: Result, keep: bool) -> None:

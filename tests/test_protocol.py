@@ -439,6 +439,13 @@ def test_single_content_length(server):
     assert still_serves(r)
 
 
+def test_204_has_neither_body_nor_content_length(server):
+    statuses, resps, r = exchange(server, get("/204"), head_only=True)
+    assert statuses == [204]
+    assert "content-length" not in dict(resps[0][1])
+    assert still_serves(r)  # nothing stray before the next response
+
+
 def test_idle_keep_alive_closed_after_timeout(server):
     statuses, _, r = exchange(server, get("/"))
     assert statuses == [200]

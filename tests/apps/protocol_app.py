@@ -7,7 +7,7 @@ keep-alive timeouts so the suite sees them fire. Routes, the same in both:
 - ``/``: ``hello``; ``/echo``: the request body; ``/slow``: ``slow`` after 0.2 s;
 - ``/none``: the handler returns nothing; ``/raise``: it raises;
 - ``/crlf``: it sets a header value with CR/LF in it;
-- ``/length``: it sets its own ``Content-Length``.
+- ``/length``: it sets its own ``Content-Length``; ``/204``: No Content.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def run_asyncio() -> None:
             return Response("x", headers=[("X-Bad", SPLIT)])
         if path == "/length":
             return Response("hello", headers=[("Content-Length", "5")])
+        if path == "/204":
+            return Response(b"", 204, headers=[])
         return "hello"
 
     limits = Limits(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
@@ -68,6 +70,10 @@ def run_uvicorn(**options) -> None:
             return
         elif path == "/raise":
             raise RuntimeError("boom from /raise")
+        elif path == "/204":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         elif path == "/crlf":
             headers.append((b"x-bad", SPLIT.encode()))
             out = b"x"
