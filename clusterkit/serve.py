@@ -200,6 +200,7 @@ def serve_asgi(
     *,
     worker: Worker | None = None,
     drain_timeout: float | None = None,
+    fresh_grace: float = 1.0,
     **uvicorn_options: Any,
 ) -> None:
     """Serve an ASGI app with uvicorn on the worker's socket, then return after a drain.
@@ -208,6 +209,8 @@ def serve_asgi(
     ``should_exit``); we add READY=1 after its startup (lifespan included),
     the watchdog task in its loop, STOPPING=1 when its shutdown begins, and a
     harmless handler for the SIGTERM it re-raises at the end, so the exit is 0.
+    Connections accepted just before SIGTERM get ``fresh_grace`` seconds to send
+    their request (as in the other paths) before uvicorn closes idle ones.
     uvicorn gets :data:`ASGI_LIMITS` unless *uvicorn_options* say otherwise.
     """
     import uvicorn
@@ -217,7 +220,8 @@ def serve_asgi(
     drain_timeout = w.drain_timeout if drain_timeout is None else drain_timeout
     log = w.logger()
     options: dict[str, Any] = {
-        "timeout_graceful_shutdown": drain_timeout,
+        # fresh_grace comes first (see shutdown below): the drain stays within drain_timeout
+        "timeout_graceful_shutdown": max(0.1, drain_timeout - fresh_grace),
         "backlog": BACKLOG,
         "lifespan": "auto",
         **ASGI_LIMITS,
@@ -237,6 +241,13 @@ def serve_asgi(
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             w.stopping("draining")
+            # uvicorn closes a connection with no request in progress at once, which
+            # resets one accepted just before SIGTERM whose request is on its way:
+            # stop accepting, then give such connections fresh_grace to send it.
+            for server in self.servers:
+                server.close()
+            if self.server_state.connections:
+                await asyncio.sleep(min(fresh_grace, drain_timeout))
             await super().shutdown(sockets=sockets)
             pinger = getattr(self, "_ck_pinger", None)
             if pinger:
