@@ -34,6 +34,7 @@ def test_hello_from_the_issue(tmp_path: Path) -> None:
     r = generate(out, *HELLO, "--listen", "3000", "--workers", "4")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "hello.clusterkit.json",
         "hello.socket",
         "hello.target",
         "hello@.service",
@@ -57,6 +58,7 @@ def test_reuseport_writes_a_socket_template(tmp_path: Path) -> None:
     r = generate(out, *HELLO, "--workers", "2", "--scheduling", "reuseport")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "hello.clusterkit.json",
         "hello.target",
         "hello@.service",
         "hello@.socket",
@@ -237,7 +239,7 @@ def test_hand_edited_unit_is_not_overwritten(tmp_path: Path) -> None:
     assert unitfiles.state(service) == "clusterkit"
     edited = service.read_text().replace("RestartSec=1s", "RestartSec=5s")
     service.write_text(edited)
-    assert unitfiles.state(service) == "foreign"
+    assert unitfiles.state(service) == "edited"
     r = generate(out, *args, "--workers", "3")
     assert r.returncode == 1 and "edited by hand" in r.stderr and "--force" in r.stderr
     assert service.read_text() == edited
@@ -252,7 +254,7 @@ def test_regenerating_is_idempotent_and_removes_stale_units(tmp_path: Path) -> N
     args = ["--name", "app", "--exec", PYTHON]
     generate(out, *args)
     r = generate(out, *args)
-    assert r.stdout.count("unchanged") == 4 and "wrote" not in r.stdout
+    assert r.stdout.count("unchanged") == 5 and "wrote" not in r.stdout
     r = generate(out, *args, "--scheduling", "reuseport")
     assert "removed" in r.stdout and not (out / "app.socket").exists()
     assert (out / "app@.socket").exists()
