@@ -15,19 +15,27 @@ from clusterkit.container import Container
 
 PY = sys.executable
 APP = Path(__file__).resolve().parent / "apps" / "hello_any_port.py"
-USER_ENV = {"XDG_RUNTIME_DIR": "/run/user/0", "HOME": "/root"}
+# Workers never run as root: a user's manager is an unprivileged user's (root's is refused).
+UID = 1000
+HOME = "/home/app"
+USER_ENV = {"XDG_RUNTIME_DIR": f"/run/user/{UID}", "HOME": HOME}
+AS_USER = ("setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups")
 
 
 @pytest.fixture
 def user_container(make_container: Callable[..., Container]) -> Container:
-    # A user manager needs PAM's configuration; the container's /etc starts empty.
+    # A user manager needs PAM's configuration and a user; the container's /etc starts empty.
     c = make_container(binds_ro=["/etc/pam.d", "/etc/security"])
-    c.systemctl("start", "user@0.service")
+    c.write_file("/etc/passwd", f"root:x:0:0::/root:/bin/sh\napp:x:{UID}:{UID}::{HOME}:/bin/sh\n")
+    c.write_file("/etc/group", f"root:x:0:\napp:x:{UID}:\n")
+    c.write_file("/etc/shadow", "root:*:19000:0:99999:7:::\napp:*:19000:0:99999:7:::\n", 0o640)
+    c.run("install", "-d", "-o", str(UID), "-g", str(UID), HOME, check=True)
+    c.systemctl("start", f"user@{UID}.service")
     return c
 
 
 def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
-    return c.run(PY, "-m", "clusterkit.cli", *args, env=USER_ENV)
+    return c.run(*AS_USER, PY, "-m", "clusterkit.cli", *args, env=USER_ENV)
 
 
 def test_user_units_install_serve_and_report_exits(user_container: Container, tmp_path: Path):
@@ -64,7 +72,7 @@ def test_user_units_install_serve_and_report_exits(user_container: Container, tm
     # System units refuse --user; user units install into ~/.config/systemd/user.
     r = ck(c, "install", "mine", "--from", "/srv/units", "--user", "--now")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert Path(f"/proc/{c.pid}/root/root/.config/systemd/user/mine@.service").exists()
+    assert Path(f"/proc/{c.pid}/root/home/app/.config/systemd/user/mine@.service").exists()
 
     def serving() -> bool:
         try:
@@ -99,7 +107,7 @@ def test_user_units_install_serve_and_report_exits(user_container: Container, tm
         ),
     )
     assert ck(c, "uninstall", "mine", "--user").returncode == 0
-    assert not Path(f"/proc/{c.pid}/root/root/.config/systemd/user/mine@.service").exists()
+    assert not Path(f"/proc/{c.pid}/root/home/app/.config/systemd/user/mine@.service").exists()
 
 
 def test_system_units_are_refused_by_a_user_manager(user_container: Container, tmp_path: Path):
@@ -126,5 +134,18 @@ def test_system_units_are_refused_by_a_user_manager(user_container: Container, t
     for f in out.iterdir():
         c.write_file(f"/srv/units/{f.name}", f.read_text())
     r = ck(c, "install", "sys", "--from", "/srv/units", "--user")
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "--manager user" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_root_user_manager_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "units"
+    generate = [PY, "-m", "clusterkit.cli", "generate", "--name", "mine", "--manager", "user"]
+    subprocess.run([*generate, "--exec", f"{PY} {APP}", "--output", str(out)], check=True)
+    r = subprocess.run(
+        [PY, "-m", "clusterkit.cli", "install", "mine", "--from", str(out), "--user"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "as root" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
