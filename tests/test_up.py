@@ -28,26 +28,32 @@ def nspawn_machines() -> set[str]:
     return set(re.findall(r"systemd-nspawn .*--machine=(\S+)", out))
 
 
-@pytest.mark.usefixtures("containers_available")
-def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
-    if os.path.isdir("/run/systemd/system"):
-        pytest.skip("systemd is PID 1 here: up would install into the host")
-    port = free_port()
-    before = nspawn_machines()
+def start_up(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start `clusterkit up ARGS`; its output lines until it serves (or fails)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clusterkit.cli", "up", "--listen", str(port)],
+        [sys.executable, "-m", "clusterkit.cli", "up", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
     lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "[4/4] serving" in line or "clusterkit up:" in line:
+            break
+    return proc, lines
+
+
+@pytest.mark.usefixtures("containers_available")
+def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
+    if os.path.isdir("/run/systemd/system"):
+        pytest.skip("systemd is PID 1 here: up would install into the host")
+    port = free_port()
+    before = nspawn_machines()
+    proc, lines = start_up("--listen", str(port))
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "[4/4] serving" in line or "clusterkit up:" in line:
-                break
         output = "".join(lines)
         assert "[4/4] serving" in output, output
         ready = re.findall(r"worker (\d+) \(pid \d+\) is ready", output)
@@ -147,20 +153,8 @@ def test_up_listens_on_loopback_only_and_binds_the_checkout_read_only(host_addre
     if os.path.isdir("/run/systemd/system"):
         pytest.skip("systemd is PID 1 here: up would install into the host")
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clusterkit.cli", "up", "--listen", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
+    proc, lines = start_up("--listen", str(port))
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "[4/4] serving" in line or "clusterkit up:" in line:
-                break
         output = "".join(lines)
         assert "[4/4] serving" in output, output
         assert f"--listen {port} means 127.0.0.1:{port} under up" in output
