@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from unitcheck import exposure, verify
 
-from clusterkit import unitfiles
+from clusterkit import manifest, render, unitfiles
 from clusterkit.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +90,8 @@ OPTION_SETS = {
         'B=quote" back\\slash',
         "--working-directory",
         "/srv/my app",
+        "--env-file",
+        "/etc/app/secrets.env",
     ],
     "watchdog-pinning-memory": [
         "--watchdog-sec",
@@ -121,6 +123,15 @@ def test_option_combinations_verify_cleanly(tmp_path: Path, options: list[str]) 
     if "--manager" not in options and "none" not in options:
         status, overall = exposure(out, "app")
         assert status == 0, overall
+
+
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_the_manifest_renders_exactly_the_files_on_disk(tmp_path: Path, options: list[str]):
+    """install re-renders from NAME.clusterkit.json: it must give back the same files."""
+    out = tmp_path / "units"
+    assert generate(out, "--name", "app", "--exec", f"{PYTHON} -c pass", *options).returncode == 0
+    spec = manifest.loads((out / "app.clusterkit.json").read_text(), "manifest")
+    assert render.files(spec) == {p.name: p.read_text() for p in out.iterdir()}
 
 
 def test_auto_workers_ship_a_generator(tmp_path: Path) -> None:
