@@ -8,8 +8,9 @@ unit that failed) exit 1 with a line that says what to do next.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -211,8 +212,23 @@ def _manager(args: argparse.Namespace):
     return Manager.for_scope(runtime=args.runtime, user=args.user_manager)
 
 
-def cmd_install(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _install_errors() -> Iterator[None]:
+    """install/uninstall failures as one-line CommandErrors: bad input 2, the system 1."""
     from clusterkit import install, unitfiles
+
+    try:
+        yield
+    except (install.InstallRefused, unitfiles.UnsafePathError) as e:
+        raise CommandError(str(e), USAGE_ERROR) from None
+    except (install.InstallError, unitfiles.HandEditedError) as e:
+        raise CommandError(str(e)) from None
+    except OSError as e:
+        raise CommandError(f"cannot write {e.filename or 'the units'}: {e.strerror}") from None
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from clusterkit import install
 
     manager = _manager(args)
     if not args.source.is_dir():
@@ -221,12 +237,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     if not names:
         raise CommandError(f"--from: no clusterkit units in {args.source}; run clusterkit generate")
     for name in names:
-        try:
+        with _install_errors():
             files = install.install(args.source, name, manager, force=args.force, now=args.now)
-        except (install.InstallRefused, unitfiles.UnsafePathError) as e:
-            raise CommandError(str(e), USAGE_ERROR) from None
-        except (install.InstallError, unitfiles.HandEditedError) as e:
-            raise CommandError(str(e)) from None
         print(f"installed {name}: {', '.join(files)} into {manager.unit_dir}")
         if args.now:
             print(f"started {name}.target")
@@ -239,10 +251,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     from clusterkit import install
 
     manager = _manager(args)
-    try:
+    with _install_errors():
         removed = install.uninstall(args.name, manager)
-    except install.InstallError as e:
-        raise CommandError(str(e)) from None
     print(f"uninstalled {args.name}: removed {', '.join(removed)}")
     print(f"drop-ins under {manager.unit_dir}/{args.name}@.service.d/ (if any) were kept")
     return 0

@@ -159,3 +159,21 @@ def test_uninstall_does_not_follow_a_symlinked_wants_dir(container: Container, t
     elsewhere = Path(f"/proc/{container.pid}/root/srv/elsewhere")
     assert (elsewhere / "web@0.service").read_text() == "not a link: keep me\n"
     assert (elsewhere / "web@1.service").is_symlink()
+
+
+def test_env_file_secrets_reach_the_worker_and_not_the_unit(container: Container, tmp_path: Path):
+    out = generate(tmp_path, "--workers", "1", "--listen", "8005", "--env-file", "/etc/web.env")
+    source = push(container, out)
+    container.write_file("/etc/web.env", "TOKEN=s3cret\n", 0o644)
+    r = ck(container, "install", "web", "--from", source)
+    assert r.returncode == 2 and "0644" in r.stderr, r.stderr
+    container.write_file("/etc/web.env", "TOKEN=s3cret\n", 0o600)
+    r = ck(container, "install", "web", "--from", source, "--now")
+    assert r.returncode == 0, r.stderr
+    wait_for("worker 0", lambda: container.http_get(8005)[0] == 200)
+    pid = container.systemctl("show", "-p", "MainPID", "--value", "web@0.service").stdout.strip()
+    environ = Path(f"/proc/{container.pid}/root/proc/{pid}/environ").read_bytes()
+    assert b"TOKEN=s3cret\0" in environ
+    shown = container.systemctl("show", "web@0.service").stdout
+    unit = Path(f"/proc/{container.pid}/root/etc/systemd/system/web@.service").read_text()
+    assert "s3cret" not in shown and "s3cret" not in unit
