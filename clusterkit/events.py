@@ -1,21 +1,19 @@
 """Node's cluster events, read from the journal.
 
-Each event comes from one journal record, trusted only when its *trusted*
-fields (set by journald from the sender's credentials, never by the sender)
-show who wrote it:
+Every event comes from a record that PID 1 wrote about ``NAME@K.service``
+(trusted: journald sets ``_PID=1`` from the sender's credentials, and no other
+process can have it):
 
-- ``fork``: "Starting NAME@K.service" (``MESSAGE_ID=7d4958e8…``), by systemd (``_PID=1``);
-- ``online``, ``listening``: "Started NAME@K.service" (``39f53479…``), by systemd;
-  with ``Type=notify`` that is the worker's ``READY=1``;
-- ``disconnect``: "Stopping NAME@K.service" (``de5b426a…``), by systemd: a
-  requested stop began (Node also emits it on a crash; clusterkit does not);
-- ``exit``: clusterkit's reporter (:mod:`clusterkit.report`, ``ce590ac1…``),
-  ``_UID=0`` and ``_SYSTEMD_UNIT=NAME@K.service`` (it runs in the worker's cgroup).
+- ``fork``: "Starting NAME@K.service" (``MESSAGE_ID=7d4958e8…``);
+- ``online``, ``listening``: "Started NAME@K.service" (``39f53479…``); with
+  ``Type=notify`` that is the worker's ``READY=1``;
+- ``disconnect``: "Stopping NAME@K.service" (``de5b426a…``): a requested stop
+  began (Node also emits it on a crash; clusterkit does not);
+- ``exit``: the end of the run, "Deactivated successfully" or "Failed with
+  result 'X'" (:mod:`clusterkit.report` says which records complete it).
 
-A sandboxed worker (``DynamicUser=``) can write records that *say* anything,
-but not with ``_UID=0`` or ``_PID=1``. Under a user's manager the workers run
-as the same user, so the reporter's records are told apart only by
-``_SYSTEMD_USER_UNIT`` (a worker could forge its own exit record there).
+Under a user's manager the same records come from the user's systemd
+(``_SYSTEMD_USER_UNIT=init.scope``), with ``USER_UNIT=``/``USER_INVOCATION_ID=``.
 
 Readers read in journal order and can resume from a cursor: start at
 ``--since`` or just after ``cursor`` and every record after it is seen once.
@@ -28,20 +26,34 @@ from __future__ import annotations
 import os
 import time as _time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
 from systemd import journal
 
-from clusterkit.report import EXIT_MESSAGE_ID
-
-# systemd's catalog ids (src/systemd/sd-messages.h)
-STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # SD_MESSAGE_UNIT_STARTING
-STARTED = "39f53479d3a045ac8e11786248231fbf"  # SD_MESSAGE_UNIT_STARTED
-STOPPING = "de5b426a63be47a7b6ac3eaac82e2f6f"  # SD_MESSAGE_UNIT_STOPPING
+from clusterkit import names, report
+from clusterkit.manager import Manager
+from clusterkit.report import RUN_ENDED, STARTED, STARTING, STOPPING
 
 EVENTS = ("fork", "online", "listening", "disconnect", "exit")
 _SYSTEMD_EVENTS = {STARTING: ("fork",), STARTED: ("online", "listening"), STOPPING: ("disconnect",)}
+
+
+@dataclass(frozen=True)
+class _Manager:
+    """The journal fields a service manager's records about a unit use."""
+
+    unit: str  # the unit a record is about
+    invocation: str  # that unit's run
+    writer: tuple[str, object]  # the trusted field and value of the manager itself
+    sender_unit: str  # the trusted unit of a record's sender
+    uid: int = 0  # the manager's user (every user's manager has an init.scope)
+
+
+_SYSTEM = _Manager("UNIT", "INVOCATION_ID", ("_PID", 1), "_SYSTEMD_UNIT")
+_USER = _Manager(
+    "USER_UNIT", "USER_INVOCATION_ID", ("_SYSTEMD_USER_UNIT", "init.scope"), "_SYSTEMD_USER_UNIT"
+)
 
 
 def _int_or_none(raw: bytes) -> int | None:
@@ -59,11 +71,6 @@ CONVERTERS: dict[str, Callable[[bytes], object]] = {
     "EXIT_STATUS": bytes.decode,
     "_PID": _int_or_none,
     "_UID": _int_or_none,
-    "CLUSTERKIT_WORKER_ID": _int_or_none,
-    "CLUSTERKIT_PID": _int_or_none,
-    "CLUSTERKIT_EXIT_CODE": _int_or_none,
-    "CLUSTERKIT_RESTARTS": _int_or_none,
-    "CLUSTERKIT_STOP_REQUESTED": _int_or_none,
     "__REALTIME_TIMESTAMP": _utc,
 }
 
@@ -105,97 +112,44 @@ class Event:
         }[self.event]
 
 
-def _instance(unit: object, name: str) -> int | None:
-    prefix, suffix = f"{name}@", ".service"
-    if not isinstance(unit, str) or not (unit.startswith(prefix) and unit.endswith(suffix)):
-        return None
-    text = unit[len(prefix) : -len(suffix)]
-    return int(text) if text.isdigit() else None
-
-
-def parse(entry: dict[str, object], name: str, *, user: bool = False) -> list[Event]:
-    """The events in one journal entry of cluster ``name``; [] if untrusted or unrelated."""
-    message_id = entry.get("MESSAGE_ID")
-    when = entry.get("__REALTIME_TIMESTAMP")
-    cursor = str(entry.get("__CURSOR", ""))
-    if not isinstance(when, datetime):
-        return []
-    uid = os.getuid() if user else 0
-    if entry.get("_UID") != uid:
-        return []
-    if message_id == EXIT_MESSAGE_ID:
-        unit = entry.get("CLUSTERKIT_UNIT")
-        writer = entry.get("_SYSTEMD_USER_UNIT" if user else "_SYSTEMD_UNIT")
-        worker = _instance(unit, name)
-        if worker is None or writer != unit or entry.get("CLUSTERKIT_WORKER_ID") != worker:
-            return []
-        invocation = entry.get("CLUSTERKIT_INVOCATION_ID")
-        run = entry.get("_SYSTEMD_INVOCATION_ID")
-        if run is not None and run != invocation:
-            return []
-        stop = entry.get("CLUSTERKIT_STOP_REQUESTED")
-        return [
-            Event(
-                "exit",
-                worker,
-                str(unit),
-                str(invocation) if invocation else None,
-                when,
-                cursor,
-                pid=_opt_int(entry.get("CLUSTERKIT_PID")),
-                code=_opt_int(entry.get("CLUSTERKIT_EXIT_CODE")),
-                signal=_opt_str(entry.get("CLUSTERKIT_SIGNAL")),
-                exited_after_disconnect=None if stop is None else stop == 1,
-                service_result=_opt_str(entry.get("CLUSTERKIT_SERVICE_RESULT")),
-            )
-        ]
-    kinds = _SYSTEMD_EVENTS.get(str(message_id))
-    if kinds is None:
-        return []
-    if user:
-        trusted = entry.get("_SYSTEMD_USER_UNIT") == "init.scope"
-        unit = entry.get("USER_UNIT")
-    else:
-        trusted = entry.get("_PID") == 1
-        unit = entry.get("UNIT")
-    worker = _instance(unit, name)
-    if not trusted or worker is None:
-        return []
-    invocation = _opt_str(entry.get("INVOCATION_ID"))
-    return [Event(kind, worker, str(unit), invocation, when, cursor) for kind in kinds]
-
-
-def _opt_int(value: object) -> int | None:
-    return value if isinstance(value, int) else None
-
-
-def _opt_str(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 class EventReader:
     """Events of cluster ``name`` in journal order: history, then (optionally) live.
 
     Start at ``since`` (a datetime), just after ``cursor`` (resume: the record
     at the cursor itself is skipped), or at the head of the journal. With
-    ``at_end=True`` only records written from now on are read.
+    ``at_end=True`` only records written from now on are read. The journal is
+    ``manager``'s (the local one, or the container's that ``up`` runs), or the
+    files in ``directory`` (journals collected from other hosts).
     """
 
     def __init__(
         self,
         name: str,
         *,
+        manager: Manager | None = None,
         user: bool = False,
         since: datetime | None = None,
         cursor: str | None = None,
         at_end: bool = False,
         exits_only: bool = False,
+        directory: str | None = None,
     ) -> None:
         self.name = name
-        self.user = user
+        manager = manager or Manager("user" if user else "system")
+        self.user = manager.user
+        directory = directory or manager.journal_directory
         self.cursor: str | None = cursor  # of the last record read: resume from here
-        self._reader = journal.Reader(converters=CONVERTERS)
-        self._match(exits_only)
+        self._manager = replace(_USER, uid=os.getuid()) if manager.user else _SYSTEM
+        self._open = (
+            (lambda: journal.Reader(path=directory, converters=CONVERTERS))
+            if directory
+            else (lambda: journal.Reader(converters=CONVERTERS))
+        )
+        self._reader = self._open()
+        self._details: journal.Reader | None = None  # looks up one run's records
+        ids = RUN_ENDED if exits_only else (*_SYSTEMD_EVENTS, *RUN_ENDED)
+        field_name, value = self._manager.writer
+        self._reader.add_match(*(f"MESSAGE_ID={i}" for i in ids), f"{field_name}={value}")
         if cursor:
             self._reader.seek_cursor(cursor)
             # seek_cursor lands *on* the record: step onto it and skip it if it is there
@@ -210,15 +164,6 @@ class EventReader:
         else:
             self._reader.seek_head()
 
-    def _match(self, exits_only: bool) -> None:
-        r = self._reader
-        if not exits_only:
-            ids = [f"MESSAGE_ID={i}" for i in _SYSTEMD_EVENTS]
-            writer = "_SYSTEMD_USER_UNIT=init.scope" if self.user else "_PID=1"
-            r.add_match(*ids, writer)
-            r.add_disjunction()
-        r.add_match(f"MESSAGE_ID={EXIT_MESSAGE_ID}", f"CLUSTERKIT_NAME={self.name}")
-
     def __iter__(self) -> Iterator[Event]:
         """The events recorded so far (from the start position), then stop."""
         while True:
@@ -226,7 +171,84 @@ class EventReader:
             if not entry:
                 return
             self.cursor = str(entry["__CURSOR"])
-            yield from parse(entry, self.name, user=self.user)
+            yield from self.parse(entry)
+
+    def parse(self, entry: dict[str, object]) -> list[Event]:
+        """The events in one of PID 1's records; [] if untrusted or about another unit."""
+        m = self._manager
+        when = entry.get("__REALTIME_TIMESTAMP")
+        unit = entry.get(m.unit)
+        worker = names.worker_id(unit, self.name)
+        if not self._by_manager(entry) or worker is None or not isinstance(when, datetime):
+            return []
+        cursor = str(entry.get("__CURSOR", ""))
+        invocation = _opt_str(entry.get(m.invocation))
+        message_id = entry.get("MESSAGE_ID")
+        if message_id in RUN_ENDED:
+            if invocation is None:
+                return []
+            return [self._exit(str(unit), worker, invocation, entry, when, cursor)]
+        kinds = _SYSTEMD_EVENTS.get(str(message_id), ())
+        return [Event(kind, worker, str(unit), invocation, when, cursor) for kind in kinds]
+
+    def _by_manager(self, entry: dict[str, object]) -> bool:
+        """Written by the service manager itself: trusted fields only a manager has."""
+        field_name, value = self._manager.writer
+        return entry.get(field_name) == value and entry.get("_UID") == self._manager.uid
+
+    def _exit(
+        self,
+        unit: str,
+        worker: int,
+        invocation: str,
+        end: dict[str, object],
+        when: datetime,
+        cursor: str,
+    ) -> Event:
+        run = self._run(unit, invocation)
+        succeeded = end.get("MESSAGE_ID") == report.UNIT_SUCCESS
+        code, signal = report.exit_status(run.pid1_exit, run.unit_exit, succeeded)
+        return Event(
+            "exit",
+            worker,
+            unit,
+            invocation,
+            when,
+            cursor,
+            pid=run.pid,
+            code=code,
+            signal=signal,
+            exited_after_disconnect=run.stop_requested,
+            service_result="success" if succeeded else _opt_str(end.get("UNIT_RESULT")),
+        )
+
+    def _run(self, unit: str, invocation: str) -> _Run:
+        """What the journal holds about one run, besides its end."""
+        m = self._manager
+        if self._details is None:
+            self._details = self._open()
+        r = self._details
+        r.flush_matches()
+        field_name, value = m.writer
+        r.add_match(f"{m.invocation}={invocation}", f"{field_name}={value}")
+        r.add_disjunction()
+        r.add_match(f"_SYSTEMD_INVOCATION_ID={invocation}", f"PRIORITY={report.PRIORITY}")
+        r.seek_head()
+        run = _Run()
+        for entry in r:
+            message = entry.get("MESSAGE")
+            if self._by_manager(entry) and entry.get(m.unit) == unit:
+                if entry.get("MESSAGE_ID") == STOPPING:
+                    run.stop_requested = True
+                elif entry.get("MESSAGE_ID") == report.PROCESS_EXIT and (
+                    entry.get("COMMAND") == "ExecStart"
+                ):
+                    run.pid1_exit = (str(entry.get("EXIT_CODE")), str(entry.get("EXIT_STATUS")))
+            elif entry.get(m.sender_unit) == unit and isinstance(message, str):
+                # the unit's own lines (report.started_command/exited_command)
+                run.pid = report.parse_started(message) or run.pid
+                run.unit_exit = report.parse_exited(message) or run.unit_exit
+        return run
 
     def follow(
         self, *, timeout: float | None = None, stop: Callable[[], bool] | None = None
@@ -244,6 +266,20 @@ class EventReader:
 
     def close(self) -> None:
         self._reader.close()
+        if self._details is not None:
+            self._details.close()
+
+
+@dataclass
+class _Run:
+    pid: int | None = None
+    pid1_exit: tuple[str, str] | None = None  # PID 1's EXIT_CODE, EXIT_STATUS (unclean exits)
+    unit_exit: tuple[str, str] | None = None  # the unit's own line
+    stop_requested: bool = False
+
+
+def _opt_str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import jinja2
 
-from clusterkit import manifest, unitfiles
+from clusterkit import manifest, report, unitfiles
+from clusterkit.names import files as unit_files
 from clusterkit.spec import FD_NAME, Spec
 from clusterkit.unitsyntax import env_assignment, exec_arg, exec_line, specifiers
 
@@ -54,15 +55,8 @@ def _environment() -> jinja2.Environment:
 
 
 def file_names(name: str) -> tuple[str, ...]:
-    """Every file a cluster ``name`` can have, in either scheduling mode."""
-    return (
-        f"{name}.socket",
-        f"{name}@.socket",
-        f"{name}@.service",
-        f"{name}.target",
-        f"{GENERATOR_PREFIX}{name}",
-        manifest.file_name(name),
-    )
+    """Every file a cluster ``name`` can have, in either scheduling mode, manifest included."""
+    return (*unit_files(name), manifest.file_name(name))
 
 
 def unit_names(spec: Spec) -> dict[str, str]:
@@ -85,11 +79,19 @@ def render(spec: Spec) -> dict[str, str]:
         "spec": spec,
         "fd_name": FD_NAME,
         "description": spec.description or f"clusterkit cluster {spec.name}",
+        "report_started": _expanding_command(report.started_command()),
+        "report_exited": _expanding_command(report.exited_command()),
     }
     return {
         name: _tidy(env.get_template(template).render(context))
         for name, template in unit_names(spec).items()
     }
+
+
+def _expanding_command(argv: tuple[str, ...]) -> str:
+    # clusterkit's own fixed commands, whose ${VAR}s systemd must expand (so no
+    # exec_arg escaping): words with a space are double-quoted, nothing else needs it.
+    return " ".join(f'"{word}"' if " " in word else word for word in argv)
 
 
 def _tidy(text: str) -> str:

@@ -1,160 +1,104 @@
-"""``python -m clusterkit.report``: one journal record per worker exit.
+"""The exit record: what the units write about each worker run, and how readers read it.
 
-The service template runs this as ``ExecStopPost=+…`` after every run of a
-worker, however it ended. ``+`` runs it as root outside the sandbox but in the
-worker's cgroup, so its records carry ``_UID=0`` and
-``_SYSTEMD_UNIT=NAME@K.service``, which a sandboxed worker cannot forge (see
-:mod:`clusterkit.events`). systemd's own "Main process exited" record is not
-written for a clean exit 0, hence this record.
+Exit events need no helper with privileges. PID 1 already writes a record
+about every run of ``NAME@K.service`` (trusted: ``_PID=1``, which no other
+process can claim), with the run's ``INVOCATION_ID``:
 
-What it reads (systemd.exec(5), systemd.service(5), checked on systemd 252):
+- ``UNIT_SUCCESS`` "Deactivated successfully." or ``UNIT_FAILED`` "Failed with
+  result 'X'." (``UNIT_RESULT=X``): the run is over; this is the exit event;
+- ``PROCESS_EXIT`` "Main process exited, code=…, status=…" (``EXIT_CODE=``
+  exited/killed/dumped, ``EXIT_STATUS=`` a number, ``COMMAND=ExecStart``),
+  written for every *unclean* exit: a code other than 0, or a signal other than
+  SIGHUP/SIGINT/SIGTERM/SIGPIPE (systemd.service(5), ``SuccessExitStatus=``);
+- ``STOPPING`` "Stopping …": a stop was requested (Node's ``exitedAfterDisconnect``).
 
-- ``$SERVICE_RESULT``, ``$EXIT_CODE`` (exited/killed/dumped), ``$EXIT_STATUS``
-  (a number, or a signal name such as ``KILL``), ``$INVOCATION_ID`` and the
-  ``CLUSTERKIT_*`` variables of the unit;
-- the dead main pid, which no variable carries: ``systemctl show -p
-  ExecMainPID`` still holds it while ``ExecStopPost=`` runs;
-- whether the stop was requested (Node's ``exitedAfterDisconnect``): a
-  ``stop`` or ``restart`` job for the unit is running while ``ExecStopPost=``
-  runs (``systemctl show -p Job``, then ``systemctl list-jobs UNIT`` for its
-  type); a crash, a ``systemctl kill``, a watchdog or OOM kill has no job.
+PID 1 does not say which pid the run had, nor, for a clean end, whether it
+was exit 0 or a clean signal (or a status added with ``SuccessExitStatus=``).
+Two lines in the unit add that (:func:`started_command`, :func:`exited_command`):
+``echo`` runs as the worker's own user, inside its sandbox, and prints to the
+unit's standard output, which PID 1 connects to journald naming the unit, so
+the line carries trusted ``_SYSTEMD_UNIT=``/``_SYSTEMD_INVOCATION_ID=`` even
+after ``echo`` is gone. The ``<5>`` prefix gives it ``PRIORITY=5`` (notice), which
+Python's logging never uses, so readers find these lines without scanning the
+run's whole log. A worker can print such a line itself, but it gains nothing
+by it: it chooses its own exit status anyway, and PID 1's records (the run
+ended; how, when unclean; whether a stop was requested) win over the line
+(:func:`exit_status`). A worker flooding its journal can get these lines
+dropped by journald's rate limit; PID 1's records are counted against
+``init.scope``, not the worker, so the exit event itself survives (its pid is
+then unknown).
 
-Under a user's manager (``$MANAGERPID`` is set, systemd.exec(5)) it asks
-``systemctl --user``. It must never fail the unit: anything missing is logged
-in the record (``CLUSTERKIT_REPORT_ERROR``) and the exit status is always 0.
-Only ``os``, ``subprocess`` and systemd-python's C sender are imported.
+Stdlib only: :mod:`clusterkit.render` writes the commands, :mod:`clusterkit.events` reads.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import re
+import signal as _signal
 
-#: MESSAGE_ID of an exit record (``journalctl MESSAGE_ID=…``).
-EXIT_MESSAGE_ID = "ce590ac18e984f6bade34ce6da8cc60e"
+# systemd's catalog ids (src/systemd/sd-messages.h), all written by PID 1
+STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # SD_MESSAGE_UNIT_STARTING
+STARTED = "39f53479d3a045ac8e11786248231fbf"  # SD_MESSAGE_UNIT_STARTED
+STOPPING = "de5b426a63be47a7b6ac3eaac82e2f6f"  # SD_MESSAGE_UNIT_STOPPING
+PROCESS_EXIT = "98e322203f7a4ed290d09fe03c09fe15"  # SD_MESSAGE_UNIT_PROCESS_EXIT
+UNIT_SUCCESS = "7ad2d189f7e94e70a38c781354912448"  # SD_MESSAGE_UNIT_SUCCESS
+UNIT_FAILED = "d9b373ed55a64feb8242e02dbe79a49c"  # SD_MESSAGE_UNIT_FAILURE_RESULT
+RUN_ENDED = (UNIT_SUCCESS, UNIT_FAILED)
 
-#: Job types meaning "someone asked this worker to stop" (systemctl list-jobs).
-_STOP_JOBS = ("stop", "restart", "try-restart", "reload-or-start")
-
-_CODE_NAMES = {"1": "exited", "2": "killed", "3": "dumped"}  # ExecMainCode= (CLD_*)
-
-
-def _systemctl(user: bool, *args: str) -> str:
-    argv = ["systemctl", *(["--user"] if user else []), "--no-pager", *args]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    if r.returncode != 0:
-        raise OSError(f"{' '.join(argv)}: {(r.stderr or r.stdout).strip() or r.returncode}")
-    return r.stdout
-
-
-def _show(user: bool, unit: str) -> dict[str, str]:
-    props = "ExecMainPID,ExecMainCode,ExecMainStatus,Job,NRestarts"
-    out = _systemctl(user, "show", "-p", props, unit)
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+#: the unit's own two lines per run: echo's output with a syslog level prefix
+PRIORITY = 5
+_PREFIX = "clusterkit: "
+_STARTED = re.compile(_PREFIX + r"started pid=([1-9][0-9]{0,9})")
+_EXITED = re.compile(
+    _PREFIX + r"exited code=(exited|killed|dumped) status=([0-9]{1,3}|[A-Z0-9+-]{2,12})"
+)
 
 
-def _job_type(user: bool, unit: str) -> str | None:
-    # "267 t@1.service stop running"
-    for line in _systemctl(user, "list-jobs", "--no-legend", unit).splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[1] == unit:
-            return fields[2]
-    return None
+def started_command() -> tuple[str, ...]:
+    """``ExecStartPost=`` argv: one line with the main pid (``$MAINPID``, set for it)."""
+    return ("/usr/bin/echo", f"<{PRIORITY}>{_PREFIX}started pid=${{MAINPID}}")
+
+
+def exited_command() -> tuple[str, ...]:
+    """``ExecStopPost=`` argv: one line with how the main process ended."""
+    return (
+        "/usr/bin/echo",
+        f"<{PRIORITY}>{_PREFIX}exited code=${{EXIT_CODE}} status=${{EXIT_STATUS}}",
+    )
+
+
+def parse_started(message: str) -> int | None:
+    m = _STARTED.fullmatch(message)
+    return int(m.group(1)) if m else None
+
+
+def parse_exited(message: str) -> tuple[str, str] | None:
+    m = _EXITED.fullmatch(message)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def signal_name(status: str) -> str:
     """``KILL`` or ``9`` -> ``SIGKILL`` (Node's signal names)."""
-    if status.isdigit():
-        import signal
-
+    if status.isascii() and status.isdigit():
         try:
-            return signal.Signals(int(status)).name
+            return _signal.Signals(int(status)).name
         except ValueError:
             return f"SIG{status}"
     return status if status.startswith("SIG") else f"SIG{status}"
 
 
-def collect(env: dict[str, str]) -> dict[str, str]:
-    """The record's fields, from the environment and systemd's view of the unit."""
-    name = env.get("CLUSTERKIT_NAME", "")
-    worker_id = env.get("CLUSTERKIT_WORKER_ID", "")
-    unit = f"{name}@{worker_id}.service"
-    user = bool(env.get("MANAGERPID")) or os.getuid() != 0
-    errors: list[str] = []
-    if not name or not worker_id:
-        errors.append("CLUSTERKIT_NAME or CLUSTERKIT_WORKER_ID missing from the environment")
+def exit_status(
+    pid1_exit: tuple[str, str] | None, unit_line: tuple[str, str] | None, succeeded: bool
+) -> tuple[int | None, str | None]:
+    """(code, signal) of a run, Node's ``exit`` arguments.
 
-    kind, status = env.get("EXIT_CODE", ""), env.get("EXIT_STATUS", "")
-    show: dict[str, str] = {}
-    job: str | None = None
-    try:
-        show = _show(user, unit)
-        if show.get("Job"):
-            job = _job_type(user, unit) or "unknown"
-    except (OSError, subprocess.SubprocessError) as e:
-        errors.append(str(e))
-    if not kind and show.get("ExecMainCode") in _CODE_NAMES:
-        kind, status = _CODE_NAMES[show["ExecMainCode"]], show.get("ExecMainStatus", "")
-
-    fields = {
-        "CLUSTERKIT_NAME": name,
-        "CLUSTERKIT_WORKER_ID": worker_id,
-        "CLUSTERKIT_UNIT": unit,
-        "CLUSTERKIT_INVOCATION_ID": env.get("INVOCATION_ID", ""),
-        "CLUSTERKIT_PID": show.get("ExecMainPID", "") if show.get("ExecMainPID") != "0" else "",
-        "CLUSTERKIT_EXIT_KIND": kind,
-        "CLUSTERKIT_SERVICE_RESULT": env.get("SERVICE_RESULT", ""),
-        "CLUSTERKIT_STOP_REQUESTED": "1" if job in _STOP_JOBS else "0",
-        "CLUSTERKIT_STOP_JOB": job or "",
-        "CLUSTERKIT_RESTARTS": show.get("NRestarts", ""),
-    }
-    if kind == "exited" and status.lstrip("-").isdigit():
-        fields["CLUSTERKIT_EXIT_CODE"] = status
-    elif kind in ("killed", "dumped") and status:
-        fields["CLUSTERKIT_SIGNAL"] = signal_name(status)
-    else:
-        errors.append(f"no exit status (EXIT_CODE={kind!r}, EXIT_STATUS={status!r})")
-    if errors:
-        fields["CLUSTERKIT_REPORT_ERROR"] = "; ".join(errors)
-    return {k: v for k, v in fields.items() if v}
-
-
-def message(fields: dict[str, str]) -> str:
-    """Node-like text: ``worker 2 (pid 1234) died: signal SIGKILL``."""
-    how = (
-        f"signal {fields['CLUSTERKIT_SIGNAL']}"
-        if "CLUSTERKIT_SIGNAL" in fields
-        else f"code {fields.get('CLUSTERKIT_EXIT_CODE', 'unknown')}"
-    )
-    verb = "exited after disconnect" if fields["CLUSTERKIT_STOP_REQUESTED"] == "1" else "died"
-    worker = fields.get("CLUSTERKIT_WORKER_ID", "?")
-    return f"worker {worker} (pid {fields.get('CLUSTERKIT_PID', '?')}) {verb}: {how}"
-
-
-def send(fields: dict[str, str]) -> None:
-    """Write one record through the journal's native protocol."""
-    try:
-        from systemd._journal import sendv  # the C sender alone: ~1 ms to import
-    except ImportError:
-        from systemd.journal import sendv
-    crashed = fields["CLUSTERKIT_STOP_REQUESTED"] == "0" or fields.get("CLUSTERKIT_SIGNAL")
-    sendv(
-        f"MESSAGE={message(fields)}",
-        f"MESSAGE_ID={EXIT_MESSAGE_ID}",
-        f"PRIORITY={4 if crashed else 6}",
-        "SYSLOG_IDENTIFIER=clusterkit",
-        *(f"{k}={v}" for k, v in fields.items()),
-    )
-
-
-def main() -> int:
-    try:
-        send(collect(dict(os.environ)))
-    except Exception as e:  # never fail the unit; stderr goes to the journal too
-        print(f"clusterkit.report: could not record the exit: {e!r}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    ``pid1_exit`` is PID 1's (EXIT_CODE, EXIT_STATUS), written for unclean
+    exits only: it wins. Otherwise the unit's own line tells which clean exit
+    it was; without it, a successful run exited 0.
+    """
+    kind, status = pid1_exit or unit_line or (("exited", "0") if succeeded else ("", ""))
+    if kind == "exited" and status.isascii() and status.isdigit():
+        return int(status), None
+    if kind in ("killed", "dumped") and status:
+        return None, signal_name(status)
+    return None, None

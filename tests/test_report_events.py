@@ -168,21 +168,32 @@ def test_issue_check_kill_exit_codes_events_and_status(container: Container, tmp
     assert status[1]["last_exit"]["code"] == 0 and status[1]["restarts"] == 2
 
 
-def test_reporter_records_are_trusted_only_from_the_unit(container: Container, tmp_path: Path):
+# A forger with the journal's native protocol: PID 1's record ids and fields,
+# claiming that worker 0 ended cleanly, written by an ordinary (sandboxed) process.
+FORGED = (
+    "import sys; from systemd import journal; inv = sys.argv[1]; "
+    "journal.send('t@0.service: Deactivated successfully.', "
+    "MESSAGE_ID='7ad2d189f7e94e70a38c781354912448', UNIT='t@0.service', INVOCATION_ID=inv); "
+    "journal.send('Stopping t@0', MESSAGE_ID='de5b426a63be47a7b6ac3eaac82e2f6f', "
+    "UNIT='t@0.service', INVOCATION_ID=inv)"
+)
+
+
+def test_exit_events_come_only_from_records_no_worker_can_write(
+    container: Container, tmp_path: Path
+):
     c = container
     deploy(c, tmp_path, workers=1)
-    # a forged record: right MESSAGE_ID and fields, but written by an ordinary process
-    forged = (
-        "from systemd import journal; journal.send('worker 0 died', "
-        "MESSAGE_ID='ce590ac18e984f6bade34ce6da8cc60e', CLUSTERKIT_NAME='t', "
-        "CLUSTERKIT_WORKER_ID='0', CLUSTERKIT_UNIT='t@0.service', CLUSTERKIT_EXIT_CODE='9')"
-    )
-    c.run("systemd-run", "--wait", "-q", "-p", "DynamicUser=yes", PY, "-c", forged, check=True)
+    invocation = c.systemctl("show", "-p", "InvocationID", "--value", "t@0.service").stdout.strip()
+    # an outsider forges PID 1's "run ended" and "stopping" records for the live run
+    c.run("systemd-run", "--wait", "-q", "-p", "DynamicUser=yes", PY, "-c", FORGED, invocation)
+    assert exits(c) == []
     c.systemctl("kill", "-s", "KILL", "t@0.service")
     found = wait_for("the real exit", lambda: exits(c))
-    assert [(e["code"], e["signal"]) for e in found] == [(None, "SIGKILL")]
-    raw = c.journal("MESSAGE_ID=ce590ac18e984f6bade34ce6da8cc60e")
-    assert len(raw) == 2  # the forged record is in the journal, just not trusted
+    assert [(e["code"], e["signal"], e["exited_after_disconnect"]) for e in found] == [
+        (None, "SIGKILL", False)
+    ]
+    assert found[0]["invocation_id"] == invocation
 
 
 def test_late_reader_replays_history_without_loss_or_duplicates(
@@ -340,13 +351,6 @@ def test_cli_bad_input_and_missing_cluster(container: Container):
     assert json.loads(ck(container, "status", "nope", "--json").stdout) == []
 
 
-def test_reporter_never_fails_without_systemd(tmp_path: Path):
-    """On a host without systemd the reporter still exits 0 and says why on stderr."""
-    env = {"PATH": "/nonexistent", "CLUSTERKIT_NAME": "t", "CLUSTERKIT_WORKER_ID": "0"}
-    r = subprocess.run([PY, "-m", "clusterkit.report"], env=env, capture_output=True, text=True)
-    assert r.returncode == 0
-
-
 def test_watchdog_kill_is_reported(container: Container, tmp_path: Path):
     """WORKER never sends WATCHDOG=1: systemd kills it (SIGABRT), the reporter says so."""
     deploy(container, tmp_path, workers=1, extra=("--watchdog-sec", "1"))
@@ -357,18 +361,12 @@ def test_watchdog_kill_is_reported(container: Container, tmp_path: Path):
 
 
 def test_light_imports():
-    """A worker importing cluster never loads the primary; the reporter stays small."""
+    """A worker importing cluster never loads the primary, Jinja2 or the journal reader."""
     code = (
         "import sys; from clusterkit import cluster; assert cluster.is_worker; "
         "print(sorted(m for m in sys.modules if m.startswith(('clusterkit.', 'jinja2'))))"
     )
     env = {"CLUSTERKIT_WORKER_ID": "0", "CLUSTERKIT_NAME": "t", "PATH": "/usr/bin"}
     r = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert "clusterkit.primary" not in r.stdout and "jinja2" not in r.stdout
-    r = subprocess.run(
-        [PY, "-X", "importtime", "-m", "clusterkit.report"], env=env, capture_output=True, text=True
-    )
-    assert r.returncode == 0
-    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
-    assert "systemd._journal" in imported or "systemd.journal" in imported
-    assert not imported & {"systemd.journal", "jinja2", "clusterkit.events", "logging"}
+    for module in ("clusterkit.primary", "clusterkit.events", "jinja2"):
+        assert module not in r.stdout

@@ -15,27 +15,25 @@ from clusterkit.container import Container
 
 PY = sys.executable
 APP = Path(__file__).resolve().parent / "apps" / "hello_any_port.py"
-# Workers never run as root: a user's manager is an unprivileged user's (root's is refused).
 UID = 1000
-HOME = "/home/app"
+HOME = "/home/alice"
+# A worker never runs as root, so the user manager is an ordinary user's. Reading
+# its units' records from the (volatile) system journal takes systemd-journal.
+AS_ALICE = ("setpriv", f"--reuid={UID}", f"--regid={UID}", "--init-groups")
 USER_ENV = {"XDG_RUNTIME_DIR": f"/run/user/{UID}", "HOME": HOME}
-AS_USER = ("setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups")
 
 
 @pytest.fixture
 def user_container(make_container: Callable[..., Container]) -> Container:
-    # A user manager needs PAM's configuration and a user; the container's /etc starts empty.
+    # A user manager needs PAM's configuration; the container's /etc starts empty.
     c = make_container(binds_ro=["/etc/pam.d", "/etc/security"])
-    c.write_file("/etc/passwd", f"root:x:0:0::/root:/bin/sh\napp:x:{UID}:{UID}::{HOME}:/bin/sh\n")
-    c.write_file("/etc/group", f"root:x:0:\napp:x:{UID}:\n")
-    c.write_file("/etc/shadow", "root:*:19000:0:99999:7:::\napp:*:19000:0:99999:7:::\n", 0o640)
-    c.run("install", "-d", "-o", str(UID), "-g", str(UID), HOME, check=True)
+    c.run("useradd", "-m", "-u", str(UID), "-G", "systemd-journal", "alice", check=True)
     c.systemctl("start", f"user@{UID}.service")
     return c
 
 
 def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
-    return c.run(*AS_USER, PY, "-m", "clusterkit.cli", *args, env=USER_ENV)
+    return c.run(*AS_ALICE, PY, "-m", "clusterkit.cli", *args, env=USER_ENV)
 
 
 def test_user_units_install_serve_and_report_exits(user_container: Container, tmp_path: Path):
@@ -67,12 +65,14 @@ def test_user_units_install_serve_and_report_exits(user_container: Container, tm
     service = (out / "mine@.service").read_text()
     assert "DynamicUser" not in service and "ProtectSystem" not in service
     for f in out.iterdir():
-        c.write_file(f"/srv/units/{f.name}", f.read_text())
+        c.write_file(f"{HOME}/units/{f.name}", f.read_text())
+    c.run("chown", "-R", f"{UID}:{UID}", f"{HOME}/units", check=True)
 
     # System units refuse --user; user units install into ~/.config/systemd/user.
-    r = ck(c, "install", "mine", "--from", "/srv/units", "--user", "--now")
+    r = ck(c, "install", "mine", "--from", f"{HOME}/units", "--user", "--now")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert Path(f"/proc/{c.pid}/root/home/app/.config/systemd/user/mine@.service").exists()
+    installed = Path(f"/proc/{c.pid}/root{HOME}/.config/systemd/user/mine@.service")
+    assert installed.exists()
 
     def serving() -> bool:
         try:
@@ -107,7 +107,7 @@ def test_user_units_install_serve_and_report_exits(user_container: Container, tm
         ),
     )
     assert ck(c, "uninstall", "mine", "--user").returncode == 0
-    assert not Path(f"/proc/{c.pid}/root/home/app/.config/systemd/user/mine@.service").exists()
+    assert not installed.exists()
 
 
 def test_system_units_are_refused_by_a_user_manager(user_container: Container, tmp_path: Path):
@@ -132,8 +132,9 @@ def test_system_units_are_refused_by_a_user_manager(user_container: Container, t
         capture_output=True,
     )
     for f in out.iterdir():
-        c.write_file(f"/srv/units/{f.name}", f.read_text())
-    r = ck(c, "install", "sys", "--from", "/srv/units", "--user")
+        c.write_file(f"{HOME}/units/{f.name}", f.read_text())
+    c.run("chown", "-R", f"{UID}:{UID}", f"{HOME}/units", check=True)
+    r = ck(c, "install", "sys", "--from", f"{HOME}/units", "--user")
     assert r.returncode == 2
     assert "--manager user" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

@@ -1,0 +1,258 @@
+"""The app's user attacks: nothing it can write ever runs as root, and exits are still reported.
+
+Real systemd in a container. The app's user owns its working directory and its
+venv; the worker is the attacker. At start it plants code in every place that
+user can write and that a Python or a dynamic loader might pick up (a
+``clusterkit`` package and ``sitecustomize`` in its working directory, a
+``.pth`` file in its venv, a ``PYTHONPATH`` directory, programs on a ``PATH``
+it sets, an ``LD_PRELOAD`` library), each set through ``--env``, ``clusterkit
+fork --env`` or an ``EnvironmentFile=`` it can edit. Every payload records the
+uid it ran as in a world-writable directory. After workers are killed and
+stopped, no payload may have run as uid 0, and the exit events must be right.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scenario import wait_for
+
+from clusterkit.container import Container
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+APP_UID = 1001
+MARKERS = "/run/ck-markers"
+SITE = "/srv/app/venv/lib/python3.11/site-packages"
+
+PAYLOAD = (
+    "import os\n"
+    "try:\n"
+    "    open(f'" + MARKERS + "/{TAG}-{os.getuid()}', 'w').close()\n"
+    "except OSError:\n"
+    "    pass\n"
+)
+SHIM = "#!/bin/sh\ntouch " + MARKERS + "/path-$(id -u) 2>/dev/null\n"
+PRELOAD_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void plant(void) {
+    char path[128];
+    snprintf(path, sizeof path, "%s/ld_preload-%d", MARKERS, (int)getuid());
+    FILE *f = fopen(path, "w");
+    if (f) fclose(f);
+}
+"""
+
+# The attacker: plants payloads wherever its user can write, then serves.
+WORKER = r"""
+import os, selectors, signal, sys
+PAYLOAD = __PAYLOAD__
+SHIM = __SHIM__
+
+def plant(path, text, mode=0o644):
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+    except OSError:
+        pass
+
+cwd = os.getcwd()
+plant(f"{cwd}/clusterkit/__init__.py", PAYLOAD.replace("{TAG}", "cwd_package"))
+plant(f"{cwd}/clusterkit/report.py", PAYLOAD.replace("{TAG}", "cwd_report"))
+plant(f"{cwd}/sitecustomize.py", PAYLOAD.replace("{TAG}", "cwd_sitecustomize"))
+site = __SITE__
+plant(f"{site}/0-evil.pth", "import os; exec(" + repr(PAYLOAD.replace("{TAG}", "pth")) + ")\n")
+plant(f"{site}/sitecustomize.py", PAYLOAD.replace("{TAG}", "venv_sitecustomize"))
+for d in ("/srv/app/pythonpath", "/srv/app/pythonpath2"):
+    plant(f"{d}/sitecustomize.py", PAYLOAD.replace("{TAG}", "pythonpath"))
+for prog in ("systemctl", "systemd-cat", "echo", "python3", "journalctl"):
+    plant(f"/srv/app/bin/{prog}", SHIM, 0o755)
+
+from clusterkit import cluster
+
+stop = False
+def on_term(sig, frame):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, on_term)
+sock = cluster.worker.listen(3000)
+sel = selectors.DefaultSelector()
+sel.register(sock, selectors.EVENT_READ)
+cluster.worker.ready()
+while not stop:
+    if sel.select(0.1):
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            continue
+        conn.close()
+"""
+
+
+def _worker_script() -> str:
+    return (
+        WORKER.replace("__PAYLOAD__", repr(PAYLOAD))
+        .replace("__SHIM__", repr(SHIM))
+        .replace("__SITE__", repr(SITE))
+    )
+
+
+@pytest.fixture(scope="module")
+def preload_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is needed to build the LD_PRELOAD payload (bash dev test installs it)")
+    d = tmp_path_factory.mktemp("preload")
+    (d / "evil.c").write_text(PRELOAD_C)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", f'-DMARKERS="{MARKERS}"', "-o", d / "evil.so", d / "evil.c"],
+        check=True,
+    )
+    return d / "evil.so"
+
+
+def _set_up_app(c: Container, preload: Path) -> None:
+    """The app's user, owning /srv/app and a venv there that can import clusterkit."""
+    c.run("useradd", "-u", str(APP_UID), "-d", "/srv/app", "-M", "app", check=True)
+    c.run("mkdir", "-p", "/srv/app", MARKERS, check=True)
+    c.run("chmod", "1777", MARKERS, check=True)
+    c.run("/usr/bin/python3", "-m", "venv", "/srv/app/venv", check=True)
+    checkout_site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
+    c.write_file(f"{SITE}/checkout.pth", f"{ROOT}\n{checkout_site}\n")
+    c.write_file("/srv/app/code/worker.py", _worker_script())
+    shutil.copy(preload, f"/proc/{c.pid}/root/srv/app/evil.so")
+    c.write_file(
+        "/srv/app/env",
+        "LD_PRELOAD=/srv/app/evil.so\nPYTHONPATH=/srv/app/pythonpath\nPATH=/srv/app/bin:/usr/bin\n",
+    )
+    c.run("chown", "-R", f"{APP_UID}:{APP_UID}", "/srv/app", check=True)
+
+
+def _ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
+    return c.run(PY, "-m", "clusterkit.cli", *args)
+
+
+def _exits(c: Container) -> list[tuple[int, int | None, str | None, bool]]:
+    lines = _ck(c, "events", "t", "--json").stdout.splitlines()
+    return [
+        (e["worker"], e["code"], e["signal"], e["exited_after_disconnect"])
+        for e in map(json.loads, lines)
+        if e["event"] == "exit"
+    ]
+
+
+def _markers(c: Container) -> dict[str, int]:
+    """Payload name -> the uid it ran as."""
+    d = Path(f"/proc/{c.pid}/root{MARKERS}")
+    return {p.name: p.stat().st_uid for p in d.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "sandbox",
+    [
+        pytest.param(("--hardening", "none", "--working-directory", "/srv/app"), id="no-sandbox"),
+        pytest.param(("--working-directory", "/var/lib/t"), id="sandbox-with-state-directory"),
+    ],
+)
+def test_planted_code_never_runs_as_root_and_exits_are_reported(
+    container: Container, tmp_path: Path, preload_library: Path, sandbox: tuple[str, ...]
+) -> None:
+    c = container
+    _set_up_app(c, preload_library)
+    out = tmp_path / "units"
+    generate = [PY, "-m", "clusterkit.cli", "generate", "--name", "t", "--workers", "2"]
+    generate += ["--exec", "/srv/app/venv/bin/python /srv/app/code/worker.py", "--user", "app"]
+    generate += ["--env", "PYTHONPATH=/srv/app/pythonpath", "--env", "PATH=/srv/app/bin:/usr/bin"]
+    generate += ["--env", "LD_PRELOAD=/srv/app/evil.so", "--output", str(out), *sandbox]
+    subprocess.run(generate, check=True, cwd=tmp_path)
+    c.install_units(sorted(out.iterdir()))
+    # What an operator adds by a drop-in: an env file the app can edit, and (in the
+    # sandbox) the README's relaxations: a state directory, writable app and markers.
+    c.write_file(
+        "/run/systemd/system/t@.service.d/50-operator.conf",
+        "[Service]\nEnvironmentFile=/srv/app/env\nStateDirectory=t\n"
+        f"ReadWritePaths=/srv/app {MARKERS}\n",
+    )
+    c.systemctl("daemon-reload")
+    c.systemctl("start", "t.target")
+    for i in (0, 1):
+        wait_for(f"t@{i} active", lambda i=i: _active(c, f"t@{i}.service"))
+
+    c.systemctl("kill", "-s", "KILL", "t@0.service")
+    wait_for("worker 0's exit", lambda: _exits(c) == [(0, None, "SIGKILL", False)])
+    c.systemctl("stop", "t@1.service")
+    assert _ck(c, "fork", "t", "--env", "PYTHONPATH=/srv/app/pythonpath2").returncode == 0
+    c.systemctl("kill", "-s", "KILL", "t@1.service")
+    wait_for("three exits", lambda: len(_exits(c)) == 3)
+    assert _exits(c) == [
+        (0, None, "SIGKILL", False),
+        (1, 0, None, True),
+        (1, None, "SIGKILL", False),
+    ]
+
+    markers = _markers(c)
+    as_root = sorted(name for name, uid in markers.items() if uid == 0)
+    assert as_root == [], f"planted code ran as root: {as_root}"
+    # the payloads were live: the worker's own processes ran them, as the app's user
+    assert any(uid == APP_UID for uid in markers.values()), markers
+    assert {"ld_preload-1001", "pythonpath-1001", "pth-1001"} <= set(markers), markers
+
+
+def _active(c: Container, unit: str) -> bool:
+    return c.systemctl("is-active", unit, check=False).stdout.strip() == "active"
+
+
+FLOOD = r"""
+import signal, sys, threading
+from clusterkit import cluster
+
+def flood_then_exit(sig, frame):
+    for i in range(100_000):
+        sys.stdout.write(f"flood line {i}\n")
+    sys.stdout.flush()
+    sys.exit(0)
+
+stop = threading.Event()
+signal.signal(signal.SIGUSR1, flood_then_exit)
+signal.signal(signal.SIGTERM, lambda s, f: stop.set())
+sock = cluster.worker.listen(3000)
+cluster.worker.ready()
+if cluster.worker.id == 1:  # floods until it is stopped
+    i = 0
+    while not stop.is_set():
+        print(f"flood line {i}")
+        i += 1
+else:
+    stop.wait()
+"""
+
+
+def test_exit_events_survive_a_worker_flooding_the_journal(
+    container: Container, tmp_path: Path
+) -> None:
+    c = container
+    c.write_file("/srv/flood.py", FLOOD)
+    out = tmp_path / "units"
+    subprocess.run(
+        [PY, "-m", "clusterkit.cli", "generate", "--name", "t", "--workers", "2"]
+        + ["--exec", f"{PY} /srv/flood.py", "--output", str(out)],
+        check=True,
+        cwd=tmp_path,
+    )
+    c.install_units(sorted(out.iterdir()))
+    c.systemctl("start", "t.target")
+    for i in (0, 1):
+        wait_for(f"t@{i} active", lambda i=i: _active(c, f"t@{i}.service"))
+    c.systemctl("kill", "-s", "USR1", "t@0.service")  # 100,000 lines, then exit 0
+    c.systemctl("stop", "t@1.service")  # a requested stop in the middle of a flood
+    found = wait_for("both exits", lambda: (e := _exits(c)) and len(e) == 2 and e)
+    assert sorted(found) == [(0, 0, None, False), (1, 0, None, True)]
+    suppressed = c.run("journalctl", "-o", "cat", "--no-pager", "-u", "systemd-journald").stdout
+    print("journald:", [line for line in suppressed.splitlines() if "Suppressed" in line])
