@@ -139,6 +139,7 @@ def _run_group(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        cwd="/",  # never the caller's directory
     )
     try:
         out, err = proc.communicate(input, timeout=timeout)
@@ -180,9 +181,10 @@ class Container:
     """One throwaway systemd container; see the module docstring.
 
     ``binds``/``binds_ro`` take nspawn's ``--bind=`` syntax (``SRC[:DST[:OPTS]]``).
-    The checkout of this package is always bound read-write at its own path, and
-    ``/etc/hosts`` read-only. ``private_network=False`` shares the host's network,
-    so the host can reach a port the container listens on (``clusterkit up``).
+    The checkout of this package is always bound at its own path (read-only with
+    ``checkout_read_only``, as ``clusterkit up`` does), and ``/etc/hosts`` read-only.
+    ``private_network=False`` shares the host's network, so the host can reach a
+    port the container listens on (``clusterkit up``).
     """
 
     _live: ClassVar[set[Container]] = set()  # for the atexit safety net
@@ -194,6 +196,7 @@ class Container:
         binds: Sequence[str] = (),
         binds_ro: Sequence[str] = (),
         private_network: bool = True,
+        checkout_read_only: bool = False,
     ) -> None:
         self.name = name or f"ck-{secrets.token_hex(4)}"
         if not _NAME_RE.match(self.name):
@@ -201,6 +204,7 @@ class Container:
         self.binds = list(binds)
         self.binds_ro = list(binds_ro)
         self.private_network = private_network
+        self.checkout_read_only = checkout_read_only
         self.pid = 0  # the container's PID 1 as seen from the host; 0 until booted
         self._booted = False  # PID 1 handles SIGRTMIN+3 (clean power-off possible)
         self.log_path: Path | None = None
@@ -230,7 +234,7 @@ class Container:
             argv.append("--private-network")
         root = checkout_root()
         if root is not None:
-            argv.append(f"--bind={root}")
+            argv.append(f"--bind-ro={root}" if self.checkout_read_only else f"--bind={root}")
         argv += [f"--bind={b}" for b in self.binds]
         argv += [f"--bind-ro={b}" for b in self.binds_ro]
         argv += ["--boot", "systemd.firstboot=off"]
@@ -471,6 +475,7 @@ class Container:
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            cwd="/",  # never the caller's directory
         )
 
     def _inside(self, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:

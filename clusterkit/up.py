@@ -11,6 +11,7 @@ and removes everything ``up`` set up.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import signal
 import socket
@@ -23,8 +24,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clusterkit import render
-from clusterkit.spec import Spec
+from clusterkit import manifest, render
+from clusterkit.spec import Listen, Spec
 
 START_TIMEOUT = 60.0
 Say = Callable[[str], None]
@@ -39,8 +40,54 @@ def bundled_example() -> Path | None:
 
 
 def write_units(spec: Spec, directory: Path) -> list[Path]:
+    """Render ``spec`` into ``directory``; the units and generator (not the manifest)."""
     result = render.write(spec, directory)
-    return [directory / name for name in (*result.written, *result.unchanged)]
+    names = (*result.written, *result.unchanged)
+    return [directory / n for n in names if not n.endswith(manifest.SUFFIX)]
+
+
+def loopback_only(spec: Spec) -> tuple[Spec, list[str]]:
+    """``spec`` with every bare port bound to 127.0.0.1, and a note for each one changed.
+
+    ``up`` is for trying an app out: it must not expose it to the network unless
+    ``--listen`` names an address explicitly.
+    """
+    listens, notes = [], []
+    for listen in spec.listen:
+        if listen.is_unix or ":" in listen.address:
+            listens.append(listen)
+            continue
+        listens.append(Listen(f"127.0.0.1:{listen.port}", listen.port))
+        notes.append(
+            f"      --listen {listen.address} means 127.0.0.1:{listen.port} under up "
+            f"(loopback only; give an address, e.g. 0.0.0.0:{listen.port}, to listen elsewhere)"
+        )
+    return dataclasses.replace(spec, listen=tuple(listens)), notes
+
+
+def app_binds(spec: Spec) -> list[str]:
+    """Directories of the app (outside /usr and the checkout) to bind read-only into a container."""
+    from clusterkit.container import checkout_root
+
+    candidates = [spec.working_directory, *(a for a in spec.exec if a.startswith("/"))]
+    root = checkout_root()
+    binds: list[str] = []
+    for candidate in filter(None, candidates):
+        path = Path(candidate)
+        directory = path if path.is_dir() else path.parent
+        if not directory.is_dir() or directory == Path("/"):
+            continue
+        if any(directory.is_relative_to(p) for p in ("/usr", "/proc", "/sys", "/dev", "/run")):
+            continue
+        if (root is not None and directory.is_relative_to(root)) or str(directory) in binds:
+            continue
+        binds.append(str(directory))
+    return binds
+
+
+def _follower_argv(spec: Spec) -> list[str]:
+    # -I: the follower never imports from its working directory or PYTHON* variables.
+    return [sys.executable, "-I", "-m", "clusterkit.cli", "events", spec.name, "--follow"]
 
 
 @contextmanager
@@ -79,6 +126,9 @@ def _unusable_address(spec: Spec) -> str | None:
 
 def up(spec: Spec, say: Say = print) -> int:
     """Run ``spec`` until interrupted; 0 after a clean stop, 1 if it never started."""
+    spec, notes = loopback_only(spec)
+    for note in notes:
+        say(note)
     busy = _unusable_address(spec)
     if busy:
         say(f"clusterkit up: --listen {busy}; free it, or choose another with --listen")
@@ -98,9 +148,13 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
     if missing:
         say(f"clusterkit up: systemd is not PID 1 here and no container can boot: {missing}")
         return 1
-    say("[2/4] systemd is not PID 1 here: booting a throwaway systemd container (host network)")
+    binds = app_binds(spec)
+    say(
+        "[2/4] systemd is not PID 1 here: booting a throwaway systemd container "
+        f"(host network; checkout{' and ' + ', '.join(binds) if binds else ''} read-only)"
+    )
     started = time.monotonic()
-    box = Container(private_network=False)
+    box = Container(private_network=False, checkout_read_only=True, binds_ro=binds)
     try:
         box.start()
         say(f"      container {box.name} is up ({time.monotonic() - started:.1f}s)")
@@ -116,9 +170,7 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
 
         if not _start(spec, run, say):
             return 1
-        follower = box.popen(
-            sys.executable, "-m", "clusterkit.cli", "events", spec.name, "--follow"
-        )
+        follower = box.popen(*_follower_argv(spec))
         return _serve_until_interrupted(
             spec, follower, say, lambda: (stop_process(follower), _stop(spec, run, say))
         )
@@ -139,7 +191,7 @@ def _up_on_host(spec: Spec, files: list[Path], say: Say) -> int:
     say(f"[2/4] systemd is PID 1: installing runtime units into {manager.unit_dir}")
 
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, capture_output=True, text=True)
+        return subprocess.run(argv, capture_output=True, text=True, cwd="/")
 
     try:
         install(files[0].parent, spec.name, manager)
@@ -150,9 +202,7 @@ def _up_on_host(spec: Spec, files: list[Path], say: Say) -> int:
         if not _start(spec, run, say):
             return 1
         follower = subprocess.Popen(
-            [sys.executable, "-m", "clusterkit.cli", "events", spec.name, "--follow"],
-            stdout=subprocess.PIPE,
-            text=True,
+            _follower_argv(spec), stdout=subprocess.PIPE, text=True, cwd="/"
         )
         return _serve_until_interrupted(
             spec, follower, say, lambda: (_end(follower), _stop(spec, run, say))
