@@ -205,11 +205,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _manager(args: argparse.Namespace):
-    from clusterkit.install import Manager
+    from clusterkit.manager import Manager
 
     if args.runtime and args.user_manager:
         raise CommandError("--runtime and --user cannot be combined", USAGE_ERROR)
-    return Manager.for_scope(runtime=args.runtime, user=args.user_manager)
+    return Manager("user" if args.user_manager else "system", runtime=args.runtime)
 
 
 @contextlib.contextmanager
@@ -243,7 +243,9 @@ def cmd_install(args: argparse.Namespace) -> int:
         if args.now:
             print(f"started {name}.target")
         else:
-            print(f"start it with: {' '.join(manager.systemctl)} start {name}.target")
+            print(
+                f"start it with: systemctl{' --user' if manager.user else ''} start {name}.target"
+            )
     return 0
 
 

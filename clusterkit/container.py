@@ -54,10 +54,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
+from clusterkit.manager import CONTAINER_PATH, Manager
+
 __all__ = ["Container", "ContainerError", "prerequisites_missing", "checkout_root", "stop_process"]
 
-#: PATH given to commands run inside (``env -i`` drops the host's environment).
-CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: Units masked at boot (``systemd.mask=``): a throwaway container needs none of
 #: them; timers would fire mid-test, and networkd must never touch the host's
@@ -320,7 +320,7 @@ class Container:
     def _wait_running(self, deadline: float) -> None:
         remaining = max(deadline - time.monotonic(), 0.1)
         try:
-            r = self.run("systemctl", "is-system-running", "--wait", timeout=remaining)
+            r = self.systemctl("is-system-running", "--wait", check=False, timeout=remaining)
         except subprocess.TimeoutExpired:
             raise ContainerError(f"{self.name}: timed out waiting for boot to finish") from None
         state = r.stdout.strip()
@@ -483,9 +483,12 @@ class Container:
         cmd = ["nsenter", "--all", "-t", str(self._require_pid()), "env", "-i"]
         return cmd + [f"{k}={v}" for k, v in envs.items()] + list(argv)
 
-    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """``systemctl ARGS`` inside; raises ContainerError on failure unless ``check=False``."""
-        return self.run("systemctl", *args, check=check)
+        argv = Manager(container_pid=self._require_pid()).systemctl_argv(*args)
+        return self.run(*argv, check=check, timeout=timeout)
 
     def journal(self, *args: str) -> list[dict[str, object]]:
         """Journal entries inside, parsed from ``journalctl -o json ARGS``."""

@@ -8,11 +8,10 @@ so overrides survive a re-install.
 from __future__ import annotations
 
 import os
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
-from clusterkit import manifest, render, shadow, trust, unitfiles
+from clusterkit import manifest, names, render, shadow, trust, unitfiles
+from clusterkit.manager import Manager, ManagerError
 from clusterkit.render import GENERATOR_PREFIX, file_names
 from clusterkit.spec import Spec, SpecError
 
@@ -25,46 +24,26 @@ class InstallRefused(InstallError):
     """The input is not acceptable (exit 2): an untrusted source, a bad spec, a bad name."""
 
 
-@dataclass(frozen=True)
-class Manager:
-    """A systemd instance to install into: the system's, or the calling user's."""
+def check_running(manager: Manager) -> None:
+    """InstallError saying what to do when ``manager`` is not running here."""
+    if manager.is_running():
+        return
+    if manager.user:
+        raise InstallError(
+            "--user: no systemd user manager is running for this user "
+            "(log in through a session, or enable lingering: loginctl enable-linger)"
+        )
+    raise InstallError(
+        "systemd is not running as PID 1 on this machine, so units cannot be installed "
+        "here; run `clusterkit up` to run them in a throwaway systemd container"
+    )
 
-    unit_dir: Path
-    generator_dir: Path | None
-    systemctl: tuple[str, ...]
-    user: bool
 
-    @classmethod
-    def for_scope(cls, *, runtime: bool = False, user: bool = False) -> Manager:
-        if user:
-            config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-            # A user's manager has no generator directory of its own: the workers
-            # of an "auto" cluster are counted at install time instead.
-            return cls(config / "systemd" / "user", None, ("systemctl", "--user"), True)
-        base = Path("/run/systemd/system" if runtime else "/etc/systemd/system")
-        return cls(base, Path(f"{base}-generators"), ("systemctl",), False)
-
-    def check_running(self) -> None:
-        if self.user:
-            runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
-            if not Path(runtime, "systemd", "private").exists():
-                raise InstallError(
-                    "--user: no systemd user manager is running for this user "
-                    "(log in through a session, or enable lingering: loginctl enable-linger)"
-                )
-        elif not Path("/run/systemd/system").is_dir():
-            raise InstallError(
-                "systemd is not running as PID 1 on this machine, so units cannot be installed "
-                "here; run `clusterkit up` to run them in a throwaway systemd container"
-            )
-
-    def run(self, *args: str) -> None:
-        result = subprocess.run([*self.systemctl, *args], capture_output=True, text=True)
-        if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            raise InstallError(
-                f"{' '.join([*self.systemctl, *args])} failed: {detail[-1] if detail else '?'}"
-            )
+def _systemctl(manager: Manager, *args: str) -> None:
+    try:
+        manager.systemctl(*args)
+    except ManagerError as e:
+        raise InstallError(str(e)) from None
 
 
 def cluster_files(directory: Path, name: str) -> dict[str, Path]:
@@ -99,17 +78,18 @@ def install(
     _check_spec_for(spec, manager)
     files = render.files(spec)
     _check_source_matches(source, files)
-    manager.check_running()
+    check_running(manager)
     generator = files.pop(f"{GENERATOR_PREFIX}{name}", None)
     files.pop(manifest.file_name(name))
     stale = tuple(set(cluster_files(manager.unit_dir, name)) - set(files))
     done = unitfiles.write_all(manager.unit_dir, files, force=force, stale=stale)
     _install_generator(manager, name, generator, force=force)
-    manager.run("daemon-reload")
-    enable = [f"{name}.target"] + ([f"{name}.socket"] if f"{name}.socket" in files else [])
-    manager.run("enable", *enable)
+    _systemctl(manager, "daemon-reload")
+    shared_socket = names.socket(name, names.SHARED)
+    enable = [names.target(name)] + ([shared_socket] if shared_socket in files else [])
+    _systemctl(manager, "enable", *enable)
     if now:
-        manager.run("start", f"{name}.target")
+        _systemctl(manager, "start", names.target(name))
     return [*done.written, *done.unchanged]
 
 
@@ -190,17 +170,15 @@ def _install_generator(manager: Manager, name: str, generator: str | None, *, fo
 
 def uninstall(name: str, manager: Manager) -> list[str]:
     """Stop and disable cluster ``name`` and remove the files clusterkit installed."""
-    manager.check_running()
+    check_running(manager)
     files = cluster_files(manager.unit_dir, name)
     if not files:
         raise InstallError(f"cluster {name!r} is not installed in {manager.unit_dir}")
-    subprocess.run(
-        [*manager.systemctl, "disable", "--now", f"{name}.target", f"{name}.socket"],
-        capture_output=True,
+    # Best effort: a unit that is already gone is fine.
+    manager.systemctl(
+        "disable", "--now", names.target(name), names.socket(name, names.SHARED), check=False
     )
-    subprocess.run(
-        [*manager.systemctl, "stop", f"{name}@*.service", f"{name}@*.socket"], capture_output=True
-    )
+    manager.systemctl("stop", f"{name}@*.service", f"{name}@*.socket", check=False)
     # Under the directory's lock, through its descriptor: never through a symlink.
     removed = list(unitfiles.write_all(manager.unit_dir, {}, stale=tuple(files)).removed)
     if manager.generator_dir is not None:
@@ -209,7 +187,7 @@ def uninstall(name: str, manager: Manager) -> list[str]:
             generator.unlink()
             removed.append(generator.name)
     _wants_per_cpu(manager.unit_dir, name, count=None)
-    manager.run("daemon-reload")
+    _systemctl(manager, "daemon-reload")
     return removed
 
 
