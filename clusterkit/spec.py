@@ -435,11 +435,12 @@ def _refuse_root(key: str, value: str) -> None:
 
 
 def _parse_abs_path(key: str, raw: Any) -> str:
-    value = _bare(key, raw)
+    value = _text(key, raw)
     if not value.startswith("/"):
         raise SpecError(f"--{key}: {value!r} must be an absolute path")
     # normpath keeps a leading "//" (POSIX allows it); systemd folds it to "/".
-    return _check_path_length(key, "/" + os.path.normpath(value).lstrip("/"))
+    # Checked once normalized: "/srv/a\\/" becomes "/srv/a\\", which ends the line.
+    return _check_path_length(key, _bare(key, "/" + os.path.normpath(value).lstrip("/")))
 
 
 def _parse_env(key: str, raw: Any) -> tuple[tuple[str, str], ...]:

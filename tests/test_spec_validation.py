@@ -56,6 +56,8 @@ BAD = {
     # systemd continues a line that ends in "\": the next directive would vanish.
     "description-trailing-backslash": ({"description": "web\\"}, "--description"),
     "working-directory-trailing-backslash": ({"working-directory": "/srv/a\\"}, "--working"),
+    # ... also when normalizing the path leaves it at the end (found by the systemd oracle).
+    "working-directory-backslash-slash": ({"working-directory": "/srv/a\\/"}, "--working"),
     "unix-listen-trailing-backslash": ({"listen": ["/run/a\\"]}, "--listen"),
     # systemd strips spaces around an unquoted value.
     "description-leading-space": ({"description": " web"}, "--description"),
