@@ -123,7 +123,9 @@ quoted_text = st.one_of(clean, clean.map(lambda w: w + "\\"))
 bare_text = clean.map(lambda w: w.lstrip(" ").rstrip("\\ "))
 path_text = clean.map(lambda w: "".join(c for c in w if not c.isspace()).rstrip("\\"))
 # A program path: systemd cannot carry quotes, backslashes or "$" there.
-program_text = clean.map(lambda w: re.sub(r"[\"'\\$]|\.\.", "_", w) + "x")
+program_text = st.tuples(clean, st.sampled_from(["", " ", "%", "%i", "日 本"]), clean).map(
+    lambda t: re.sub(r"[\"'\\$]|\.\.", "_", "".join(t)) + "x"
+)
 
 # Text at the edge: what systemd would mangle (a line end, a trailing backslash,
 # spaces at the ends, characters the program path cannot hold) and what Python
