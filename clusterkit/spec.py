@@ -49,6 +49,7 @@ _LINE_ENDS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 # Control, format, separator, surrogate, private-use and unassigned characters:
 # invisible or line-ending, never needed in a unit.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+_CATEGORY_NAMES = {"Cs": "a surrogate", "Co": "a private-use character", "Cn": "unassigned"}
 # Characters systemd cannot carry in the program path of a command line: it
 # refuses quotes and backslashes there, and it expands "$" in argv[0] but not
 # in the path it executes.
@@ -215,7 +216,8 @@ def _describe_char(char: str) -> str:
     label = f"U+{ord(char):04X}" + (f" {name}" if name else "")
     if char in _LINE_ENDS:
         return f"{label}, which ends a line in unit files"
-    return f"{label}, a control or format character that units must not hold"
+    kind = _CATEGORY_NAMES.get(unicodedata.category(char), "a control or format character")
+    return f"{label}, {kind}, which units must not hold"
 
 
 def _bare(key: str, raw: Any) -> str:
