@@ -15,7 +15,7 @@ import jinja2
 from clusterkit import manifest, report, unitfiles
 from clusterkit.names import files as unit_files
 from clusterkit.spec import FD_NAME, Spec
-from clusterkit.unitsyntax import env_assignment, exec_arg, exec_line, specifiers
+from clusterkit.unitsyntax import env_assignment, exec_arg, exec_line, exec_program, specifiers
 
 GENERATOR_PREFIX = "clusterkit-"
 
@@ -47,6 +47,7 @@ def _environment() -> jinja2.Environment:
         specifiers=specifiers,
         exec_arg=exec_arg,
         exec_line=exec_line,
+        exec_program=exec_program,
         env_assignment=env_assignment,
         seconds=seconds,
         seconds_number=seconds_number,
@@ -95,9 +96,11 @@ def _expanding_command(argv: tuple[str, ...]) -> str:
 
 
 def _tidy(text: str) -> str:
-    # Conditional blocks leave runs of blank lines; keep at most one.
+    # Conditional blocks leave runs of blank lines; keep at most one. Split at
+    # "\n" only, as systemd does: str.splitlines() also splits at U+2028 and
+    # friends, which would turn part of a value into a line of its own.
     lines: list[str] = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         if line == "" and (not lines or lines[-1] == ""):
             continue
         lines.append(line)

@@ -8,13 +8,16 @@ message names the field, so the CLI can print it on one line and exit 2.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import shlex
 import shutil
 import sys
 import tomllib
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,28 @@ MANAGERS = ("system", "user")
 _UNIT_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]*\$?")
-_MEMORY = re.compile(r"(\d+[KMGT]?|\d{1,2}%|100%|infinity)")
+# Numbers are plain ASCII digits: str.isdigit(), int() and float() also take
+# "²" or "٣", which would reach systemd as something else or crash.
+_ASCII_INT = re.compile(r"[0-9]+")
+_ASCII_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_NUMERIC_ID = re.compile(r"[1-9][0-9]*")  # systemd refuses "00" and other leading zeros
+_MEMORY = re.compile(r"([0-9]+)([KMGT]?)|([0-9]{1,2}|100)%|infinity")
+_MEMORY_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# Characters that end a line for systemd ("\n", "\r") or for Python's
+# str.splitlines(), which anything that re-reads a unit may use.
+_LINE_ENDS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+# Control, format, separator, surrogate, private-use and unassigned characters:
+# invisible or line-ending, never needed in a unit.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+_CATEGORY_NAMES = {"Cs": "a surrogate", "Co": "a private-use character", "Cn": "unassigned"}
+# Characters systemd cannot carry in the program path of a command line: it
+# refuses quotes and backslashes there, and it expands "$" in argv[0] but not
+# in the path it executes.
+_PROGRAM_PATH_FORBIDDEN = "\"'\\$"
+_MAX_ID = 4294967294  # (uid_t)-1 is invalid
+_UID_16_INVALID = 65535  # (uint16_t)-1, refused by systemd too
+_PATH_MAX = 4095
+_NAME_MAX = 255
 _UNIT_NAME_MAX = 255 - len("@1024.service")
 _SUN_PATH_MAX = 107
 
@@ -107,7 +131,7 @@ def _fields() -> dict[str, tuple[str, Any]]:
         "hardening": ("hardening", _choice(HARDENING_LEVELS)),
         "manager": ("manager", _choice(MANAGERS)),
         "python": ("python", _parse_python),
-        "description": ("description", _text),
+        "description": ("description", _bare),
     }
 
 
@@ -180,12 +204,43 @@ def _check_combination(spec: Spec) -> None:
 
 
 def _text(key: str, raw: Any) -> str:
+    """A string with no character that could end a line or hide in a unit."""
     if not isinstance(raw, str):
         raise SpecError(f"--{key}: expected a string, got {type(raw).__name__}")
-    bad = next((c for c in raw if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    bad = next((c for c in raw if unicodedata.category(c) in _FORBIDDEN_CATEGORIES), None)
     if bad is not None:
-        raise SpecError(f"--{key}: contains a control character ({bad!r}), which units cannot hold")
+        raise SpecError(f"--{key}: contains {_describe_char(bad)}")
     return raw
+
+
+def _describe_char(char: str) -> str:
+    name = unicodedata.name(char, "")
+    label = f"U+{ord(char):04X}" + (f" {name}" if name else "")
+    if char in _LINE_ENDS:
+        return f"{label}, which ends a line in unit files"
+    kind = _CATEGORY_NAMES.get(unicodedata.category(char), "a control or format character")
+    return f"{label}, {kind}, which units must not hold"
+
+
+def _bare(key: str, raw: Any) -> str:
+    """Text written unquoted after "Key=": systemd strips spaces around it and
+    continues the line after a trailing backslash, so neither may be there."""
+    value = _text(key, raw)
+    if value[:1] == " " or value[-1:] == " ":
+        raise SpecError(f"--{key}: {value!r} starts or ends with a space, which systemd drops")
+    if value.endswith("\\"):
+        raise SpecError(
+            f"--{key}: {value!r} ends with a backslash, which continues the line in unit files"
+        )
+    return value
+
+
+def _ascii(key: str, raw: Any, pattern: re.Pattern[str], expected: str) -> str:
+    """Number text in ASCII digits only (never str.isdigit(), int() or float() on raw text)."""
+    text = _text(key, raw).strip()
+    if not pattern.fullmatch(text):
+        raise SpecError(f"--{key}: expected {expected} in ASCII digits, got {text!r}")
+    return text
 
 
 def _parse_name(key: str, raw: Any) -> str:
@@ -211,7 +266,7 @@ def _parse_exec(key: str, raw: Any) -> tuple[str, ...]:
             raise SpecError(f"--{key}: cannot split {text!r}: {e}") from None
     if not argv or not argv[0]:
         raise SpecError(f"--{key}: empty command")
-    return (_resolve_program(key, argv[0]), *argv[1:])
+    return (_program_path(key, _resolve_program(key, argv[0])), *argv[1:])
 
 
 def _resolve_program(key: str, program: str) -> str:
@@ -227,6 +282,25 @@ def _resolve_program(key: str, program: str) -> str:
     return os.path.abspath(found)
 
 
+def _program_path(key: str, path: str) -> str:
+    """An absolute program path that systemd executes and passes as argv[0] unchanged."""
+    bad = next((c for c in path if c in _PROGRAM_PATH_FORBIDDEN), None)
+    if bad is not None:
+        raise SpecError(
+            f"--{key}: program path {path!r} contains {bad!r}, which systemd cannot "
+            "carry in the program of a command line; rename or symlink it"
+        )
+    if path.endswith("/") or ".." in path.split("/"):
+        raise SpecError(f"--{key}: program path {path!r} must name a file, without '..'")
+    return _check_path_length(key, path)
+
+
+def _check_path_length(key: str, path: str) -> str:
+    if len(path.encode()) > _PATH_MAX or any(len(p.encode()) > _NAME_MAX for p in path.split("/")):
+        raise SpecError(f"--{key}: path longer than {_PATH_MAX} bytes or {_NAME_MAX} per name")
+    return path
+
+
 def _parse_listen(key: str, raw: Any) -> tuple[Listen, ...]:
     items = raw if isinstance(raw, list | tuple) else [raw]
     if not items:
@@ -239,6 +313,7 @@ def _parse_one_listen(key: str, raw: Any) -> Listen:
         raw = str(raw)
     text = _text(key, raw).strip()
     if text.startswith("/"):
+        text = _bare(key, text)
         if len(text.encode()) > _SUN_PATH_MAX:
             raise SpecError(f"--{key}: unix socket path longer than {_SUN_PATH_MAX} bytes")
         if any(c.isspace() for c in text):
@@ -255,6 +330,13 @@ def _parse_one_listen(key: str, raw: Any) -> Listen:
 
 
 def _check_ip(key: str, host: str, version: int, whole: str) -> None:
+    if "%" in host:
+        # systemd 252's ListenStream= refuses every "[addr%zone]" ("Failed to
+        # parse address value"): the socket would silently not exist.
+        raise SpecError(
+            f"--{key}: {whole!r}: IPv6 zone ids are not supported by ListenStream=; "
+            "give the address without %zone"
+        )
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -267,8 +349,8 @@ def _check_ip(key: str, host: str, version: int, whole: str) -> None:
 
 
 def _port(key: str, text: str, whole: str) -> int:
-    if not text.isdigit():
-        raise SpecError(f"--{key}: {whole!r}: port {text!r} is not a number")
+    if not _ASCII_INT.fullmatch(text):
+        raise SpecError(f"--{key}: {whole!r}: port {text!r} is not a number in ASCII digits")
     port = int(text)
     if not 1 <= port <= 65535:
         raise SpecError(f"--{key}: {whole!r}: port {port} is outside 1-65535")
@@ -278,13 +360,9 @@ def _port(key: str, text: str, whole: str) -> int:
 def _parse_workers(key: str, raw: Any) -> int | None:
     if raw == "auto":
         return None
-    if isinstance(raw, bool):
-        raise SpecError(f"--{key}: expected 'auto' or a number, got {raw!r}")
     if isinstance(raw, str):
-        if not raw.strip().isdigit():
-            raise SpecError(f"--{key}: expected 'auto' or a number, got {raw!r}")
-        raw = int(raw)
-    if not isinstance(raw, int):
+        raw = int(_ascii(key, raw, _ASCII_INT, "'auto' or a number"))
+    if not isinstance(raw, int) or isinstance(raw, bool):
         raise SpecError(f"--{key}: expected 'auto' or a number, got {raw!r}")
     if not 1 <= raw <= MAX_WORKERS:
         raise SpecError(f"--{key}: {raw} is outside 1-{MAX_WORKERS}")
@@ -303,12 +381,17 @@ def _choice(options: tuple[str, ...]):
 
 def _seconds(minimum: float):
     def parse(key: str, raw: Any) -> float:
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise SpecError(f"--{key}: expected seconds, got {raw!r}") from None
-        if not minimum <= value <= 86400 or value != value:
+        if isinstance(raw, str):
+            raw = float(_ascii(key, raw, _ASCII_DECIMAL, "seconds"))
+        if not isinstance(raw, int | float) or isinstance(raw, bool):
+            raise SpecError(f"--{key}: expected seconds, got {raw!r}")
+        value = float(raw)
+        if not minimum <= value <= 86400:  # also false for NaN
             raise SpecError(f"--{key}: {value:g} is outside {minimum:g}-86400 seconds")
+        if 0 < value < 0.001:
+            # Units count in milliseconds here: this would render as 0ms, which
+            # for WatchdogSec= means "off".
+            raise SpecError(f"--{key}: {value:g} is under 1 ms; give 0 or at least 0.001")
         return value
 
     return parse
@@ -325,22 +408,48 @@ def _parse_bool(key: str, raw: Any) -> bool:
 
 
 def _parse_user(key: str, raw: Any) -> str:
+    """A user (or group) name or numeric id, never root: see _refuse_root."""
     value = _text(key, raw)
-    if not (_USER_NAME.fullmatch(value) and len(value) <= 31) and not value.isdigit():
-        raise SpecError(f"--{key}: {value!r} is not a valid user or group name")
+    if _NUMERIC_ID.fullmatch(value) or value == "0":
+        number = int(value)
+        if number > _MAX_ID or number == _UID_16_INVALID:
+            raise SpecError(f"--{key}: {value} is not a valid numeric id")
+    elif not (_USER_NAME.fullmatch(value) and len(value) <= 31):
+        raise SpecError(
+            f"--{key}: {value!r} is not a valid user or group name "
+            "(numeric ids in ASCII digits, without leading zeros)"
+        )
+    _refuse_root(key, value)
     return value
+
+
+def _refuse_root(key: str, value: str) -> None:
+    # A worker running as root can write journal records no event reader can
+    # tell from clusterkit's, and nothing the sandbox keeps from it matters.
+    lookup = pwd.getpwnam if key == "user" else grp.getgrnam
+    try:
+        resolved = value if value.isascii() and value.isdigit() else str(lookup(value)[2])
+    except KeyError:
+        resolved = value  # not known on this host: judged by its name alone
+    if value == "root" or resolved == "0":
+        raise SpecError(
+            f"--{key}: {value!r} is root (id 0); workers never run as root (a root worker can "
+            "forge exit events and defeats the sandbox): name an unprivileged one"
+        )
 
 
 def _parse_abs_path(key: str, raw: Any) -> str:
     value = _text(key, raw)
     if not value.startswith("/"):
         raise SpecError(f"--{key}: {value!r} must be an absolute path")
-    return os.path.normpath(value)
+    # normpath keeps a leading "//" (POSIX allows it); systemd folds it to "/".
+    # Checked once normalized: "/srv/a\\/" becomes "/srv/a\\", which ends the line.
+    return _check_path_length(key, _bare(key, "/" + os.path.normpath(value).lstrip("/")))
 
 
 def _parse_env(key: str, raw: Any) -> tuple[tuple[str, str], ...]:
     if isinstance(raw, Mapping):
-        pairs = [(k, v) for k, v in raw.items()]
+        pairs = [(k, _env_value(key, k, v)) for k, v in raw.items()]
     else:
         items = raw if isinstance(raw, list | tuple) else [raw]
         pairs = []
@@ -357,7 +466,7 @@ def _parse_env(key: str, raw: Any) -> tuple[tuple[str, str], ...]:
             raise SpecError(f"--{key}: {k!r} is not a valid variable name")
         if k.startswith("CLUSTERKIT_") or k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             raise SpecError(f"--{key}: {k} is set by clusterkit and systemd; choose another name")
-        checked[k] = _text(key, str(v) if isinstance(v, int | float) else v)
+        checked[k] = _text(key, v)
     return tuple(checked.items())
 
 
@@ -370,10 +479,32 @@ def _parse_env_file(key: str, raw: Any) -> str:
     return value
 
 
+def _env_value(key: str, name: Any, value: Any) -> str:
+    """A value from a [tool.clusterkit] env table: a string, or an integer as its digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        # TOML true would otherwise become "True", 1.0 "1.0": say what the app gets.
+        raise SpecError(
+            f"--{key}: {name} = {value!r} is a {type(value).__name__}; quote it "
+            '(e.g. "true") so the worker gets exactly that text'
+        )
+    return value
+
+
 def _parse_memory(key: str, raw: Any) -> str:
-    value = _text(key, str(raw))
-    if not _MEMORY.fullmatch(value):
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)
+    value = _text(key, raw)
+    match = _MEMORY.fullmatch(value)
+    if not match:
         raise SpecError(f"--{key}: {value!r} is not a size like 512M, 2G, 50% or infinity")
+    number = match.group(1) or match.group(3)
+    if number is not None and int(number) == 0:
+        # systemd ignores MemoryMax=0 ("out of range"): the limit would silently be off.
+        raise SpecError(f"--{key}: {value!r} is zero, which systemd ignores (no limit)")
+    if match.group(1) and int(number) * _MEMORY_UNITS[match.group(2)] >= 2**64 - 1:
+        raise SpecError(f"--{key}: {value!r} is larger than systemd can hold")
     return value
 
 
@@ -381,7 +512,7 @@ def _parse_python(key: str, raw: Any) -> str:
     value = _text(key, raw)
     if not value.startswith("/"):
         raise SpecError(f"--{key}: {value!r} must be an absolute path to a Python with clusterkit")
-    return value
+    return _program_path(key, value)
 
 
 #: the keys of [tool.clusterkit], each also a flag of `clusterkit generate`
