@@ -113,11 +113,6 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
         metavar="system|user",
         help="the service manager the units are for (default system)",
     )
-    p.add_argument(
-        "--python",
-        metavar="PATH",
-        help="Python with clusterkit, runs the exit reporter (default: this one)",
-    )
     p.add_argument("--description", help="Description= of the units")
 
 
@@ -474,7 +469,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.name = args.name or "hello"
         args.exec = f"{sys.executable} {example / 'cluster.py'}"
         args.working_directory = args.working_directory or str(example)
-        args.python = args.python or sys.executable
     args.workers = args.workers or "auto"
     return up.up(spec_from_args(args), say=lambda line: print(line, flush=True))
 

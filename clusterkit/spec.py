@@ -15,11 +15,10 @@ import pwd
 import re
 import shlex
 import shutil
-import sys
 import tomllib
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +98,6 @@ class Spec:
     type: str = "notify"
     hardening: str = "default"
     manager: str = "system"  # the systemd instance the units are for
-    python: str = field(default_factory=lambda: sys.executable)  # runs the exit reporter
     description: str | None = None
 
     @property
@@ -130,7 +128,6 @@ def _fields() -> dict[str, tuple[str, Any]]:
         "type": ("type", _choice(SERVICE_TYPES)),
         "hardening": ("hardening", _choice(HARDENING_LEVELS)),
         "manager": ("manager", _choice(MANAGERS)),
-        "python": ("python", _parse_python),
         "description": ("description", _bare),
     }
 
@@ -506,13 +503,6 @@ def _parse_memory(key: str, raw: Any) -> str:
     if match.group(1) and int(number) * _MEMORY_UNITS[match.group(2)] >= 2**64 - 1:
         raise SpecError(f"--{key}: {value!r} is larger than systemd can hold")
     return value
-
-
-def _parse_python(key: str, raw: Any) -> str:
-    value = _text(key, raw)
-    if not value.startswith("/"):
-        raise SpecError(f"--{key}: {value!r} must be an absolute path to a Python with clusterkit")
-    return _program_path(key, value)
 
 
 #: the keys of [tool.clusterkit], each also a flag of `clusterkit generate`

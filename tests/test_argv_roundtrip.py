@@ -152,7 +152,6 @@ clean_settings = st.fixed_dictionaries(
         "description": bare_text,
         "env": st.dictionaries(ENV_KEY, quoted_text, max_size=3),
         "working-directory": bare_text.map(lambda w: "/srv/" + w),
-        "python": program_text.map(lambda w: "/opt/py/" + w),
         "listen": st.lists(
             st.one_of(
                 st.sampled_from(["3000", "127.0.0.1:81", "[::1]:8080"]),
@@ -175,7 +174,6 @@ clean_settings = st.fixed_dictionaries(
 one_edgy_value = st.one_of(
     st.tuples(st.just("description"), edgy_text),
     st.tuples(st.just("working-directory"), edgy_text.map(lambda w: "/srv/" + w)),
-    st.tuples(st.just("python"), edgy_text.map(lambda w: "/opt/py/" + w)),
     st.tuples(st.just("listen"), edgy_text.map(lambda w: ["/run/ck/" + w])),
     st.tuples(st.just("env"), st.dictionaries(ENV_KEY, edgy_text, min_size=1, max_size=2)),
     st.tuples(st.just("exec"), edgy_text.map(lambda w: ["/opt/ck/" + w, "x"])),
@@ -198,7 +196,9 @@ PLACEHOLDER = re.compile(r"/?@[A-Z][0-9]?@")
 # Where placeholders may sit. Mount dependencies follow from the paths (checked
 # as values), so they are left out of the comparison.
 VALUE_PROPERTIES = {"Description", "Environment", "WorkingDirectory", "RequiresMountsFor"}
-EXEC_PROPERTIES = {"ExecStart", "ExecStartEx", "ExecStopPost", "ExecStopPostEx"}
+# The user's command. ExecStartPost=/ExecStopPost= are clusterkit's own fixed
+# lines, which systemd expands on purpose: compared with the twin's as they are.
+EXEC_PROPERTIES = {"ExecStart", "ExecStartEx"}
 
 
 def twin_of(settings: dict) -> tuple[dict, dict[str, str]]:
@@ -219,8 +219,6 @@ def twin_of(settings: dict) -> tuple[dict, dict[str, str]]:
     if "working-directory" in settings:
         spec_value = build_spec({"name": "x", **settings}, {}).working_directory
         twin["working-directory"] = hold("/@W@", spec_value)
-    if "python" in settings:
-        twin["python"] = hold("/@Y@", settings["python"])
     if "listen" in settings:
         listen = enumerate(settings["listen"])
         twin["listen"] = [hold(f"/@U{i}@", a) if a.startswith("/") else a for i, a in listen]
@@ -289,15 +287,16 @@ def assert_parsed_as_written(got: dict, twin: dict, values: dict[str, str]) -> N
             assert without_mounts(got[key]) == without_mounts(twin[key]), key
 
 
+UNIT_SUFFIXES = (".service", ".socket", ".target")
+
+
 def unit_names(out: Path) -> list[str]:
     # Instance 0 of each template: what systemd actually loads and runs.
-    return sorted(
-        p.name.replace("@.", "@0.") for p in out.iterdir() if p.suffix != "" and "." in p.name
-    )
+    return sorted(p.name.replace("@.", "@0.") for p in out.iterdir() if p.suffix in UNIT_SUFFIXES)
 
 
 def install_and_read(container: Container, dirs: list[Path]) -> dict[str, dict]:
-    files = [p for d in dirs for p in d.iterdir()]
+    files = [p for d in dirs for p in d.iterdir() if p.suffix in UNIT_SUFFIXES]
     container.install_units(files)
     units = [u for d in dirs for u in unit_names(d)]
     result = container.run("python3", str(PROPERTIES), *units, check=True)

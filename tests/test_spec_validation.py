@@ -46,7 +46,6 @@ def _free_text_cases() -> dict[str, tuple[dict[str, Any], str]]:
     for label, c in LINE_ENDS.items():
         cases[f"working-directory-{label}"] = ({"working-directory": f"/srv/a{c}b"}, "--working")
         cases[f"program-{label}"] = ({"exec": [f"/opt/a{c}b"]}, "--exec")
-        cases[f"python-{label}"] = ({"python": f"/opt/py{c}thon"}, "--python")
         cases[f"unix-listen-{label}"] = ({"listen": [f"/run/a{c}.sock"]}, "--listen")
     return cases
 
@@ -88,7 +87,6 @@ BAD = {
     "program-dollar": ({"exec": ["/opt/a$b/python"]}, "--exec"),
     "program-quote": ({"exec": ['/opt/a"b']}, "--exec"),
     "program-backslash": ({"exec": ["/opt/a\\b"]}, "--exec"),
-    "python-dollar": ({"python": "/opt/$X/python"}, "--python"),
     # Workers never run as root.
     "user-root": ({"user": "root"}, "--user"),
     "user-uid-0": ({"user": "0"}, "--user"),
@@ -203,7 +201,7 @@ def test_unquoted_values_escape_percent() -> None:
     assert "WorkingDirectory=/srv/100%%\n" in text
 
 
-@pytest.mark.parametrize("field", ["description", "working-directory", "python", "env"])
+@pytest.mark.parametrize("field", ["description", "working-directory", "env"])
 @pytest.mark.parametrize("char", ["\n", "\r"], ids=["lf", "cr"])
 def test_carriage_return_and_newline_are_refused(field: str, char: str) -> None:
     value = f"A=x{char}ExecStartPre=+/bin/sh" if field == "env" else f"/x{char}ExecStartPre=+/x"
