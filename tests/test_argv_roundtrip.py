@@ -162,7 +162,7 @@ clean_settings = st.fixed_dictionaries(
         ),
         "workers": st.sampled_from(["1", "2"]),
         "scheduling": st.sampled_from(["shared", "reuseport"]),
-        "user": st.sampled_from(["nobody", "65534"]),
+        "user": st.sampled_from(["www-data", "1000"]),
         "restart-sec": st.sampled_from(["0", "0.5", "3"]),
         "watchdog-sec": st.sampled_from(["0", "2", "0.5"]),
         "memory-max": st.sampled_from(["512M", "50%", "1G"]),
