@@ -35,101 +35,63 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_spec_options(p: argparse.ArgumentParser) -> None:
-    """The settings of a cluster; each also a key of [tool.clusterkit]."""
+    """The settings of a cluster (spec.OPTIONS); each also a key of [tool.clusterkit]."""
+    from clusterkit.spec import OPTIONS
+
     p.add_argument(
         "--config",
         type=Path,
         help="pyproject.toml with a [tool.clusterkit] table "
         "(default: ./pyproject.toml when it has one)",
     )
-    p.add_argument("--name", help="cluster name: units NAME.socket, NAME@.service, NAME.target")
-    p.add_argument(
-        "--exec",
-        help="worker command, split like a POSIX shell without expansion, "
-        'e.g. "/srv/app/.venv/bin/python /srv/app/server.py"',
-    )
-    p.add_argument(
-        "--listen",
-        action="append",
-        metavar="ADDRESS",
-        help="PORT, IPv4:PORT, [IPv6]:PORT or /absolute/unix/path; repeatable (default 3000)",
-    )
-    p.add_argument(
-        "--workers",
-        metavar="auto|N",
-        help="worker count; auto = one per CPU of the host that runs the units",
-    )
-    p.add_argument(
-        "--scheduling",
-        metavar="shared|reuseport",
-        help="shared: one socket all workers accept on (default); "
-        "reuseport: one SO_REUSEPORT socket per worker",
-    )
-    p.add_argument("--user", help="run workers as this user (default: DynamicUser=yes)")
-    p.add_argument("--group", help="run workers with this group (needs --user)")
-    p.add_argument("--working-directory", metavar="DIR", help="WorkingDirectory= of the workers")
-    p.add_argument(
-        "--env",
-        action="append",
-        metavar="KEY=VALUE",
-        help="environment variable for the workers; repeatable",
-    )
-    p.add_argument(
-        "--env-file",
-        metavar="PATH",
-        help="EnvironmentFile= for secrets: an absolute path to a root-owned file of mode 0600 "
-        "(--env values are world-readable in the unit)",
-    )
-    p.add_argument("--restart", help="Restart= policy (default always)")
-    p.add_argument("--restart-sec", metavar="SECONDS", help="RestartSec= (default 1)")
-    p.add_argument(
-        "--stop-timeout",
-        metavar="SECONDS",
-        help="time a stopping worker gets to finish in-flight requests (default 30)",
-    )
-    p.add_argument(
-        "--watchdog-sec",
-        metavar="SECONDS",
-        help="WatchdogSec=: kill a worker that stops pinging (default 0, off)",
-    )
-    p.add_argument(
-        "--cpu-affinity",
-        action="store_const",
-        const=True,
-        default=None,
-        help="pin worker K to CPU K (CPUAffinity=%%i)",
-    )
-    p.add_argument("--memory-max", metavar="SIZE", help="MemoryMax= per worker, e.g. 512M")
-    p.add_argument(
-        "--type",
-        metavar="notify|exec|simple",
-        help="service Type=; notify (default) needs READY=1 from the worker",
-    )
-    p.add_argument(
-        "--hardening", metavar="strict|default|none", help="sandbox level (default: default)"
-    )
-    p.add_argument(
-        "--manager",
-        metavar="system|user",
-        help="the service manager the units are for (default system)",
-    )
-    p.add_argument("--description", help="Description= of the units")
+    for option in OPTIONS:
+        kind: dict[str, object] = {"metavar": option.metavar or option.key.upper()}
+        if option.switch:
+            kind = {"action": "store_const", "const": True, "default": None}
+        elif option.repeatable:
+            kind["action"] = "append"
+        default = option.default_text()
+        text = option.help + (f" ({default})" if default == "required" else "")
+        text += f" (default: {default})" if default and default != "required" else ""
+        p.add_argument(
+            f"--{option.key}", dest=_dest(option.key), help=text.replace("%", "%%"), **kind
+        )
+        for old in option.old_keys:
+            p.add_argument(f"--{old}", dest=_dest(old), help=argparse.SUPPRESS, **kind)
 
 
-def _flags(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, object]:
-    # Each config key has the flag of the same name; argparse stores it with "_".
-    return {key: getattr(args, key.replace("-", "_")) for key in keys}
+def _dest(key: str) -> str:
+    return "option_" + key.replace("-", "_")
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    """The spec options given as flags (None: not given); deprecated spellings warned about."""
+    from clusterkit.spec import OPTIONS, deprecations
+
+    flags: dict[str, object] = {}
+    for option in OPTIONS:
+        flags[option.key] = getattr(args, _dest(option.key))
+        for old in option.old_keys:
+            value = getattr(args, _dest(old))
+            if value is not None:
+                for warning in deprecations([old]):
+                    print(f"warning: --{warning.replace(' now ', ' now --')}", file=sys.stderr)
+                if flags[option.key] is None:
+                    flags[option.key] = value
+    return flags
 
 
 def spec_from_args(args: argparse.Namespace):
     """The validated Spec for these arguments (and their config file)."""
     from clusterkit import shadow
-    from clusterkit.spec import CONFIG_KEYS, SpecError, build_spec, load_config
+    from clusterkit.spec import SpecError, build_spec, deprecations, load_config
 
     try:
         config_path = _config_path(args)
         config = load_config(config_path) if config_path is not None else {}
-        spec = build_spec(config, _flags(args, CONFIG_KEYS))
+        for warning in deprecations(config):
+            print(f"warning: [tool.clusterkit] key {warning}", file=sys.stderr)
+        spec = build_spec(config, _flags(args))
     except SpecError as e:
         raise CommandError(str(e), USAGE_ERROR) from None
     problem = shadow.refusal(spec.name, user=spec.manager == "user")
@@ -456,7 +418,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from clusterkit import up
 
-    if args.exec is None and args.config is None:
+    if args.option_exec is None and args.config is None:
         # No app given: the bundled example, Node's hello-world cluster.js.
         example = up.bundled_example()
         if example is None:
@@ -466,10 +428,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                 USAGE_ERROR,
             )
         args.config = example / "pyproject.toml"
-        args.name = args.name or "hello"
-        args.exec = f"{sys.executable} {example / 'cluster.py'}"
-        args.working_directory = args.working_directory or str(example)
-    args.workers = args.workers or "auto"
+        args.option_name = args.option_name or "hello"
+        args.option_exec = f"{sys.executable} {example / 'cluster.py'}"
+        args.option_working_directory = args.option_working_directory or str(example)
+    args.option_workers = args.option_workers or "auto"
     return up.up(spec_from_args(args), say=lambda line: print(line, flush=True))
 
 

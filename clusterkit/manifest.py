@@ -25,8 +25,8 @@ def file_name(name: str) -> str:
 def to_config(spec: specs.Spec) -> dict[str, Any]:
     """``spec`` as a [tool.clusterkit] table that build_spec turns back into the same Spec."""
     config: dict[str, Any] = {}
-    for key, (attr, _parse) in specs._fields().items():
-        value = getattr(spec, attr)
+    for option in specs.OPTIONS:
+        key, value = option.key, getattr(spec, option.attr)
         if value is None:
             value = "auto" if key == "workers" else None
         if key == "listen":

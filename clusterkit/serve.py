@@ -9,7 +9,7 @@ Every path does the same life cycle, the one the units expect:
 4. SIGTERM (and SIGINT) only set a flag: exiting inside the handler would lose
    a request accepted just before the signal. The loop notices the flag, stops
    accepting, sends ``STOPPING=1``, lets in-flight requests finish (at most
-   ``drain_timeout`` seconds: by default the unit's ``--stop-timeout``, passed
+   ``drain_timeout`` seconds: by default the unit's ``--drain-timeout``, passed
    as ``CLUSTERKIT_DRAIN_TIMEOUT``; ``TimeoutStopSec=`` leaves a margin on top),
 5. and returns, so the script ends with status 0 (Node's ``exit(worker, 0, null)``).
 

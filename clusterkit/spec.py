@@ -17,7 +17,7 @@ import shlex
 import shutil
 import tomllib
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,14 +84,14 @@ class Spec:
     listen: tuple[Listen, ...] = (Listen("3000", 3000),)
     workers: int | None = None  # None means "auto": one per CPU of the host that runs the units
     scheduling: str = "shared"
-    user: str | None = None  # None: DynamicUser=yes
+    run_as: str | None = None  # None: DynamicUser=yes
     group: str | None = None
     working_directory: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     env_file: str | None = None  # EnvironmentFile= for secrets: root-owned, mode 0600
     restart: str = "always"
     restart_sec: float = 1.0
-    stop_timeout_sec: float = 30.0
+    drain_timeout: float = 30.0  # a stopping worker finishes in-flight requests
     watchdog_sec: float = 0.0  # 0: no watchdog
     cpu_affinity: bool = False
     memory_max: str | None = None
@@ -99,55 +99,241 @@ class Spec:
     hardening: str = "default"
     manager: str = "system"  # the systemd instance the units are for
     description: str | None = None
+    state_directory: str | None = None  # StateDirectory=: /var/lib/NAME, kept, writable
+    cache_directory: str | None = None  # CacheDirectory=: /var/cache/NAME
+    runtime_directory: str | None = None  # RuntimeDirectory=: /run/NAME, gone when stopped
 
     @property
     def worker_ids(self) -> range | None:
         return None if self.workers is None else range(self.workers)
 
 
-# Every settable field: its flag/config key, and the parser that checks it.
-# Keys in [tool.clusterkit] are spelled like the long flags, without "--".
-def _fields() -> dict[str, tuple[str, Any]]:
-    return {
-        "name": ("name", _parse_name),
-        "exec": ("exec", _parse_exec),
-        "listen": ("listen", _parse_listen),
-        "workers": ("workers", _parse_workers),
-        "scheduling": ("scheduling", _choice(SCHEDULING_MODES)),
-        "user": ("user", _parse_user),
-        "group": ("group", _parse_user),
-        "working-directory": ("working_directory", _parse_abs_path),
-        "env": ("env", _parse_env),
-        "env-file": ("env_file", _parse_env_file),
-        "restart": ("restart", _choice(RESTART_POLICIES)),
-        "restart-sec": ("restart_sec", _seconds(minimum=0.0)),
-        "stop-timeout": ("stop_timeout_sec", _seconds(minimum=0.1)),
-        "watchdog-sec": ("watchdog_sec", _seconds(minimum=0.0)),
-        "cpu-affinity": ("cpu_affinity", _parse_bool),
-        "memory-max": ("memory_max", _parse_memory),
-        "type": ("type", _choice(SERVICE_TYPES)),
-        "hardening": ("hardening", _choice(HARDENING_LEVELS)),
-        "manager": ("manager", _choice(MANAGERS)),
-        "description": ("description", _bare),
-    }
+@dataclass(frozen=True)
+class Option:
+    """One setting: a flag of ``generate``/``up``, a key of [tool.clusterkit], a Spec field.
+
+    The flags, the config keys, the README's option table and the defaults it
+    shows all come from :data:`OPTIONS`; the defaults themselves are the Spec's.
+    """
+
+    key: str  # the flag without "--", and the [tool.clusterkit] key
+    attr: str  # the Spec field
+    parse: Callable[[str, Any], Any]  # (key, raw value) -> checked value, or SpecError
+    help: str
+    metavar: str | None = None
+    repeatable: bool = False  # a flag given many times; a list in the config
+    switch: bool = False  # a flag without a value; true/false in the config
+    default: str | None = None  # the default in words, where the Spec's value says too little
+    old_keys: tuple[str, ...] = ()  # deprecated spellings, still accepted for one release
+
+    def default_text(self) -> str:
+        if self.default is not None:
+            return self.default
+        value = Spec.__dataclass_fields__[self.attr].default
+        if value is None or value is False or value == 0.0:
+            return ""
+        if isinstance(value, tuple):
+            return ", ".join(getattr(v, "address", str(v)) for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _options() -> tuple[Option, ...]:
+    return (
+        Option(
+            "name",
+            "name",
+            _parse_name,
+            "cluster name: units NAME.socket, NAME@.service, NAME.target",
+            default="required",
+        ),
+        Option(
+            "exec",
+            "exec",
+            _parse_exec,
+            "worker command, split like a POSIX shell without "
+            "expansion: the worker gets exactly this argv; a bare program name is resolved "
+            "on your PATH now",
+            metavar="CMD",
+            default="required",
+        ),
+        Option(
+            "listen",
+            "listen",
+            _parse_listen,
+            "PORT, IPv4:PORT, [IPv6]:PORT or /absolute/unix/path; repeatable",
+            metavar="ADDRESS",
+            repeatable=True,
+        ),
+        Option(
+            "workers",
+            "workers",
+            _parse_workers,
+            "worker count: a number (1-1024), or auto "
+            "for one per CPU of the host that runs the units",
+            metavar="auto|N",
+            default="auto",
+        ),
+        Option(
+            "scheduling",
+            "scheduling",
+            _choice(SCHEDULING_MODES),
+            "shared: one socket every "
+            "worker accepts on; reuseport: one SO_REUSEPORT socket per worker",
+            metavar="|".join(SCHEDULING_MODES),
+        ),
+        Option(
+            "run-as",
+            "run_as",
+            _parse_user,
+            "run the workers as this (unprivileged) user",
+            metavar="USER",
+            default="DynamicUser=yes",
+            old_keys=("user",),
+        ),
+        Option(
+            "group",
+            "group",
+            _parse_user,
+            "run the workers with this group (needs --run-as)",
+            metavar="GROUP",
+        ),
+        Option(
+            "working-directory",
+            "working_directory",
+            _parse_abs_path,
+            "WorkingDirectory= of the workers",
+            metavar="DIR",
+            default="/",
+        ),
+        Option(
+            "env",
+            "env",
+            _parse_env,
+            "environment variable for the workers; repeatable (a "
+            "table in pyproject.toml); world-readable: it sits in the unit file and in "
+            "systemctl show, so never put secrets here",
+            metavar="KEY=VALUE",
+            repeatable=True,
+        ),
+        Option(
+            "env-file",
+            "env_file",
+            _parse_env_file,
+            "EnvironmentFile= for secrets: an "
+            "absolute path to a root-owned file of mode 0600 (or 0400); generate warns "
+            "when it is not, install refuses",
+            metavar="PATH",
+        ),
+        Option(
+            "state-directory",
+            "state_directory",
+            _parse_unit_directory,
+            "StateDirectory=: "
+            "/var/lib/DIR, kept across restarts and writable by the workers (a database, "
+            "uploads)",
+            metavar="DIR",
+        ),
+        Option(
+            "cache-directory",
+            "cache_directory",
+            _parse_unit_directory,
+            "CacheDirectory=: /var/cache/DIR, writable by the workers",
+            metavar="DIR",
+        ),
+        Option(
+            "runtime-directory",
+            "runtime_directory",
+            _parse_unit_directory,
+            "RuntimeDirectory=: /run/DIR, writable by the workers, removed when they stop",
+            metavar="DIR",
+        ),
+        Option(
+            "restart", "restart", _choice(RESTART_POLICIES), "Restart= policy", metavar="POLICY"
+        ),
+        Option(
+            "restart-sec", "restart_sec", _seconds(minimum=0.0), "RestartSec=", metavar="SECONDS"
+        ),
+        Option(
+            "drain-timeout",
+            "drain_timeout",
+            _seconds(minimum=0.1),
+            "seconds a stopping "
+            "worker has to finish in-flight requests (it then has 5 s more to exit)",
+            metavar="SECONDS",
+            old_keys=("stop-timeout",),
+        ),
+        Option(
+            "watchdog-sec",
+            "watchdog_sec",
+            _seconds(minimum=0.0),
+            "WatchdogSec=: a worker whose event loop stops pinging is killed and restarted",
+            metavar="SECONDS",
+            default="off",
+        ),
+        Option(
+            "cpu-affinity",
+            "cpu_affinity",
+            _parse_bool,
+            "pin worker K to CPU K (CPUAffinity=%i)",
+            switch=True,
+            default="off",
+        ),
+        Option(
+            "memory-max",
+            "memory_max",
+            _parse_memory,
+            "MemoryMax= per worker, e.g. 512M",
+            metavar="SIZE",
+        ),
+        Option(
+            "type",
+            "type",
+            _choice(SERVICE_TYPES),
+            "service Type=: notify (the worker "
+            "sends READY=1); exec or simple for servers that never do",
+            metavar="|".join(SERVICE_TYPES),
+        ),
+        Option(
+            "hardening",
+            "hardening",
+            _choice(HARDENING_LEVELS),
+            "sandbox level",
+            metavar="|".join(HARDENING_LEVELS),
+        ),
+        Option(
+            "manager",
+            "manager",
+            _choice(MANAGERS),
+            "the service manager the units are for: system, or user for a user's service manager",
+            metavar="|".join(MANAGERS),
+        ),
+        Option(
+            "description",
+            "description",
+            _bare,
+            "Description= of the units",
+            default="clusterkit cluster NAME",
+        ),
+    )
 
 
 def build_spec(config: Mapping[str, Any], flags: Mapping[str, Any]) -> Spec:
     """Merge config-file values and flags (flags win; None means not given) into a Spec."""
-    fields = _fields()
-    unknown = sorted(set(config) - set(fields))
+    config = canonical_keys(config)
+    known = {o.key for o in OPTIONS}
+    unknown = sorted(set(config) - known)
     if unknown:
         raise SpecError(
-            f"[tool.clusterkit]: unknown key {unknown[0]!r} (known: {', '.join(fields)})"
+            f"[tool.clusterkit]: unknown key {unknown[0]!r} (known: {', '.join(CONFIG_KEYS)})"
         )
     values: dict[str, Any] = {}
-    for key, (attr, parse) in fields.items():
-        raw = flags.get(key)
+    for option in OPTIONS:
+        raw = flags.get(option.key)
         if raw is None:
-            raw = config.get(key)
+            raw = config.get(option.key)
         if raw is None:
             continue
-        values[attr] = parse(key, raw)
+        values[option.attr] = option.parse(option.key, raw)
     for required in ("name", "exec"):
         if required not in values:
             raise SpecError(
@@ -160,6 +346,27 @@ def build_spec(config: Mapping[str, Any], flags: Mapping[str, Any]) -> Spec:
     spec = Spec(**values)
     _check_combination(spec)
     return spec
+
+
+def canonical_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with deprecated keys under their new names (the new name wins)."""
+    renamed = dict(config)
+    for option in OPTIONS:
+        for old in option.old_keys:
+            if old in renamed:
+                value = renamed.pop(old)
+                renamed.setdefault(option.key, value)
+    return renamed
+
+
+def deprecations(keys: Iterable[str]) -> list[str]:
+    """One warning per deprecated key or flag among ``keys``."""
+    new_name = {old: o.key for o in OPTIONS for old in o.old_keys}
+    return [
+        f"{key} is deprecated and will be removed; it is now {new_name[key]}"
+        for key in keys
+        if key in new_name
+    ]
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -184,10 +391,12 @@ def _check_combination(spec: Spec) -> None:
                     f"--listen: {listen.address} is a unix socket, which cannot be shared "
                     "with --scheduling reuseport (use --scheduling shared)"
                 )
-    if spec.manager == "user" and spec.user:
-        raise SpecError("--user: a user's service manager runs workers as that user; drop --user")
-    if spec.group and not spec.user:
-        raise SpecError("--group: needs --user (without --user, workers get DynamicUser=yes)")
+    if spec.manager == "user" and spec.run_as:
+        raise SpecError(
+            "--run-as: a user's service manager runs workers as that user; drop --run-as"
+        )
+    if spec.group and not spec.run_as:
+        raise SpecError("--group: needs --run-as (without it, workers get DynamicUser=yes)")
     if spec.watchdog_sec and spec.type != "notify":
         raise SpecError("--watchdog-sec: needs --type notify (the worker sends WATCHDOG=1)")
     seen: set[str] = set()
@@ -423,7 +632,7 @@ def _parse_user(key: str, raw: Any) -> str:
 def _refuse_root(key: str, value: str) -> None:
     # A worker running as root can write journal records no event reader can
     # tell from clusterkit's, and nothing the sandbox keeps from it matters.
-    lookup = pwd.getpwnam if key == "user" else grp.getgrnam
+    lookup = grp.getgrnam if key == "group" else pwd.getpwnam
     try:
         resolved = value if value.isascii() and value.isdigit() else str(lookup(value)[2])
     except KeyError:
@@ -476,6 +685,20 @@ def _parse_env_file(key: str, raw: Any) -> str:
     return value
 
 
+_UNIT_DIRECTORY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
+
+
+def _parse_unit_directory(key: str, raw: Any) -> str:
+    # StateDirectory= and friends: a path relative to /var/lib, /var/cache or /run.
+    value = _text(key, raw)
+    if not _UNIT_DIRECTORY.fullmatch(value) or ".." in value.split("/"):
+        raise SpecError(
+            f"--{key}: {value!r} must be a relative directory name such as myapp "
+            "(letters, digits, '_', '.', '-', '/'; no '..')"
+        )
+    return value
+
+
 def _env_value(key: str, name: Any, value: Any) -> str:
     """A value from a [tool.clusterkit] env table: a string, or an integer as its digits."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -506,7 +729,18 @@ def _parse_memory(key: str, raw: Any) -> str:
 
 
 #: the keys of [tool.clusterkit], each also a flag of `clusterkit generate`
-CONFIG_KEYS: tuple[str, ...] = tuple(_fields())
+OPTIONS: tuple[Option, ...] = _options()
+CONFIG_KEYS: tuple[str, ...] = tuple(o.key for o in OPTIONS)
+
+
+def options_table() -> str:
+    """The README's option table (Markdown), from :data:`OPTIONS`."""
+    rows = ["| option | meaning | default |", "|---|---|---|"]
+    for o in OPTIONS:
+        flag = f"`--{o.key}{' ' + o.metavar if o.metavar else ''}`"
+        cells = (flag, o.help, o.default_text())
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def parse_env(raw: Any) -> tuple[tuple[str, str], ...]:

@@ -283,7 +283,7 @@ def _stop(spec: Spec, manager: Manager, say: Say) -> None:
     sockets = (names.socket(name, names.SHARED), f"{name}@*.socket")
     manager.systemctl("stop", names.target(name), *sockets, check=False)
     manager.systemctl("stop", f"{name}@*.service", check=False)
-    deadline = time.monotonic() + spec.stop_timeout_sec + 5
+    deadline = time.monotonic() + spec.drain_timeout + 5
     while time.monotonic() < deadline:
         listed = manager.systemctl(
             "list-units",

@@ -125,7 +125,7 @@ class Worker:
         #: unique per run, never reused (Node's worker ids never are either)
         self.invocation_id: str | None = env.get("INVOCATION_ID") or None
         #: seconds a graceful stop may spend on in-flight requests: the unit's
-        #: --stop-timeout (its TimeoutStopSec= leaves a margin on top), else 30
+        #: --drain-timeout (its TimeoutStopSec= leaves a margin on top), else 30
         self.drain_timeout: float = float(env.get(names.ENV_DRAIN_TIMEOUT) or 30.0)
         self.in_unit: bool = self.managed and self.invocation_id is not None
         self._sockets: list[socket.socket] | None = None

@@ -80,7 +80,7 @@ OPTION_SETS = {
         "127.0.0.1:81",
     ],
     "user-group-env": [
-        "--user",
+        "--run-as",
         "www-data",
         "--group",
         "www-data",
@@ -103,8 +103,14 @@ OPTION_SETS = {
         "on-failure",
         "--restart-sec",
         "0.2",
-        "--stop-timeout",
+        "--drain-timeout",
         "10",
+        "--state-directory",
+        "app/data",
+        "--cache-directory",
+        "app",
+        "--runtime-directory",
+        "app",
     ],
     "exec-type-strict": ["--type", "exec", "--hardening", "strict"],
     "simple-none": ["--type", "simple", "--hardening", "none", "--workers", "auto"],
@@ -292,3 +298,24 @@ def test_units_dir_is_in_sync_with_the_generator(tmp_path: Path) -> None:
         "units/ is stale: run `clusterkit generate --config "
         "examples/hello/pyproject.toml --output units`"
     )
+
+
+def test_readme_option_table_is_the_option_table() -> None:
+    """The README's table of generate's options is spec.options_table(), exactly."""
+    from clusterkit.spec import options_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert options_table() in readme, "regenerate the README table from spec.options_table()"
+
+
+def test_deprecated_spellings_still_work_and_say_so(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.clusterkit]\nname = "old"\nexec = "/usr/bin/true"\nstop-timeout = 7\n'
+    )
+    r = generate(
+        tmp_path / "units", "--config", str(tmp_path / "pyproject.toml"), "--user", "www-data"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "--user is deprecated" in r.stderr and "stop-timeout is deprecated" in r.stderr
+    service = (tmp_path / "units" / "old@.service").read_text()
+    assert "User=www-data\n" in service and "TimeoutStopSec=12s\n" in service

@@ -67,9 +67,9 @@ BAD = {
     "workers-fullwidth": ({"workers": "４"}, "--workers"),
     "port-arabic-indic": ({"listen": ["٣٠٠٠"]}, "--listen"),
     "port-superscript": ({"listen": ["127.0.0.1:8²"]}, "--listen"),
-    "user-arabic-indic": ({"user": "١٢"}, "--user"),
+    "user-arabic-indic": ({"run-as": "١٢"}, "--run-as"),
     "restart-sec-arabic-indic": ({"restart-sec": "٣"}, "--restart-sec"),
-    "stop-timeout-superscript": ({"stop-timeout": "³"}, "--stop-timeout"),
+    "drain-timeout-superscript": ({"drain-timeout": "³"}, "--drain-timeout"),
     "memory-max-arabic-indic": ({"memory-max": "٣G"}, "--memory-max"),
     # systemd 252 refuses every IPv6 zone id in ListenStream=.
     "zone-id": ({"listen": ["[fe80::1%eth0]:80"]}, "--listen"),
@@ -88,11 +88,11 @@ BAD = {
     "program-quote": ({"exec": ['/opt/a"b']}, "--exec"),
     "program-backslash": ({"exec": ["/opt/a\\b"]}, "--exec"),
     # Workers never run as root.
-    "user-root": ({"user": "root"}, "--user"),
-    "user-uid-0": ({"user": "0"}, "--user"),
-    "user-uid-00": ({"user": "00"}, "--user"),
-    "group-root": ({"user": "nobody", "group": "root"}, "--group"),
-    "group-gid-0": ({"user": "nobody", "group": "0"}, "--group"),
+    "user-root": ({"run-as": "root"}, "--run-as"),
+    "user-uid-0": ({"run-as": "0"}, "--run-as"),
+    "user-uid-00": ({"run-as": "00"}, "--run-as"),
+    "group-root": ({"run-as": "nobody", "group": "root"}, "--group"),
+    "group-gid-0": ({"run-as": "nobody", "group": "0"}, "--group"),
 }
 
 # Wrong TOML types: only a config file can spell them.
@@ -105,7 +105,7 @@ BAD_TOML_ONLY = {
     "restart-sec-bool": ({"restart-sec": True}, "--restart-sec"),
     "memory-max-bool": ({"memory-max": True}, "--memory-max"),
     "listen-bool": ({"listen": [True]}, "--listen"),
-    "user-int-0": ({"user": 0}, "--user"),
+    "user-int-0": ({"run-as": 0}, "--run-as"),
     "description-int": ({"description": 7}, "--description"),
 }
 
@@ -143,7 +143,7 @@ def test_a_refused_spec_leaves_the_previous_units_alone(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("user", ["root", "0"])
 def test_generate_refuses_root_workers_and_says_why(tmp_path: Path, user: str) -> None:
-    status, stderr = generate(tmp_path / "units", {**BASE, "user": user}, via="flags")
+    status, stderr = generate(tmp_path / "units", {**BASE, "run-as": user}, via="flags")
     assert status == 2 and "never run as root" in stderr
 
 
@@ -153,8 +153,8 @@ def test_generate_refuses_root_workers_and_says_why(tmp_path: Path, user: str) -
         {"description": "Café frontend"},
         {"description": "日本語のサービス"},
         {"description": "naïve – “quoted” 100% $HOME \\ back"},
-        {"user": "nobody", "group": "nogroup"},
-        {"user": "1000"},
+        {"run-as": "nobody", "group": "nogroup"},
+        {"run-as": "1000"},
         {"restart-sec": "0"},
         {"watchdog-sec": "0.001"},
         {"memory-max": "1"},

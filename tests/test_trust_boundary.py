@@ -168,7 +168,7 @@ def test_planted_code_never_runs_as_root_and_exits_are_reported(
     _set_up_app(c, preload_library)
     out = tmp_path / "units"
     generate = [PY, "-m", "clusterkit.cli", "generate", "--name", "t", "--workers", "2"]
-    generate += ["--exec", "/srv/app/venv/bin/python /srv/app/code/worker.py", "--user", "app"]
+    generate += ["--exec", "/srv/app/venv/bin/python /srv/app/code/worker.py", "--run-as", "app"]
     generate += ["--env", "PYTHONPATH=/srv/app/pythonpath", "--env", "PATH=/srv/app/bin:/usr/bin"]
     generate += ["--env", "LD_PRELOAD=/srv/app/evil.so", "--output", str(out), *sandbox]
     subprocess.run(generate, check=True, cwd=tmp_path)
