@@ -220,23 +220,39 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 # ---- the primary: status, events and control of a running cluster ----
 
 
+UNKNOWN_CLUSTER = 4
+
+
 def _settings(args: argparse.Namespace):
-    from clusterkit import primary
+    """The cluster NAME: installed on this host, or run by `clusterkit up`; else exit 4."""
+    from clusterkit import manager, primary
 
     try:
-        return primary.setup_primary(args.name, user=args.user_manager)
-    except primary.PrimaryError as e:
+        primary.check_name(args.name)
+    except ValueError as e:
         raise CommandError(str(e), USAGE_ERROR) from None
+    found = manager.find(args.name, user=args.user_manager)
+    if found is None:
+        where = "your user's service manager" if args.user_manager else "this host"
+        raise CommandError(
+            f"no cluster {args.name!r} on {where}: install it (clusterkit install) or run it "
+            "(clusterkit up); clusterkit ls lists the clusters here",
+            UNKNOWN_CLUSTER,
+        )
+    return primary.setup_primary(args.name, manager=found)
 
 
 def _primary_call(call, *args, **kwargs):
-    """Run a clusterkit.primary call; its failures become one-line CommandErrors."""
+    """Run a clusterkit.primary call; bad input exits 2, systemd's refusals 1, on one line."""
     from clusterkit import primary
+    from clusterkit.spec import SpecError
 
     try:
         return call(*args, **kwargs)
+    except SpecError as e:
+        raise CommandError(str(e), USAGE_ERROR) from None
     except primary.PrimaryError as e:
-        raise CommandError(f"{e} (is the cluster installed? try clusterkit status)") from None
+        raise CommandError(str(e)) from None
 
 
 def _last_exits(settings) -> dict[int, object]:
@@ -319,13 +335,13 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     from clusterkit import events
 
-    settings = _settings(args)
     since = None
     if args.since:
         try:
             since = events.parse_since(args.since)
         except ValueError as e:
             raise CommandError(f"--since: {e}", USAGE_ERROR) from None
+    settings = _settings(args)
     reader = events.EventReader(
         settings.name,
         manager=settings.manager,
@@ -349,13 +365,7 @@ def cmd_fork(args: argparse.Namespace) -> int:
     from clusterkit import primary
 
     settings = _settings(args)
-    env = {}
-    for item in args.env or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CommandError(f"--env: {item!r} is not KEY=VALUE", USAGE_ERROR)
-        env[key] = value
-    w = _primary_call(primary.fork, env or None, settings=settings)
+    w = _primary_call(primary.fork, args.env, settings=settings)
     print(f"forked worker {w.id} ({w.unit}, pid {w.pid}): {w.state}")
     return 0
 
@@ -386,10 +396,7 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     from clusterkit import primary
-    from clusterkit.spec import MAX_WORKERS
 
-    if not 0 <= args.count <= MAX_WORKERS:
-        raise CommandError(f"N: {args.count} is outside 0-{MAX_WORKERS}", USAGE_ERROR)
     settings = _settings(args)
     started, stopped = _primary_call(primary.scale, args.count, settings=settings)
     print(

@@ -79,8 +79,9 @@ def install(
     files = render.files(spec)
     _check_source_matches(source, files)
     check_running(manager)
+    # The manifest goes beside the units: the primary and the CLI read the
+    # cluster's settings from it, never from unit text.
     generator = files.pop(f"{GENERATOR_PREFIX}{name}", None)
-    files.pop(manifest.file_name(name))
     stale = tuple(set(cluster_files(manager.unit_dir, name)) - set(files))
     done = unitfiles.write_all(manager.unit_dir, files, force=force, stale=stale)
     _install_generator(manager, name, generator, force=force)

@@ -122,3 +122,61 @@ class Manager:
         blocks = out.strip("\n").split("\n\n")
         parsed = [dict(ln.split("=", 1) for ln in b.splitlines() if "=" in ln) for b in blocks]
         return [{p: block.get(p, "") for p in properties} for block in parsed]
+
+
+# ---- finding a cluster: installed on the host, or run by `clusterkit up` ----
+
+#: where `up` says which container runs which cluster (root's only)
+UP_REGISTRY = Path("/run/clusterkit/up")
+
+
+def register_up(name: str, container_pid: int) -> None:
+    """Say that the container whose PID 1 is ``container_pid`` runs cluster ``name``."""
+    from clusterkit import unitfiles
+
+    UP_REGISTRY.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(UP_REGISTRY.parent, 0o755)
+    unitfiles.atomic_write(UP_REGISTRY / name, f"{container_pid}\n", mode=0o600)
+
+
+def unregister_up(name: str) -> None:
+    (UP_REGISTRY / name).unlink(missing_ok=True)
+
+
+def up_manager(name: str) -> Manager | None:
+    """The manager of the container `up` runs cluster ``name`` in, if it is still running."""
+    path = UP_REGISTRY / name
+    try:
+        info = path.lstat()
+        text = path.read_text()
+        comm = Path(f"/proc/{text.strip()}/comm").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    # Only root's record, of a live systemd: a stale pid may belong to anything now.
+    if info.st_uid != 0 or info.st_mode & 0o077 or not text.strip().isdigit() or comm != "systemd":
+        return None
+    return Manager(container_pid=int(text))
+
+
+def running_ups() -> dict[str, Manager]:
+    """Every cluster `up` runs now: name -> its container's manager."""
+    found = {}
+    for path in sorted(UP_REGISTRY.glob("*")) if UP_REGISTRY.is_dir() else []:
+        manager = up_manager(path.name)
+        if manager is not None:
+            found[path.name] = manager
+    return found
+
+
+def find(name: str, *, user: bool = False) -> Manager | None:
+    """Where cluster ``name`` is: installed in this host's manager, or run by `up`; else None."""
+    host = Manager("user" if user else "system")
+    if host.is_running() and knows(host, name):
+        return host
+    return None if user else up_manager(name)
+
+
+def knows(manager: Manager, name: str) -> bool:
+    """True when ``manager`` has the unit files of cluster ``name``."""
+    service = f"{name}@.service"
+    return bool(manager.systemctl("list-unit-files", "--no-legend", service, check=False).strip())

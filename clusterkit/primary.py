@@ -25,20 +25,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from clusterkit import events as _events
-from clusterkit import names
-from clusterkit.manager import Manager, ManagerError
-from clusterkit.spec import SpecError, parse_env
-from clusterkit.unitfiles import atomic_write
-from clusterkit.unitsyntax import env_assignment
-
-FORK_DROPIN = "50-clusterkit-fork.conf"
+from clusterkit import manifest, names, unitfiles
+from clusterkit.manager import Manager, ManagerError, find
+from clusterkit.spec import Spec, SpecError, check_name, check_worker_count, parse_env
 
 _SHOW = (
     "Id",
@@ -59,14 +55,64 @@ class PrimaryError(ManagerError):
 
 @dataclass
 class Settings:
-    """Node's ``cluster.settings``: here, which cluster and which service manager runs it."""
+    """Node's ``cluster.settings``: the cluster, its service manager, and its spec.
+
+    The spec comes from the manifest ``install`` put beside the units
+    (``NAME.clusterkit.json``), so the primary knows what it manages without
+    reading unit text; None for units installed without one.
+    """
 
     name: str
     manager: Manager = field(default_factory=Manager)
+    spec: Spec | None = None
 
     @property
     def user(self) -> bool:
         return self.manager.user
+
+    # Node's names for what the spec says
+    @property
+    def exec(self) -> str | None:
+        return self.spec.exec[0] if self.spec else None
+
+    @property
+    def args(self) -> list[str]:
+        return list(self.spec.exec[1:]) if self.spec else []
+
+    @property
+    def cwd(self) -> str | None:
+        return self.spec.working_directory if self.spec else None
+
+    @property
+    def uid(self) -> str | None:
+        """The workers' user (``--run-as``); None: a dynamic user, or unknown."""
+        return self.spec.run_as if self.spec else None
+
+    @property
+    def gid(self) -> str | None:
+        return self.spec.group if self.spec else None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.spec.env) if self.spec else {}
+
+    @property
+    def workers(self) -> int | None:
+        """The generated worker count; None for auto (one per CPU) or unknown."""
+        return self.spec.workers if self.spec else None
+
+
+def installed_spec(name: str, manager: Manager) -> Spec | None:
+    """The spec of cluster ``name`` from its manifest beside the units, if there is one."""
+    for runtime in (True, False):  # /run first: it overrides /etc, as for systemd
+        where = Manager(manager.scope, runtime=runtime, container_pid=manager.container_pid)
+        path = where.unit_dir / manifest.file_name(name)
+        if unitfiles.is_ours(path):
+            try:
+                return manifest.loads(path.read_text(encoding="utf-8"), str(path))
+            except (OSError, SpecError):
+                return None
+    return None
 
 
 _settings: Settings | None = None
@@ -93,17 +139,18 @@ def setup_primary(
             "no cluster name: call setup_primary(name=...), set CLUSTERKIT_NAME, "
             "or run where pyproject.toml has [tool.clusterkit] name"
         )
-    from clusterkit.spec import SpecError, _parse_name
-
     try:
-        _parse_name("name", name)
+        check_name(name)
     except SpecError as e:
         raise PrimaryError(str(e)) from None
-    _settings = Settings(name, manager or Manager("user" if user else "system"))
+    if manager is None:  # installed on this host, else run by `clusterkit up`
+        manager = find(name, user=bool(user)) or Manager("user" if user else "system")
+    _settings = Settings(name, manager, installed_spec(name, manager))
     return _settings
 
 
-setupPrimary = setup_primary  # Node's spelling
+# Node's spellings: setupPrimary, and the older setupMaster
+setupPrimary = setup_master = setupMaster = setup_primary
 
 
 def _current() -> Settings:
@@ -265,8 +312,10 @@ def get_workers(settings: Settings | None = None) -> dict[int, Worker]:
 
 
 def scheduling(settings: Settings | None = None) -> str:
-    """``shared`` or ``reuseport``: which socket starts worker 0 (systemd's ``TriggeredBy``)."""
+    """``shared`` or ``reuseport``: the spec's, else which socket starts worker 0."""
     s = settings or _current()
+    if s.spec is not None:
+        return s.spec.scheduling
     sockets = _show([names.service(s.name, 0)], ("TriggeredBy",), s)[0]["TriggeredBy"].split()
     return names.REUSEPORT if names.socket(s.name, names.REUSEPORT, 0) in sockets else names.SHARED
 
@@ -299,7 +348,9 @@ def _dropin_dir(s: Settings, worker_id: int) -> Path:
     return runtime.unit_dir / f"{names.service(s.name, worker_id)}.d"
 
 
-def fork(env: dict[str, str] | None = None, *, settings: Settings | None = None) -> Worker:
+def fork(
+    env: Mapping[str, str] | Sequence[str] | None = None, *, settings: Settings | None = None
+) -> Worker:
     """Start the lowest free instance; returns once it is started (READY=1).
 
     ``env`` goes into a runtime drop-in, ``/run/systemd/system/NAME@K.service.d/``
@@ -309,18 +360,16 @@ def fork(env: dict[str, str] | None = None, *, settings: Settings | None = None)
     s = settings or _current()
     busy = {w.id for w in get_workers(s).values() if w.is_running}
     worker_id = next(i for i in range(len(busy) + 1) if i not in busy)
-    dropin = _dropin_dir(s, worker_id) / FORK_DROPIN
+    from clusterkit import render
+
+    dropins = _dropin_dir(s, worker_id)
     if env:
-        try:  # the spec's rules for --env: names, control characters, reserved names
-            pairs = parse_env(env)
-        except SpecError as e:
-            raise PrimaryError(f"fork: {e}") from None
-        lines = "".join(f"Environment={env_assignment(f'{k}={v}')}\n" for k, v in pairs)
-        dropin.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(dropin, "[Service]\n" + lines)
+        pairs = parse_env(env)  # the spec's rules for --env (SpecError: bad input)
+        dropin = {render.FORK_DROPIN: render.fork_dropin(pairs)}
+        unitfiles.write_all(dropins, dropin, force=True)
         systemctl("daemon-reload", settings=s)
-    elif dropin.exists():
-        dropin.unlink()
+    elif (dropins / render.FORK_DROPIN).exists():
+        unitfiles.write_all(dropins, {}, stale=(render.FORK_DROPIN,))
         systemctl("daemon-reload", settings=s)
     _start([worker_id], s)
     return get_workers(s)[worker_id]
@@ -346,6 +395,7 @@ def disconnect(callback: Callable[[], Any] | None = None, *, settings: Settings 
 def scale(count: int, *, settings: Settings | None = None) -> tuple[list[int], list[int]]:
     """Run workers 0..count-1 and stop the others; returns (started ids, stopped ids)."""
     s = settings or _current()
+    check_worker_count(count, minimum=0)  # SpecError: bad input
     running = {w.id for w in get_workers(s).values() if w.is_running}
     start = [i for i in range(count) if i not in running]
     stop = sorted(i for i in running if i >= count)
@@ -391,9 +441,14 @@ def on(event: str, callback: Callable[..., Any]) -> None:
 
 
 def _address(s: Settings) -> dict[str, object] | None:
-    """Node's listening address, from the socket unit's Listen= (first stream)."""
-    sock = names.socket(s.name, scheduling(s), 0)
-    listen = _show([sock], ("Listen",), s)[0]["Listen"].split(" ")[0]
+    """Node's listening address: the spec's first, else the socket's (systemd's Listen)."""
+    if s.spec is not None:
+        listen = s.spec.listen[0].address
+    else:
+        sock = names.socket(s.name, scheduling(s), 0)
+        listen = _show([sock], ("Listen",), s)[0]["Listen"].split(" ")[0]
+    if listen.isascii() and listen.isdigit():  # a bare port: every address, as systemd says
+        listen = f"[::]:{listen}"
     host, _, port = listen.rpartition(":")
     if not port.isdigit():
         return {"address": listen, "port": None, "addressType": -1} if listen else None

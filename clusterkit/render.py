@@ -120,6 +120,15 @@ def files(spec: Spec) -> dict[str, str]:
     return texts
 
 
+FORK_DROPIN = "50-clusterkit-fork.conf"
+
+
+def fork_dropin(env: tuple[tuple[str, str], ...]) -> str:
+    """The drop-in giving one forked worker ``env`` (checked pairs), with clusterkit's header."""
+    text = _environment().get_template("fork.conf.j2").render(env=env)
+    return unitfiles.with_header(FORK_DROPIN, _tidy(text))
+
+
 def write(spec: Spec, directory: Path, *, force: bool = False) -> unitfiles.WriteResult:
     """Render ``spec`` into ``directory`` as one set; drop files it no longer has.
 

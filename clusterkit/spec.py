@@ -743,6 +743,18 @@ def options_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def check_name(name: Any) -> str:
+    """A cluster name, checked as ``--name`` is."""
+    return _parse_name("name", name)
+
+
+def check_worker_count(count: int, *, minimum: int = 1) -> int:
+    """A number of workers within what clusterkit supports."""
+    if not minimum <= count <= MAX_WORKERS:
+        raise SpecError(f"N: {count} is outside {minimum}-{MAX_WORKERS}")
+    return count
+
+
 def parse_env(raw: Any) -> tuple[tuple[str, str], ...]:
     """``--env`` values (a mapping, or KEY=VALUE strings), checked as the spec checks them."""
     return _parse_env("env", raw)

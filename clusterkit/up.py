@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clusterkit import manifest, names, render
-from clusterkit.manager import Manager, ManagerError
+from clusterkit.manager import Manager, ManagerError, register_up, unregister_up
 from clusterkit.spec import Listen, Spec
 
 START_TIMEOUT = 60.0
@@ -164,6 +164,7 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
             )
         box.install_units([f for f in files if f not in generators])
         manager = Manager(container_pid=box.pid)
+        register_up(spec.name, box.pid)  # other shells find the cluster by its name
         if not _start(spec, manager, say):
             return 1
         follower = box.popen(*_follower_argv(spec))
@@ -176,6 +177,7 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        unregister_up(spec.name)
         say("      powering off the container")
         box.poweroff()
 
