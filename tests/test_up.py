@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -64,6 +65,14 @@ def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
                 assert response.status == 200
                 bodies.add(response.read())
         assert bodies == {b"hello world\n"}
+        # Another shell manages the running cluster by its name alone.
+        status = other_shell("status", "hello", "--json")
+        assert status.returncode == 0, status.stderr
+        workers = json.loads(status.stdout)
+        assert [w["state"] for w in workers] == ["listening"] * len(ready)
+        assert "worker 0 is listening" in other_shell("events", "hello").stdout
+        reload = other_shell("reload", "hello")
+        assert reload.returncode == 0 and f"reloaded {len(ready)} workers" in reload.stdout
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
     finally:
@@ -76,6 +85,14 @@ def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
     assert nspawn_machines() <= before
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert other_shell("status", "hello").returncode == 4  # gone with its container
+
+
+def other_shell(*args: str) -> subprocess.CompletedProcess[str]:
+    """``clusterkit ARGS`` from another process, in another directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "clusterkit.cli", *args], capture_output=True, text=True, cwd="/"
+    )
 
 
 def run_up(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
