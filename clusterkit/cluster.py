@@ -25,12 +25,12 @@ first use through the module ``__getattr__`` below, so a worker that imports
 from __future__ import annotations
 
 from clusterkit import worker as _worker_mod
-from clusterkit.worker import Worker
+from clusterkit.worker import ThisWorker
 
 is_worker: bool = _worker_mod.is_managed()
 is_primary: bool = not is_worker
 is_master: bool = is_primary  # Node's older name
-worker: Worker | None = _worker_mod.current() if is_worker else None
+worker: ThisWorker | None = _worker_mod.current() if is_worker else None
 
 
 def __getattr__(name: str) -> object:

@@ -54,13 +54,13 @@ from typing import Any
 from clusterkit import worker as worker_mod
 from clusterkit.limits import Limits
 from clusterkit.watchdog import Watchdog
-from clusterkit.worker import BACKLOG, Address, Worker
+from clusterkit.worker import BACKLOG, Address, ThisWorker
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _describe(sock: socket.socket) -> str:
-    return worker_mod._bound_to(sock)
+    return worker_mod.bound_to(sock)
 
 
 def _loop_factory(use_uvloop: bool | None) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -90,7 +90,7 @@ def serve_asyncio(
     handler_or_protocol: Any,
     port_or_address: Address = 3000,
     *,
-    worker: Worker | None = None,
+    worker: ThisWorker | None = None,
     drain_timeout: float | None = None,
     fresh_grace: float = 1.0,
     use_uvloop: bool | None = None,
@@ -127,7 +127,7 @@ def _tracked(proto_cls: type, conns: set) -> type:
 
 
 async def _serve_asyncio(
-    w: Worker,
+    w: ThisWorker,
     sock: socket.socket,
     target: Any,
     drain_timeout: float,
@@ -198,7 +198,7 @@ def serve_asgi(
     app: Any,
     port_or_address: Address = 3000,
     *,
-    worker: Worker | None = None,
+    worker: ThisWorker | None = None,
     drain_timeout: float | None = None,
     fresh_grace: float = 1.0,
     **uvicorn_options: Any,
@@ -276,7 +276,7 @@ def serve_wsgi(
     app: Any,
     port_or_address: Address = 3000,
     *,
-    worker: Worker | None = None,
+    worker: ThisWorker | None = None,
     drain_timeout: float | None = None,
     fresh_grace: float = 1.0,
     threads: int = 8,

@@ -12,7 +12,7 @@ Nothing here calls ``setblocking(True)`` or ``settimeout()`` on them: that would
 flip the flag under every other worker's accept loop.
 
 Development without systemd: :func:`current` works in any process. With no
-passed socket, :meth:`Worker.listen` binds the address itself, so the script a
+passed socket, :meth:`ThisWorker.listen` binds the address itself, so the script a
 unit runs also runs as ``python server.py`` (Python's ``if __name__ ==
 "__main__"`` plays the part of Node's ``if (!module.parent)``). Inside a real
 unit (``INVOCATION_ID`` and ``CLUSTERKIT_WORKER_ID`` set) a missing socket is
@@ -39,7 +39,7 @@ Address = int | str | tuple[str, int] | None
 BACKLOG = socket.SOMAXCONN
 
 _passed: dict[int, str] | None = None
-_current: Worker | None = None
+_current: ThisWorker | None = None
 
 
 def passed_fds() -> dict[int, str]:
@@ -83,7 +83,7 @@ def _parse(address: Address) -> tuple[str, object]:
     raise ValueError(f"not a port, host:port or socket path: {address!r}")
 
 
-def _bound_to(sock: socket.socket) -> str:
+def bound_to(sock: socket.socket) -> str:
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
         if isinstance(name, bytes):  # abstract namespace
@@ -97,7 +97,7 @@ def _matches(sock: socket.socket, kind: str, target: object) -> bool:
     if kind == "any":
         return True
     if kind == "unix":
-        return sock.family == socket.AF_UNIX and _bound_to(sock) == target
+        return sock.family == socket.AF_UNIX and bound_to(sock) == target
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     host, port = target  # type: ignore[misc]
@@ -110,7 +110,7 @@ def _matches(sock: socket.socket, kind: str, target: object) -> bool:
     return wildcard or bound_host == host or bound_host == f"::ffff:{host}"
 
 
-class Worker:
+class ThisWorker:
     """This process as one worker of a cluster (Node's ``cluster.worker``)."""
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
@@ -174,13 +174,13 @@ class Worker:
             if kind == "any" and len(found) > 1:
                 raise LookupError(
                     "several sockets were passed ("
-                    + ", ".join(_bound_to(s) for s in passed)
+                    + ", ".join(bound_to(s) for s in passed)
                     + "); say which one, e.g. listen(3000) or listen('/run/app.sock')"
                 )
             if not found:
                 raise LookupError(
                     f"listen({port_or_address!r}): systemd passed "
-                    + ", ".join(_bound_to(s) for s in passed)
+                    + ", ".join(bound_to(s) for s in passed)
                     + ", none of which matches; fix ListenStream= or the address"
                 )
             return found[0]
@@ -241,9 +241,9 @@ def _bind(kind: str, target: object) -> socket.socket:
     return socket.create_server(("0.0.0.0", port), backlog=BACKLOG)
 
 
-def current() -> Worker:
-    """The Worker for this process, in a unit or not (development)."""
+def current() -> ThisWorker:
+    """The ThisWorker for this process, in a unit or not (development)."""
     global _current
     if _current is None or _current.pid != os.getpid():
-        _current = Worker()
+        _current = ThisWorker()
     return _current

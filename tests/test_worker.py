@@ -464,7 +464,7 @@ def test_several_passed_sockets_pick_by_address(tmp_path, app_script):
 
 
 def test_worker_identity_from_unit_environment():
-    from clusterkit.worker import Worker
+    from clusterkit.worker import ThisWorker as Worker
 
     w = Worker({"CLUSTERKIT_WORKER_ID": "2", "CLUSTERKIT_NAME": "hello", "INVOCATION_ID": "ab12"})
     assert (w.id, w.name, w.unit, w.invocation_id, w.pid) == (
@@ -479,7 +479,7 @@ def test_worker_identity_from_unit_environment():
 
 
 def test_in_a_unit_without_a_socket_listen_raises():
-    from clusterkit.worker import Worker
+    from clusterkit.worker import ThisWorker as Worker
 
     w = Worker({"CLUSTERKIT_WORKER_ID": "2", "CLUSTERKIT_NAME": "hello", "INVOCATION_ID": "ab12"})
     with pytest.raises(LookupError, match="without a listening socket"):
@@ -520,7 +520,7 @@ def test_notify_is_a_noop_outside_systemd(monkeypatch):
 
 def test_notify_sends_real_datagrams(monkeypatch, notify_socket):
     from clusterkit import notify
-    from clusterkit.worker import Worker
+    from clusterkit.worker import ThisWorker as Worker
 
     monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.path)
     w = Worker({})
