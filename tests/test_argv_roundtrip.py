@@ -256,14 +256,11 @@ def worker_sees(word: str) -> str:
     return "$".join(parts)
 
 
-def assert_same_command(got: list, twin: list, values: dict[str, str], *, worker: bool) -> None:
-    """Same commands, the user's values in place; ``worker``: as the worker's argv,
-    whose "$" the user wrote literally (other commands may use systemd's variables)."""
+def assert_same_command(got: list, twin: list, values: dict[str, str]) -> None:
     assert len(got) == len(twin), (got, twin)
     for (path, argv, *rest), (twin_path, twin_argv, *twin_rest) in zip(got, twin, strict=True):
         assert path == simplified(str(substitute(twin_path, values)))
-        words = [worker_sees(a) for a in argv] if worker else argv
-        assert words == substitute(twin_argv, values)
+        assert [worker_sees(a) for a in argv] == substitute(twin_argv, values)
         assert rest == twin_rest
 
 
@@ -277,8 +274,7 @@ def assert_parsed_as_written(got: dict, twin: dict, values: dict[str, str]) -> N
     assert got["LoadState"] == "loaded" and got.keys() == twin.keys()
     for key in got:
         if key in EXEC_PROPERTIES:
-            worker = key in ("ExecStart", "ExecStartEx")
-            assert_same_command(got[key], twin[key], values, worker=worker)
+            assert_same_command(got[key], twin[key], values)
         elif key == "Listen":
             # D-Bus shows a unix socket's path C-escaped (systemd's sockaddr_pretty);
             # the socket file itself has the path as written.
