@@ -517,14 +517,15 @@ def _parse_listen(key: str, raw: Any) -> tuple[Listen, ...]:
 def _parse_one_listen(key: str, raw: Any) -> Listen:
     if isinstance(raw, int) and not isinstance(raw, bool):
         raw = str(raw)
-    text = _text(key, raw).strip()
+    text = _text(key, raw)
     if text.startswith("/"):
-        text = _bare(key, text)
+        text = _bare(key, text)  # a path as given: no space stripped off its end
         if len(text.encode()) > _SUN_PATH_MAX:
             raise SpecError(f"--{key}: unix socket path longer than {_SUN_PATH_MAX} bytes")
         if any(c.isspace() for c in text):
             raise SpecError(f"--{key}: unix socket path {text!r} contains whitespace")
         return Listen(text, None)
+    text = text.strip()
     host, sep, port_text = text.rpartition(":")
     if sep:
         if host.startswith("[") and host.endswith("]"):

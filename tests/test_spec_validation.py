@@ -61,6 +61,7 @@ BAD = {
     # systemd strips spaces around an unquoted value.
     "description-leading-space": ({"description": " web"}, "--description"),
     "working-directory-trailing-space": ({"working-directory": "/srv/a "}, "--working"),
+    "unix-listen-trailing-space": ({"listen": ["/run/a.sock "]}, "--listen"),
     # Non-ASCII digits are never numbers.
     "workers-superscript": ({"workers": "²"}, "--workers"),
     "workers-arabic-indic": ({"workers": "٣"}, "--workers"),
