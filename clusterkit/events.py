@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time as _time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -126,7 +126,8 @@ class EventReader:
     Start at ``since`` (a datetime), just after ``cursor`` (resume: the record
     at the cursor itself is skipped), or at the head of the journal. With
     ``at_end=True`` only records written from now on are read. ``directory``
-    reads journal files there instead of the local journal.
+    reads journal files there instead of the local journal; ``files``, only
+    these journal files (one sender's, on a collector).
     """
 
     def __init__(
@@ -139,16 +140,19 @@ class EventReader:
         at_end: bool = False,
         exits_only: bool = False,
         directory: str | None = None,
+        files: Sequence[str] | None = None,
     ) -> None:
         self.name = name
         self.user = user
         self.cursor: str | None = cursor  # of the last record read: resume from here
         self._manager = replace(_USER, uid=os.getuid()) if user else _SYSTEM
-        self._open = (
-            (lambda: journal.Reader(path=directory, converters=CONVERTERS))
-            if directory
-            else (lambda: journal.Reader(converters=CONVERTERS))
-        )
+        if files is not None:
+            paths = list(files)
+            self._open = lambda: journal.Reader(files=paths, converters=CONVERTERS)
+        elif directory:
+            self._open = lambda: journal.Reader(path=directory, converters=CONVERTERS)
+        else:
+            self._open = lambda: journal.Reader(converters=CONVERTERS)
         self._reader = self._open()
         self._details: journal.Reader | None = None  # looks up one run's records
         ids = RUN_ENDED if exits_only else (*_SYSTEMD_EVENTS, *RUN_ENDED)
