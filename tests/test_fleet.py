@@ -257,6 +257,34 @@ def test_bad_inventory_exits_2(tmp_path: Path) -> None:
         assert r.stdout == ""
 
 
+def test_fleet_table_and_haproxy_config(tmp_path: Path) -> None:
+    from clusterkit.fleet import collector_files, haproxy_config
+    from clusterkit.fleetspec import load_fleet
+
+    config = tmp_path / "pyproject.toml"
+    config.write_text(
+        '[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\nlisten = ["8000"]\n'
+        '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11", b = "198.18.0.12" }\n'
+        'collector = "198.18.0.2"\nhealth_path = "/healthz"\n'
+    )
+    fleet = load_fleet(config)
+    assert [(h.name, h.address) for h in fleet.hosts] == [
+        ("a", "198.18.0.11"),
+        ("b", "198.18.0.12"),
+    ]
+    assert fleet.port == 8000 and fleet.backend == "web" and fleet.package == "clusterkit"
+    text = haproxy_config(fleet, "*:80", "/run/haproxy/admin.sock")
+    assert "option httpchk GET /healthz" in text
+    assert "server a 198.18.0.11:8000 check inter 1s fall 2 rise 2 observe layer7" in text
+    assert "stats socket /run/haproxy/admin.sock mode 600 level admin" in text
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for name in ("remote-198.18.0.11.journal", "remote-198.18.0.11@x-1-2.journal~", "other"):
+        (remote / name).write_text("")
+    assert list(collector_files(remote)) == ["198.18.0.11"]
+    assert len(collector_files(remote)["198.18.0.11"]) == 2
+
+
 # ---- the topology -------------------------------------------------------------------------
 
 
@@ -409,7 +437,8 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
         topo.figures["upload from a non-host address"] = (
             "refused by the collector's socket (IPAddressDeny)"
             if stranger.returncode != 0
-            else "accepted by journal-remote, ignored by `fleet events`"
+            else "accepted by journal-remote (no BPF firewall under this machine's cgroup v1), "
+            "ignored by `fleet events` with a warning"
         )
         time.sleep(1.5)
         r = topo.fleet("events", "--json")
@@ -418,6 +447,11 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
         assert all(e["host"] in topo.hosts for e in events)
         if stranger.returncode == 0:
             assert STRANGER in r.stderr
+
+        r = topo.fleet("logs", "--json")
+        lines = [json.loads(line) for line in r.stdout.splitlines()]
+        serving = {ln["host"] for ln in lines if "serving on" in str(ln["message"])}
+        assert serving == set(topo.hosts), lines[-10:]
     finally:
         follower.stop()
 
@@ -509,6 +543,23 @@ def test_fleet_restart_hosts_drains_and_fails_no_request(topo: Topology) -> None
     topo.figures["fleet restart-hosts under load (drain, restart units, ready)"] = (
         f"{len(report.failed())} failed of {len(report.samples)} requests, {took:.1f} s"
     )
+
+
+def test_restart_hosts_stops_at_a_failure_and_says_the_host_is_drained(topo: Topology) -> None:
+    first = list(topo.hosts)[0]
+    r = topo.cli(
+        "fleet", "restart-hosts", "--command", "exit 3", "--config", str(topo.config), timeout=120
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert f"{first} FAILED after being drained and is STILL DRAINED" in r.stdout, r.stdout
+    servers = topo.servers()
+    assert servers[first]["status"] == "DRAIN", servers
+    assert all(servers[n]["status"] == "UP" for n in topo.hosts if n != first), servers
+    r = topo.cli(
+        "fleet", "lb", "ready", first, "--socket", str(topo.tmp / "haproxy.sock"), "--backend", NAME
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert topo.all_up()
 
 
 def _time_to_down(topo: Topology, name: str, since: float, timeout: float = 10) -> float:
