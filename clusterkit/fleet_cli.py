@@ -15,6 +15,7 @@ from pathlib import Path
 
 def _fleet(args: argparse.Namespace):
     from clusterkit.cli import USAGE_ERROR, CommandError
+    from clusterkit.fleet import FleetFailure
     from clusterkit.fleetspec import FleetError, load_fleet
 
     config = args.config or Path("pyproject.toml")
@@ -24,6 +25,8 @@ def _fleet(args: argparse.Namespace):
         return load_fleet(config, args.inventory)
     except FleetError as e:
         raise CommandError(str(e), USAGE_ERROR) from None
+    except FleetFailure as e:  # ansible-inventory is missing
+        raise CommandError(str(e)) from None
     except (OSError, ValueError) as e:
         raise CommandError(f"--config: {config}: {e}", USAGE_ERROR) from None
 
@@ -117,37 +120,38 @@ def cmd_restart_hosts(args: argparse.Namespace) -> int:
 
 
 def _stream(args: argparse.Namespace, logs: bool) -> int:
-    from clusterkit.fleet import FleetEvents
+    from clusterkit.cli import CommandError
+    from clusterkit.fleet import FleetEvents, FleetFailure
 
     fleet = _fleet(args)
     reader = FleetEvents(fleet, logs=logs)
     warned: set[str] = set()
+
+    def warn() -> None:
+        for address in sorted(reader.strangers - warned):
+            print(
+                f"clusterkit fleet: ignoring records uploaded from {address}, "
+                "which is not a host of the inventory",
+                file=sys.stderr,
+            )
+            warned.add(address)
+
     try:
-        items = reader.follow() if args.follow else iter(_failure(reader.read))
-        for item in items:
-            for address in sorted(reader.strangers - warned):
-                print(
-                    f"clusterkit fleet: ignoring records uploaded from {address}, "
-                    "which is not a host of the inventory",
-                    file=sys.stderr,
-                )
-                warned.add(address)
+        for item in reader.follow() if args.follow else iter(reader.read()):
+            warn()
             if args.json:
                 print(json.dumps(item), flush=True)
             elif logs:
                 print(f"{item['time'][:19]} {item['host']} {item['unit']}: {item['message']}")
             else:
                 print(f"{item['time'][:19]} {item['host']} {_describe(item)}", flush=True)
+    except FleetFailure as e:
+        raise CommandError(str(e)) from None
     except KeyboardInterrupt:
         pass
     finally:
         reader.close()
-    for address in sorted(reader.strangers - warned):
-        print(
-            f"clusterkit fleet: ignoring records uploaded from {address}, "
-            "which is not a host of the inventory",
-            file=sys.stderr,
-        )
+    warn()
     return 0
 
 
