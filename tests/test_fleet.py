@@ -284,6 +284,20 @@ def test_fleet_table_and_haproxy_config(tmp_path: Path) -> None:
     assert list(collector_files(remote)) == ["198.18.0.11"]
     assert len(collector_files(remote)["198.18.0.11"]) == 2
 
+    # the same hosts from an Ansible inventory (parsed by ansible-inventory)
+    if (Path(PY).parent / "ansible-inventory").exists():
+        inventory = tmp_path / "hosts.ini"
+        inventory.write_text("[clusterkit]\na ansible_host=198.18.0.11\n198.18.0.12\n")
+        config.write_text(
+            '[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\n'
+            f'[tool.clusterkit.fleet]\ninventory = "{inventory}"\n'
+        )
+        fleet = load_fleet(config)
+        assert [(h.name, h.address) for h in fleet.hosts] == [
+            ("a", "198.18.0.11"),
+            ("198.18.0.12", "198.18.0.12"),
+        ]
+
 
 # ---- the topology -------------------------------------------------------------------------
 
@@ -416,14 +430,18 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
             f"{min(delays):.2f}-{max(delays):.2f} s (limit 2 s)"
         )
 
-        # A record uploaded by h2 that claims to be h1's PID 1 reporting a dead worker 1.
+        # Records uploaded by h2 as if from PID 1: one claims to be h1 (worker 1 died), the
+        # other claims to be h2 itself (worker 7), which shows the forgery gets through the
+        # collector and the event parser, so only the host check can drop the first.
         h1, h2 = list(topo.hosts)[:2]
         fake = _fake_exit_record(h1, worker=1)
-        r = topo.hosts[h2].run(
-            "curl", "-sS", "--max-time", "5", "-H", "Content-Type: application/vnd.fdo.journal",
-            "--data-binary", "@-", f"http://{COLLECTOR}:19532/upload", input=fake,
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr
+        for record in (fake, _fake_exit_record(h2, worker=7)):
+            r = topo.hosts[h2].run(
+                "curl", "-sS", "--max-time", "5",
+                "-H", "Content-Type: application/vnd.fdo.journal",
+                "--data-binary", "@-", f"http://{COLLECTOR}:19532/upload", input=record,
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
         # The same from an address that is no host of the inventory.
         topo.lan.add_address(STRANGER)
         stranger = subprocess.run(
@@ -444,6 +462,8 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
         r = topo.fleet("events", "--json")
         events = [json.loads(line) for line in r.stdout.splitlines()]
         assert not [e for e in events if e["worker"] == 1 and e["event"] == "exit"], events
+        own = [e for e in events if e["worker"] == 7 and e["event"] == "exit"]
+        assert [e["host"] for e in own] == [h2], events
         assert all(e["host"] in topo.hosts for e in events)
         if stranger.returncode == 0:
             assert STRANGER in r.stderr
@@ -530,14 +550,28 @@ def test_fleet_reload_under_load_fails_no_request(topo: Topology) -> None:
 
 
 def test_fleet_restart_hosts_drains_and_fails_no_request(topo: Topology) -> None:
+    out_of_rotation: list[int] = []  # how many servers were not UP, sampled every 50 ms
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            out_of_rotation.append(sum(s["status"] != "UP" for s in topo.servers().values()))
+
+    watcher = threading.Thread(target=watch, daemon=True)
     with topo.load() as load:
         load.wait_requests(100)
+        watcher.start()
         started = time.monotonic()
-        r = topo.fleet("restart-hosts", timeout=180)
+        try:
+            r = topo.fleet("restart-hosts", timeout=180)
+        finally:
+            done.set()
+            watcher.join()
         took = time.monotonic() - started
         load.wait_requests(100, sent_after=time.monotonic())
         report = load.stop()
     assert not report.failed(), report.summary()
+    assert max(out_of_rotation) == 1, "never more than one host out of rotation, and one was"
     assert r.stdout.count("Drain in HAProxy") == 3, r.stdout[-3000:]
     assert all(s["status"] == "UP" for s in topo.servers().values())
     topo.figures["fleet restart-hosts under load (drain, restart units, ready)"] = (
