@@ -220,7 +220,7 @@ def _primary_call(call, *args, **kwargs):
 def _last_exits(settings) -> dict[int, object]:
     from clusterkit import events
 
-    reader = events.EventReader(settings.name, user=settings.user, exits_only=True)
+    reader = events.EventReader(settings.name, manager=settings.manager, exits_only=True)
     try:
         return {ev.worker: ev for ev in reader}
     finally:
@@ -306,7 +306,7 @@ def cmd_events(args: argparse.Namespace) -> int:
             raise CommandError(f"--since: {e}", USAGE_ERROR) from None
     reader = events.EventReader(
         settings.name,
-        user=settings.user,
+        manager=settings.manager,
         since=since,
         cursor=args.after_cursor,
         at_end=args.follow and since is None and not args.after_cursor,

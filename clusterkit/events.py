@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 
 from systemd import journal
 
-from clusterkit import report
+from clusterkit import names, report
+from clusterkit.manager import Manager
 from clusterkit.report import RUN_ENDED, STARTED, STARTING, STOPPING
 
 EVENTS = ("fork", "online", "listening", "disconnect", "exit")
@@ -111,29 +112,22 @@ class Event:
         }[self.event]
 
 
-def instance_id(unit: object, name: str) -> int | None:
-    """K of ``NAME@K.service``; None for any other unit."""
-    prefix, suffix = f"{name}@", ".service"
-    if not isinstance(unit, str) or not (unit.startswith(prefix) and unit.endswith(suffix)):
-        return None
-    text = unit[len(prefix) : -len(suffix)]
-    return int(text) if text.isascii() and text.isdigit() else None
-
-
 class EventReader:
     """Events of cluster ``name`` in journal order: history, then (optionally) live.
 
     Start at ``since`` (a datetime), just after ``cursor`` (resume: the record
     at the cursor itself is skipped), or at the head of the journal. With
-    ``at_end=True`` only records written from now on are read. ``directory``
-    reads journal files there instead of the local journal; ``files``, only
-    these journal files (one sender's, on a collector).
+    ``at_end=True`` only records written from now on are read. The journal is
+    ``manager``'s (the local one, or the container's that ``up`` runs), or the
+    files in ``directory`` (journals collected from other hosts), or only the
+    journal ``files`` given (one sender's, on a collector).
     """
 
     def __init__(
         self,
         name: str,
         *,
+        manager: Manager | None = None,
         user: bool = False,
         since: datetime | None = None,
         cursor: str | None = None,
@@ -143,9 +137,11 @@ class EventReader:
         files: Sequence[str] | None = None,
     ) -> None:
         self.name = name
-        self.user = user
+        manager = manager or Manager("user" if user else "system")
+        self.user = manager.user
+        directory = directory or manager.journal_directory
         self.cursor: str | None = cursor  # of the last record read: resume from here
-        self._manager = replace(_USER, uid=os.getuid()) if user else _SYSTEM
+        self._manager = replace(_USER, uid=os.getuid()) if manager.user else _SYSTEM
         if files is not None:
             paths = list(files)
             self._open = lambda: journal.Reader(files=paths, converters=CONVERTERS)
@@ -186,7 +182,7 @@ class EventReader:
         m = self._manager
         when = entry.get("__REALTIME_TIMESTAMP")
         unit = entry.get(m.unit)
-        worker = instance_id(unit, self.name)
+        worker = names.worker_id(unit, self.name)
         if not self._by_manager(entry) or worker is None or not isinstance(when, datetime):
             return []
         cursor = str(entry.get("__CURSOR", ""))
@@ -240,9 +236,7 @@ class EventReader:
         field_name, value = m.writer
         r.add_match(f"{m.invocation}={invocation}", f"{field_name}={value}")
         r.add_disjunction()
-        r.add_match(
-            f"_SYSTEMD_INVOCATION_ID={invocation}", f"SYSLOG_IDENTIFIER={report.IDENTIFIER}"
-        )
+        r.add_match(f"_SYSTEMD_INVOCATION_ID={invocation}", f"PRIORITY={report.PRIORITY}")
         r.seek_head()
         run = _Run()
         for entry in r:

@@ -433,9 +433,11 @@ class _LogReader:
     def __init__(self, name: str, files: list[str], cursor: str | None, others: set[str]):
         from systemd import journal
 
-        from clusterkit.events import CONVERTERS, instance_id
+        from clusterkit import names, report
+        from clusterkit.events import CONVERTERS
 
-        self._instance_id = instance_id
+        self._worker_id = names.worker_id
+        self._report = report
         self.name = name
         self.others = others
         self.cursor = cursor
@@ -452,12 +454,16 @@ class _LogReader:
             if not entry:
                 return
             self.cursor = str(entry["__CURSOR"])
-            worker = self._instance_id(entry.get("_SYSTEMD_UNIT"), self.name)
+            worker = self._worker_id(entry.get("_SYSTEMD_UNIT"), self.name)
             if worker is None or entry.get("_HOSTNAME") in self.others:
                 continue
             message = entry.get("MESSAGE")
             if isinstance(message, bytes):
                 message = message.decode(errors="replace")
+            if isinstance(message, str) and (
+                self._report.parse_started(message) or self._report.parse_exited(message)
+            ):
+                continue  # the unit's own start/exit lines, for the exit events
             when = entry["__REALTIME_TIMESTAMP"]
             yield {
                 "worker": worker,

@@ -1,14 +1,24 @@
 """A small, fast HTTP/1.1 server protocol for asyncio (Node's ``http.createServer``).
 
-Parsing is httptools' (llhttp, Node's own parser) when installed, else a
-minimal pure-Python parser (no chunked request bodies: 501). Keep-alive and
-pipelining are supported, ``Connection: close`` is honoured, responses carry
+Parsing is httptools' (llhttp, Node's own parser): the ``fast`` extra. HTTP/1.1 keep-alive
+and pipelining are supported, ``Connection: close`` is honoured, responses carry
 ``Content-Length`` and ``Date``.
 
 A handler takes a :class:`Request` and returns ``bytes``/``str`` (200,
 text/plain), a :class:`Response`, or an awaitable of either::
 
     def hello(req): return "Hello Http"
+
+Hostile clients meet :class:`Limits`: a too-long request target gets 414, too
+many or too large header fields 431, a too-large body 413 (before it is read
+when ``Content-Length`` says so), a malformed request 400, then the connection
+closes. A request's head must arrive within ``header_timeout``, a body must not
+stall for ``body_timeout``, an idle keep-alive connection closes after
+``keep_alive_timeout``. Reading pauses while a pipelined request waits for the
+one before it, and while the client does not read its responses, so neither
+queue grows without bound. A handler that raises, returns something other than
+bytes/str/Response, or sets a header containing CR/LF gets a 500 and a log
+record naming it; nothing it set is sent.
 
 Draining (graceful stop) is driven by :class:`ConnectionSet`: after
 :meth:`ConnectionSet.drain` every response says ``Connection: close``, and a
@@ -28,13 +38,16 @@ from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 
+from clusterkit.limits import Limits
+
 try:  # the `fast` extra
     import httptools
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "clusterkit's HTTP server (serve_asyncio) needs httptools: pip install 'clusterkit[fast]'"
+    ) from e
 
-    HttpParserError: type[Exception] = httptools.HttpParserError
-except ImportError:  # pragma: no cover - plain asyncio fallback
-    httptools = None
-    HttpParserError = ValueError
+__all__ = ["ConnectionSet", "HttpProtocol", "Limits", "Request", "Response"]
 
 
 class Request:
@@ -81,23 +94,57 @@ Handler = Callable[[Request], Result | Awaitable[Result]]
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _PLAIN_200 = b"HTTP/1.1 200 OK\r\nContent-Type: " + TEXT.encode() + b"\r\nContent-Length: "
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: response headers clusterkit writes itself; an app's own are dropped (one Content-Length)
+_OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "date"})
+_BAD_IN_HEADER = ("\r", "\n", "\0")
+_BAD_IN_NAME = ("\r", "\n", "\0", ":", " ", "\t")
+
+
+class _Reject(Exception):
+    """Raised from a parser callback: answer *status* and close."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _BadResult(Exception):
+    pass
 
 
 class ConnectionSet:
-    """State shared by the connections of one server: handler, Date, drain."""
+    """State shared by the connections of one server: handler, limits, Date, drain."""
 
-    def __init__(self, handler: Handler, logger, fresh_grace: float = 1.0) -> None:
+    def __init__(
+        self, handler: Handler, logger, fresh_grace: float = 1.0, limits: Limits | None = None
+    ) -> None:
         self.handler = handler
         self.logger = logger
         self.fresh_grace = fresh_grace
+        self.limits = limits or Limits()
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         self.date = b""
+        self.now = 0.0
         self.tick()
 
     def tick(self) -> None:
-        """Refresh the cached Date header (call once a second)."""
+        """Refresh the cached Date header and clock, close timed-out connections."""
         self.date = b"\r\nDate: " + formatdate(time.time(), usegmt=True).encode()
+        self.now = now = time.monotonic()
+        for conn in list(self.connections):
+            if conn.deadline and now >= conn.deadline:
+                conn.timed_out()
+
+    def start_ticking(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Call :meth:`tick` every ``limits.tick`` seconds from *loop*."""
+
+        def again() -> None:
+            self.tick()
+            loop.call_later(self.limits.tick, again)
+
+        loop.call_later(self.limits.tick, again)
 
     def drain(self) -> None:
         """Start the graceful stop: close what is idle, mark the rest to close."""
@@ -112,30 +159,53 @@ class ConnectionSet:
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "state",
+        "limits",
         "transport",
         "parser",
         "url",
         "headers",
         "body",
+        "body_size",
+        "head_size",
+        "head_parsed",
+        "in_head",
         "in_message",
+        "expect_continue",
+        "has_host",
+        "upgrade",
         "busy",
         "pending",
         "served",
         "closing",
+        "stopped",
+        "deadline",
+        "write_paused",
     )
 
     def __init__(self, state: ConnectionSet) -> None:
         self.state = state
+        self.limits = state.limits
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self) if httptools else _SimpleParser(self)
+        self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list[tuple[str, str]] = []
         self.body: list[bytes] = []
+        self.body_size = 0
+        self.head_size = 0  # bytes received while the head is incomplete (an endless one)
+        self.head_parsed = 0  # bytes of request line and fields parsed
+        self.in_head = False
         self.in_message = False
+        self.expect_continue = False
+        self.has_host = False
+        self.upgrade = False
         self.busy = False
-        self.pending: deque[tuple[Request, bool]] = deque()
+        self.pending: deque[tuple[Request | int, bool]] = deque()
         self.served = 0
         self.closing = False
+        self.stopped = False  # no more requests are parsed (an error or an upgrade)
+        #: monotonic time at which the connection times out; 0: no timeout running
+        self.deadline = state.now + self.limits.header_timeout
+        self.write_paused = False
 
     # -- transport events --------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -147,33 +217,125 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.state.connections.discard(self)
         self.transport = None
+        self.deadline = 0.0
 
     def data_received(self, data: bytes) -> None:
+        if self.stopped or self.closing:
+            return
+        if self.in_head:
+            self.head_size += len(data)
         try:
             self.parser.feed_data(data)
-        except HttpParserError:
-            self._error(400, b"Bad Request")
-        except Exception:  # httptools' HttpParserUpgrade and friends
-            self._error(501, b"Not Implemented")
+        except httptools.HttpParserUpgrade:
+            # As uvicorn without a websocket library: the request is answered as
+            # if it had no Upgrade header, then the connection closes.
+            self._stop_reading()
+            return
+        except httptools.HttpParserCallbackError as e:
+            reject = e.__context__
+            if not isinstance(reject, _Reject):
+                self.state.logger.error("HTTP server error", exc_info=reject or e)
+                reject = _Reject(500)
+            self._reject(reject.status)
+            return
+        except httptools.HttpParserError:
+            self._reject(400)
+            return
+        if self.in_head and self.head_size > self.limits.max_head_size:
+            self._reject(431)
+
+    def pause_writing(self) -> None:  # the client does not read: stop reading too
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._maybe_resume_reading()
+
+    def _maybe_resume_reading(self) -> None:
+        if (
+            self.transport is not None
+            and not self.write_paused
+            and not self.pending
+            and not self.stopped
+            and not self.closing
+        ):
+            self.transport.resume_reading()
+
+    def _stop_reading(self) -> None:
+        self.stopped = True
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     # -- parser callbacks --------------------------------------------------
     def on_message_begin(self) -> None:
         self.in_message = True
+        self.in_head = True
+        self.head_size = 0
+        self.head_parsed = 0
         self.url = b""
         self.headers = []
         self.body = []
+        self.body_size = 0
+        self.expect_continue = False
+        self.has_host = False
+        self.upgrade = False
+        if not self.busy:
+            self.deadline = self.state.now + self.limits.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_parsed += len(url)
+        if len(self.url) > self.limits.max_request_line:
+            raise _Reject(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        limits = self.limits
+        if len(self.headers) >= limits.max_header_fields:
+            raise _Reject(431)
+        size = len(name) + len(value)
+        self.head_parsed += size + 4
+        if size > limits.max_header_field_size or self.head_parsed > limits.max_head_size:
+            raise _Reject(431)
+        key = name.decode("latin-1").lower()
+        val = value.decode("latin-1")
+        if key == "content-length":
+            try:
+                length = int(val)
+            except ValueError:
+                raise _Reject(400) from None
+            if length > limits.max_body_size:
+                raise _Reject(413)
+        elif key == "host":
+            self.has_host = True
+        elif key == "expect" and val.lower() == "100-continue":
+            self.expect_continue = True
+        self.headers.append((key, val))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        if not self.has_host and self.parser.get_http_version() == "1.1":
+            raise _Reject(400)  # RFC 9112, 3.2: a server MUST answer 400
+        if self.parser.should_upgrade():
+            self.upgrade = True
+        if not self.busy:
+            self.deadline = self.state.now + self.limits.body_timeout
+            if self.expect_continue and not self.pending and self.transport is not None:
+                # the body is read (and buffered) anyway: ask for it at once
+                self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.limits.max_body_size:  # chunked: no Content-Length to check
+            raise _Reject(413)
         self.body.append(body)
+        if not self.busy:
+            self.deadline = self.state.now + self.limits.body_timeout
 
     def on_message_complete(self) -> None:
         self.in_message = False
+        self.deadline = 0.0
         p = self.parser
         req = Request(
             p.get_method().decode(),
@@ -182,25 +344,33 @@ class HttpProtocol(asyncio.Protocol):
             b"".join(self.body),
             p.get_http_version(),
         )
-        keep = p.should_keep_alive()
+        # HTTP/1.0 keep-alive is not offered (as uvicorn): the connection closes
+        keep = p.should_keep_alive() and not self.upgrade and req.version != "1.0"
         if self.busy:
             self.pending.append((req, keep))
+            if self.transport is not None:
+                self.transport.pause_reading()
         else:
             self._dispatch(req, keep)
 
     # -- requests ----------------------------------------------------------
-    def _dispatch(self, req: Request, keep: bool) -> None:
+    def _dispatch(self, req: Request | int, keep: bool) -> None:
+        if isinstance(req, int):  # a refusal queued behind a pipelined request
+            self._send_error(req)
+            return
         try:
             result = self.state.handler(req)
         except Exception:
             self.state.logger.exception("handler failed: %s %s", req.method, req.target)
             result = Response(b"Internal Server Error", 500)
         if isinstance(result, (bytes, str, Response)):
-            self._respond(result, keep)
-        else:
+            self._respond(req, result, keep)
+        elif asyncio.iscoroutine(result) or asyncio.isfuture(result):
             self.busy = True
             task = asyncio.ensure_future(result)
             task.add_done_callback(lambda t: self._done(t, req, keep))
+        else:
+            self._respond(req, result, keep)  # refused there, with a log record
 
     def _done(self, task: asyncio.Future, req: Request, keep: bool) -> None:
         self.busy = False
@@ -213,37 +383,107 @@ class HttpProtocol(asyncio.Protocol):
             result = Response(b"Internal Server Error", 500)
         else:
             result = task.result()
-        self._respond(result, keep)
+        self._respond(req, result, keep)
         while self.pending and not self.busy and self.transport is not None:
             self._dispatch(*self.pending.popleft())
+        if not self.busy:
+            self._maybe_resume_reading()
+            if self.in_message:  # the next request began while this one ran
+                self.deadline = self.state.now + (
+                    self.limits.header_timeout if self.in_head else self.limits.body_timeout
+                )
 
-    def _respond(self, result: Result, keep: bool) -> None:
-        transport = self.transport
-        if transport is None or self.closing:
-            return
-        close = not keep or self.state.draining
+    def _head(self, req: Request, result: Result) -> tuple[bytes, bytes, bool]:
+        """The response head (without its final CRLFs), its body, and whether the app said close."""
         if isinstance(result, str):
             result = result.encode()
         if isinstance(result, bytes):
-            head = _PLAIN_200 + str(len(result)).encode() + self.state.date
+            return _PLAIN_200 + str(len(result)).encode() + self.state.date, result, False
+        if not isinstance(result, Response):
+            raise _BadResult(f"returned {type(result).__name__}, not bytes, str or Response")
+        status, body = result.status, result.body
+        if type(status) is not int or not 200 <= status <= 599:
+            raise _BadResult(f"returned a Response with status {status!r}")
+        if not isinstance(body, bytes):
+            raise _BadResult(f"returned a Response with a {type(body).__name__} body")
+        lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Unknown"))]
+        close = False
+        for k, v in result.headers:
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise _BadResult(f"returned a header that is not a str pair: {k!r}")
+            if not k or any(c in k for c in _BAD_IN_NAME) or any(c in v for c in _BAD_IN_HEADER):
+                raise _BadResult(f"returned a header with a forbidden character: {k!r}")
+            lk = k.lower()
+            if lk in _OWN_HEADERS:
+                if lk == "connection" and v.lower() == "close":
+                    close = True
+                continue
+            lines.append(f"{k}: {v}".encode("latin-1"))
+        if status in (204, 304):  # no body, and no Content-Length for one (RFC 9110)
+            body = b""
         else:
-            lines = [b"HTTP/1.1 %d %s" % (result.status, _REASONS.get(result.status, b"Unknown"))]
-            for k, v in result.headers:
-                lines.append(f"{k}: {v}".encode("latin-1"))
-            lines.append(b"Content-Length: %d" % len(result.body))
-            head = b"\r\n".join(lines) + self.state.date
-            result = result.body
-        if close:
-            transport.write(head + b"\r\nConnection: close\r\n\r\n" + result)
-            self.closing = True
-            transport.close()
-        else:
-            transport.write(head + b"\r\n\r\n" + result)
-        self.served += 1
+            lines.append(b"Content-Length: %d" % len(body))
+        return b"\r\n".join(lines) + self.state.date, body, close
 
-    def _error(self, status: int, text: bytes) -> None:
-        if self.transport is not None and not self.closing:
-            self._respond(Response(text, status), keep=False)
+    def _respond(self, req: Request, result: Result, keep: bool) -> None:
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        try:
+            head, body, app_close = self._head(req, result)
+        except Exception as e:  # noqa: BLE001 - the app's mistake: 500, logged
+            self.state.logger.error("handler for %s %s %s", req.method, req.target, e)
+            head, body, app_close = self._head(req, Response(b"Internal Server Error", 500))
+        if req.method == "HEAD":
+            body = b""
+        self.served += 1
+        if not keep or app_close or self.state.draining:
+            transport.write(head + b"\r\nConnection: close\r\n\r\n" + body)
+            self._close()
+        else:
+            transport.write(head + b"\r\n\r\n" + body)
+            if not self.busy and not self.in_message and not self.pending:
+                self.deadline = self.state.now + self.limits.keep_alive_timeout
+
+    # -- refusals and closing ---------------------------------------------
+    def _reject(self, status: int) -> None:
+        """Refuse the request being read: answer *status* in turn, then close."""
+        self._stop_reading()
+        self.in_message = self.in_head = False
+        if self.busy or self.pending:
+            self.pending.append((status, False))
+        else:
+            self._send_error(status)
+
+    def _send_error(self, status: int) -> None:
+        if self.transport is None or self.closing:
+            return
+        text = _REASONS.get(status, b"Error")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d%s\r\nConnection: close\r\n\r\n%s"
+            % (status, text, len(text), self.state.date, text)
+        )
+        self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        self.deadline = 0.0
+        if self.transport is not None:
+            self.transport.close()
+
+    def timed_out(self) -> None:
+        """Called by the ticker once ``deadline`` has passed."""
+        self.deadline = 0.0
+        transport = self.transport
+        if transport is None or self.closing or self.busy or self.pending:
+            return
+        if self.in_message:  # slow head or stalled body
+            self._send_error(408)
+        else:  # idle keep-alive (or a connection that never sent a byte)
+            self._close()
+        if transport.get_write_buffer_size():  # a client that does not read either
+            transport.abort()
 
     def close_if_idle(self, grace_over: bool = False) -> None:
         """Close if idle once ``fresh_grace`` is over; a request in the meantime is served."""
@@ -252,73 +492,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.busy or self.pending or self.in_message:
             return  # its response will carry Connection: close
         if grace_over:
-            self.closing = True
-            self.transport.close()
+            self._close()
         else:
             loop = asyncio.get_running_loop()
             loop.call_later(self.state.fresh_grace, self.close_if_idle, True)
-
-
-class _SimpleParser:
-    """The subset of httptools.HttpRequestParser that HttpProtocol uses, in Python."""
-
-    def __init__(self, proto: HttpProtocol) -> None:
-        self.proto = proto
-        self.buf = b""
-        self.method = b""
-        self.version = "1.1"
-        self.keep = True
-
-    def get_method(self) -> bytes:
-        return self.method
-
-    def get_http_version(self) -> str:
-        return self.version
-
-    def should_keep_alive(self) -> bool:
-        return self.keep
-
-    def feed_data(self, data: bytes) -> None:
-        self.buf += data
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buf) > 65536:
-                    raise ValueError("header too large")
-                if self.buf:
-                    self.proto.in_message = True
-                return
-            lines = self.buf[:end].split(b"\r\n")
-            try:
-                method, target, version = lines[0].split(b" ")
-            except ValueError:
-                raise ValueError("bad request line") from None
-            if not version.startswith(b"HTTP/1."):
-                raise ValueError("bad version")
-            headers = []
-            for line in lines[1:]:
-                name, sep, value = line.partition(b":")
-                if not sep:
-                    raise ValueError("bad header")
-                headers.append((name.strip().lower(), value.strip()))
-            hd = dict(headers)
-            if b"chunked" in hd.get(b"transfer-encoding", b"").lower():
-                raise NotImplementedError("chunked request body")
-            length = int(hd.get(b"content-length", b"0"))
-            if len(self.buf) < end + 4 + length:
-                self.proto.in_message = True
-                return
-            body = self.buf[end + 4 : end + 4 + length]
-            self.buf = self.buf[end + 4 + length :]
-            self.method = method
-            self.version = version[5:].decode()
-            conn = hd.get(b"connection", b"").lower()
-            self.keep = conn == b"keep-alive" if self.version == "1.0" else conn != b"close"
-            p = self.proto
-            p.on_message_begin()
-            p.on_url(target)
-            for name, value in headers:
-                p.on_header(name, value)
-            if body:
-                p.on_body(body)
-            p.on_message_complete()

@@ -24,7 +24,6 @@ system only; ``NAME.target`` still starts the generated number of workers at boo
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,34 +32,41 @@ from pathlib import Path
 from typing import Any
 
 from clusterkit import events as _events
+from clusterkit import names
+from clusterkit.manager import Manager, ManagerError
 from clusterkit.spec import SpecError, parse_env
 from clusterkit.unitfiles import atomic_write
 from clusterkit.unitsyntax import env_assignment
 
-SCHED_SHARED = "shared"  # one socket, every worker accepts on it (Node's SCHED_NONE)
-SCHED_REUSEPORT = "reuseport"  # one SO_REUSEPORT socket per worker, the kernel spreads
 FORK_DROPIN = "50-clusterkit-fork.conf"
 
 _SHOW = (
-    "Id,ActiveState,SubState,MainPID,ExecMainPID,InvocationID,NRestarts,Type,Job,"
-    "ExecMainStartTimestampMonotonic"
+    "Id",
+    "ActiveState",
+    "SubState",
+    "MainPID",
+    "InvocationID",
+    "NRestarts",
+    "Type",
+    "Job",
+    "ExecMainStartTimestampMonotonic",
 )
 
 
-class PrimaryError(Exception):
-    """systemd refused or is not reachable; the message says what to do."""
+class PrimaryError(ManagerError):
+    """No such cluster, or systemd refused; the message says what to do."""
 
 
 @dataclass
 class Settings:
-    """Node's ``cluster.settings``: here, which cluster and which manager."""
+    """Node's ``cluster.settings``: here, which cluster and which service manager runs it."""
 
     name: str
-    user: bool = False  # the calling user's manager (systemctl --user)
+    manager: Manager = field(default_factory=Manager)
 
     @property
-    def systemctl(self) -> tuple[str, ...]:
-        return ("systemctl", "--user") if self.user else ("systemctl",)
+    def user(self) -> bool:
+        return self.manager.user
 
 
 _settings: Settings | None = None
@@ -76,7 +82,9 @@ def _name_from_pyproject(path: Path = Path("pyproject.toml")) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def setup_primary(name: str | None = None, *, user: bool | None = None) -> Settings:
+def setup_primary(
+    name: str | None = None, *, user: bool | None = None, manager: Manager | None = None
+) -> Settings:
     """Choose the cluster: ``name``, else ``$CLUSTERKIT_NAME``, else ./pyproject.toml's."""
     global _settings
     name = name or os.environ.get("CLUSTERKIT_NAME") or _name_from_pyproject()
@@ -91,7 +99,7 @@ def setup_primary(name: str | None = None, *, user: bool | None = None) -> Setti
         _parse_name("name", name)
     except SpecError as e:
         raise PrimaryError(str(e)) from None
-    _settings = Settings(name, user=bool(user))
+    _settings = Settings(name, manager or Manager("user" if user else "system"))
     return _settings
 
 
@@ -102,32 +110,23 @@ def _current() -> Settings:
     return _settings or setup_primary()
 
 
-# ---- systemctl -------------------------------------------------------------------
+# ---- systemd ---------------------------------------------------------------------
 
 
 def systemctl(*args: str, settings: Settings | None = None, check: bool = True) -> str:
-    """Run systemctl for the cluster's manager; PrimaryError with its message on failure."""
+    """``systemctl ARGS`` for the cluster's manager; PrimaryError with systemd's words."""
     s = settings or _current()
-    argv = [*s.systemctl, "--no-pager", *args]
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        raise PrimaryError("systemctl not found: this machine does not run systemd") from None
-    if check and r.returncode != 0:
-        detail = (r.stderr or r.stdout).strip().splitlines()
-        raise PrimaryError(f"{' '.join(argv)} failed: {detail[-1] if detail else r.returncode}")
-    return r.stdout
+        return s.manager.systemctl(*args, check=check)
+    except ManagerError as e:
+        raise PrimaryError(str(e)) from None
 
 
-def _show(units: Iterable[str], props: str, settings: Settings) -> list[dict[str, str]]:
-    units = list(units)
-    if not units:
-        return []
-    out = systemctl("show", "-p", props, *units, settings=settings)
-    blocks = []
-    for block in out.strip().split("\n\n"):
-        blocks.append(dict(line.split("=", 1) for line in block.splitlines() if "=" in line))
-    return blocks
+def _show(units: Iterable[str], props: tuple[str, ...], settings: Settings) -> list[dict[str, str]]:
+    try:
+        return settings.manager.show(units, props)
+    except ManagerError as e:
+        raise PrimaryError(str(e)) from None
 
 
 def _instances(settings: Settings) -> list[str]:
@@ -137,11 +136,11 @@ def _instances(settings: Settings) -> list[str]:
         "--all",
         "--plain",
         "--no-legend",
-        f"{settings.name}@*.service",
+        names.service(settings.name, "*"),  # type: ignore[arg-type]
         settings=settings,
     )
     units = [line.split()[0] for line in out.splitlines() if line.strip()]
-    return [u for u in units if _events.instance_id(u, settings.name) is not None]
+    return [u for u in units if names.worker_id(u, settings.name) is not None]
 
 
 # ---- workers ---------------------------------------------------------------------
@@ -174,7 +173,7 @@ class Worker:
 
     @property
     def unit(self) -> str:
-        return f"{self.settings.name}@{self.id}.service"
+        return names.service(self.settings.name, self.id)
 
     @property
     def process(self) -> Process:
@@ -239,7 +238,7 @@ def _state(props: dict[str, str]) -> str:
 
 
 def _worker_from(props: dict[str, str], settings: Settings) -> Worker:
-    worker_id = _events.instance_id(props.get("Id"), settings.name)
+    worker_id = names.worker_id(props.get("Id"), settings.name)
     assert worker_id is not None, props
     state = _state(props)
     pid = int(props.get("MainPID") or 0) or None
@@ -266,22 +265,19 @@ def get_workers(settings: Settings | None = None) -> dict[int, Worker]:
 
 
 def scheduling(settings: Settings | None = None) -> str:
-    """``shared`` or ``reuseport``, from the unit's CLUSTERKIT_SCHEDULING."""
+    """``shared`` or ``reuseport``: which socket starts worker 0 (systemd's ``TriggeredBy``)."""
     s = settings or _current()
-    env = _show([f"{s.name}@0.service"], "Environment", s)[0].get("Environment", "")
-    for word in env.split():
-        if word.startswith("CLUSTERKIT_SCHEDULING="):
-            return word.split("=", 1)[1]
-    return SCHED_SHARED
+    sockets = _show([names.service(s.name, 0)], ("TriggeredBy",), s)[0]["TriggeredBy"].split()
+    return names.REUSEPORT if names.socket(s.name, names.REUSEPORT, 0) in sockets else names.SHARED
 
 
 def _with_socket(ids: Iterable[int], s: Settings, reuseport: bool | None = None) -> list[str]:
     """The units of these workers: their services, and their sockets in reuseport mode."""
     ids = list(ids)
     if reuseport is None:
-        reuseport = scheduling(s) == SCHED_REUSEPORT
-    units = [f"{s.name}@{i}.service" for i in ids]
-    return units + ([f"{s.name}@{i}.socket" for i in ids] if reuseport else [])
+        reuseport = scheduling(s) == names.REUSEPORT
+    units = [names.service(s.name, i) for i in ids]
+    return units + ([names.socket(s.name, names.REUSEPORT, i) for i in ids] if reuseport else [])
 
 
 def __getattr__(name: str) -> object:
@@ -299,12 +295,8 @@ def __getattr__(name: str) -> object:
 
 
 def _dropin_dir(s: Settings, worker_id: int) -> Path:
-    if s.user:
-        base = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}")
-        base = base / "systemd" / "user"
-    else:
-        base = Path("/run/systemd/system")
-    return base / f"{s.name}@{worker_id}.service.d"
+    runtime = Manager(s.manager.scope, runtime=True, container_pid=s.manager.container_pid)
+    return runtime.unit_dir / f"{names.service(s.name, worker_id)}.d"
 
 
 def fork(env: dict[str, str] | None = None, *, settings: Settings | None = None) -> Worker:
@@ -400,8 +392,8 @@ def on(event: str, callback: Callable[..., Any]) -> None:
 
 def _address(s: Settings) -> dict[str, object] | None:
     """Node's listening address, from the socket unit's Listen= (first stream)."""
-    sock = f"{s.name}.socket" if scheduling(s) == SCHED_SHARED else f"{s.name}@0.socket"
-    listen = _show([sock], "Listen", s)[0].get("Listen", "").split(" ")[0]
+    sock = names.socket(s.name, scheduling(s), 0)
+    listen = _show([sock], ("Listen",), s)[0]["Listen"].split(" ")[0]
     host, _, port = listen.rpartition(":")
     if not port.isdigit():
         return {"address": listen, "port": None, "addressType": -1} if listen else None
@@ -445,7 +437,7 @@ def run(
     """
     s = settings or _current()
     reader = _events.EventReader(
-        s.name, user=s.user, since=since, cursor=cursor, at_end=since is None and not cursor
+        s.name, manager=s.manager, since=since, cursor=cursor, at_end=since is None and not cursor
     )
     try:
         for ev in reader.follow(timeout=timeout, stop=stop):

@@ -14,16 +14,19 @@ process can claim), with the run's ``INVOCATION_ID``:
 
 PID 1 does not say which pid the run had, nor, for a clean end, whether it
 was exit 0 or a clean signal (or a status added with ``SuccessExitStatus=``).
-Two unprivileged lines in the unit add that (:func:`started_command`,
-:func:`exited_command`): ``systemd-cat`` runs ``echo`` as the worker's own
-user, inside its sandbox, and the line reaches the journal with trusted
-``_SYSTEMD_UNIT=`` and ``_SYSTEMD_INVOCATION_ID=``. A worker can write such a
-line itself, but it gains nothing by it: it chooses its own exit status anyway,
-and PID 1's records (the run ended; how, when unclean; whether a stop was
-requested) win over the line (:func:`exit_status`). A worker flooding its
-journal can get these lines dropped by journald's rate limit; PID 1's records
-are counted against ``init.scope``, not the worker, so the exit event itself
-survives (its pid is then unknown).
+Two lines in the unit add that (:func:`started_command`, :func:`exited_command`):
+``echo`` runs as the worker's own user, inside its sandbox, and prints to the
+unit's standard output, which PID 1 connects to journald naming the unit, so
+the line carries trusted ``_SYSTEMD_UNIT=``/``_SYSTEMD_INVOCATION_ID=`` even
+after ``echo`` is gone. The ``<5>`` prefix gives it ``PRIORITY=5`` (notice), which
+Python's logging never uses, so readers find these lines without scanning the
+run's whole log. A worker can print such a line itself, but it gains nothing
+by it: it chooses its own exit status anyway, and PID 1's records (the run
+ended; how, when unclean; whether a stop was requested) win over the line
+(:func:`exit_status`). A worker flooding its journal can get these lines
+dropped by journald's rate limit; PID 1's records are counted against
+``init.scope``, not the worker, so the exit event itself survives (its pid is
+then unknown).
 
 Stdlib only: :mod:`clusterkit.render` writes the commands, :mod:`clusterkit.events` reads.
 """
@@ -42,22 +45,26 @@ UNIT_SUCCESS = "7ad2d189f7e94e70a38c781354912448"  # SD_MESSAGE_UNIT_SUCCESS
 UNIT_FAILED = "d9b373ed55a64feb8242e02dbe79a49c"  # SD_MESSAGE_UNIT_FAILURE_RESULT
 RUN_ENDED = (UNIT_SUCCESS, UNIT_FAILED)
 
-#: SYSLOG_IDENTIFIER of the unit's own two lines per run
-IDENTIFIER = "clusterkit-worker"
-_CAT = ("/usr/bin/systemd-cat", "-t", IDENTIFIER, "/usr/bin/echo")
-
-_STARTED = re.compile(r"started pid=([1-9][0-9]{0,9})")
-_EXITED = re.compile(r"exited code=(exited|killed|dumped) status=([0-9]{1,3}|[A-Z0-9+-]{2,12})")
+#: the unit's own two lines per run: echo's output with a syslog level prefix
+PRIORITY = 5
+_PREFIX = "clusterkit: "
+_STARTED = re.compile(_PREFIX + r"started pid=([1-9][0-9]{0,9})")
+_EXITED = re.compile(
+    _PREFIX + r"exited code=(exited|killed|dumped) status=([0-9]{1,3}|[A-Z0-9+-]{2,12})"
+)
 
 
 def started_command() -> tuple[str, ...]:
     """``ExecStartPost=`` argv: one line with the main pid (``$MAINPID``, set for it)."""
-    return (*_CAT, "started pid=${MAINPID}")
+    return ("/usr/bin/echo", f"<{PRIORITY}>{_PREFIX}started pid=${{MAINPID}}")
 
 
 def exited_command() -> tuple[str, ...]:
     """``ExecStopPost=`` argv: one line with how the main process ended."""
-    return (*_CAT, "exited code=${EXIT_CODE} status=${EXIT_STATUS}")
+    return (
+        "/usr/bin/echo",
+        f"<{PRIORITY}>{_PREFIX}exited code=${{EXIT_CODE}} status=${{EXIT_STATUS}}",
+    )
 
 
 def parse_started(message: str) -> int | None:

@@ -15,10 +15,13 @@ Every path does the same life cycle, the one the units expect:
 
 Paths:
 
-- :func:`serve_asyncio`: clusterkit's own HTTP/1.1 server (uvloop + httptools
+- :func:`serve_asyncio`: clusterkit's own HTTP/1.1 server (httptools, and uvloop
   when installed), the one benchmarked against Node's cluster module.
 - :func:`serve_asgi`: uvicorn, in-process, on the passed socket.
 - :func:`serve_wsgi`: waitress, in-process, on the passed socket.
+
+Each applies the request limits and timeouts of :class:`clusterkit.limits.Limits`
+that its server has (``ASGI_LIMITS``, ``WSGI_LIMITS``; bench/SERVER.md says why).
 
 Running the stock servers unmodified under a clusterkit unit instead:
 
@@ -49,6 +52,7 @@ from collections.abc import Callable
 from typing import Any
 
 from clusterkit import worker as worker_mod
+from clusterkit.limits import Limits
 from clusterkit.watchdog import Watchdog
 from clusterkit.worker import BACKLOG, Address, Worker
 
@@ -90,6 +94,7 @@ def serve_asyncio(
     drain_timeout: float | None = None,
     fresh_grace: float = 1.0,
     use_uvloop: bool | None = None,
+    limits: Limits | None = None,
 ) -> None:
     """Serve with asyncio until SIGTERM, then drain and return.
 
@@ -97,12 +102,14 @@ def serve_asyncio(
     (or a coroutine function), served by :mod:`clusterkit.httpserver`; or an
     ``asyncio.Protocol`` subclass, served raw (its connections are tracked and
     given ``drain_timeout`` to close themselves). *use_uvloop*: None = if installed.
+    *limits*: request size limits and timeouts (:class:`clusterkit.httpserver.Limits`),
+    e.g. ``Limits(max_body_size=10 << 20)``; a raw protocol sets its own.
     """
     w = worker or worker_mod.current()
     sock = w.listen(port_or_address)
     drain_timeout = w.drain_timeout if drain_timeout is None else drain_timeout
     with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:
-        runner.run(_serve_asyncio(w, sock, handler_or_protocol, drain_timeout, fresh_grace))
+        runner.run(_serve_asyncio(w, sock, handler_or_protocol, drain_timeout, fresh_grace, limits))
 
 
 def _tracked(proto_cls: type, conns: set) -> type:
@@ -120,7 +127,12 @@ def _tracked(proto_cls: type, conns: set) -> type:
 
 
 async def _serve_asyncio(
-    w: Worker, sock: socket.socket, target: Any, drain_timeout: float, fresh_grace: float
+    w: Worker,
+    sock: socket.socket,
+    target: Any,
+    drain_timeout: float,
+    fresh_grace: float,
+    limits: Limits | None = None,
 ) -> None:
     from clusterkit.httpserver import ConnectionSet
 
@@ -135,15 +147,10 @@ async def _serve_asyncio(
         conns: set = set()
         factory: Callable[[], asyncio.BaseProtocol] = _tracked(target, conns)
     else:
-        state = ConnectionSet(target, log, fresh_grace)
+        state = ConnectionSet(target, log, fresh_grace, limits)
         conns = state.connections  # type: ignore[assignment]
         factory = state.protocol
-
-        def tick() -> None:
-            state.tick()
-            loop.call_later(1.0, tick)
-
-        loop.call_later(1.0, tick)
+        state.start_ticking(loop)
 
     # backlog: asyncio calls listen() again on the (shared) socket; keep systemd's.
     server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
@@ -172,6 +179,20 @@ async def _serve_asyncio(
 
 # -- ASGI (uvicorn) -------------------------------------------------------------
 
+_LIMITS = Limits()
+
+#: uvicorn settings for the baseline (README, "Limits and timeouts"); any can be
+#: overridden by passing it to serve_asgi. h11, not httptools: uvicorn's httptools
+#: protocol buffers a request head without end (a 200 MiB header: +236 MiB RSS),
+#: h11 refuses one past h11_max_incomplete_event_size. uvicorn has no header-read
+#: timeout and no header count/size or body limit (the body is streamed to the app).
+ASGI_LIMITS: dict[str, Any] = {
+    "http": "h11",
+    "h11_max_incomplete_event_size": _LIMITS.max_head_size,
+    "timeout_keep_alive": _LIMITS.keep_alive_timeout,
+    "limit_concurrency": 1000,  # connections + tasks; then 503 (gunicorn's worker_connections)
+}
+
 
 def serve_asgi(
     app: Any,
@@ -179,6 +200,7 @@ def serve_asgi(
     *,
     worker: Worker | None = None,
     drain_timeout: float | None = None,
+    fresh_grace: float = 1.0,
     **uvicorn_options: Any,
 ) -> None:
     """Serve an ASGI app with uvicorn on the worker's socket, then return after a drain.
@@ -187,6 +209,9 @@ def serve_asgi(
     ``should_exit``); we add READY=1 after its startup (lifespan included),
     the watchdog task in its loop, STOPPING=1 when its shutdown begins, and a
     harmless handler for the SIGTERM it re-raises at the end, so the exit is 0.
+    Connections accepted just before SIGTERM get ``fresh_grace`` seconds to send
+    their request (as in the other paths) before uvicorn closes idle ones.
+    uvicorn gets :data:`ASGI_LIMITS` unless *uvicorn_options* say otherwise.
     """
     import uvicorn
 
@@ -195,9 +220,11 @@ def serve_asgi(
     drain_timeout = w.drain_timeout if drain_timeout is None else drain_timeout
     log = w.logger()
     options: dict[str, Any] = {
-        "timeout_graceful_shutdown": drain_timeout,
+        # fresh_grace comes first (see shutdown below): the drain stays within drain_timeout
+        "timeout_graceful_shutdown": max(0.1, drain_timeout - fresh_grace),
         "backlog": BACKLOG,
         "lifespan": "auto",
+        **ASGI_LIMITS,
     }
     options.update(uvicorn_options)
     config = uvicorn.Config(app, **options)
@@ -214,6 +241,13 @@ def serve_asgi(
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             w.stopping("draining")
+            # uvicorn closes a connection with no request in progress at once, which
+            # resets one accepted just before SIGTERM whose request is on its way:
+            # stop accepting, then give such connections fresh_grace to send it.
+            for server in self.servers:
+                server.close()
+            if self.server_state.connections:
+                await asyncio.sleep(min(fresh_grace, drain_timeout))
             await super().shutdown(sockets=sockets)
             pinger = getattr(self, "_ck_pinger", None)
             if pinger:
@@ -226,6 +260,16 @@ def serve_asgi(
 
 
 # -- WSGI (waitress) --------------------------------------------------------------
+
+#: waitress settings for the baseline; any can be overridden by passing it to serve_wsgi.
+#: waitress answers 431 for a large head and 413 for a large body; channel_timeout
+#: closes a connection inactive that long (idle keep-alive, or a stalled request).
+WSGI_LIMITS: dict[str, Any] = {
+    "max_request_header_size": _LIMITS.max_head_size,
+    "max_request_body_size": _LIMITS.max_body_size,
+    "channel_timeout": int(_LIMITS.keep_alive_timeout),
+    "cleanup_interval": 1,
+}
 
 
 def serve_wsgi(
@@ -253,7 +297,8 @@ def serve_wsgi(
     response, close connections left idle for ``fresh_grace``, wait for busy
     ones). The watchdog also stops pinging when requests wait in the queue while no request finished
     during a whole ping interval: a pool of hung app threads cannot hide
-    behind a healthy loop.
+    behind a healthy loop. waitress gets :data:`WSGI_LIMITS` unless
+    *waitress_options* say otherwise.
     """
     from waitress import wasyncore
     from waitress.channel import HTTPChannel
@@ -282,7 +327,12 @@ def serve_wsgi(
     class Channel(HTTPChannel):
         task_class = Task
 
-    options: dict[str, Any] = {"threads": threads, "backlog": BACKLOG, "ident": w.name}
+    options: dict[str, Any] = {
+        "threads": threads,
+        "backlog": BACKLOG,
+        "ident": w.name,
+        **WSGI_LIMITS,
+    }
     options.update(waitress_options)
     server = create_server(app, sockets=[sock], **options)
     server.channel_class = Channel

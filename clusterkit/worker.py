@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 from systemd import daemon
 
-from clusterkit import notify
+from clusterkit import names, notify
 
 Address = int | str | tuple[str, int] | None
 
@@ -37,8 +37,6 @@ Address = int | str | tuple[str, int] | None
 #: changes the backlog systemd set, for every worker. systemd's default
 #: ``Backlog=`` is SOMAXCONN too, so re-listening with it changes nothing.
 BACKLOG = socket.SOMAXCONN
-
-FDNAME = "http"
 
 _passed: dict[int, str] | None = None
 _current: Worker | None = None
@@ -59,7 +57,7 @@ def passed_fds() -> dict[int, str]:
 def is_managed(env: Mapping[str, str] | None = None) -> bool:
     """True when a clusterkit unit started this process (CLUSTERKIT_WORKER_ID is set)."""
     env = os.environ if env is None else env
-    return bool(env.get("CLUSTERKIT_WORKER_ID", "").strip())
+    return bool(env.get(names.ENV_WORKER_ID, "").strip())
 
 
 def _script_name() -> str:
@@ -117,18 +115,18 @@ class Worker:
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
-        raw_id = env.get("CLUSTERKIT_WORKER_ID", "").strip()
+        raw_id = env.get(names.ENV_WORKER_ID, "").strip()
         #: the instance number (``%i``), 0-based; 0 in development
         self.id: int = int(raw_id) if raw_id else 0
         self.managed: bool = bool(raw_id)
-        self.name: str = env.get("CLUSTERKIT_NAME") or _script_name()
-        self.scheduling: str = env.get("CLUSTERKIT_SCHEDULING", "shared")
+        self.name: str = env.get(names.ENV_NAME) or _script_name()
+        self.scheduling: str = env.get(names.ENV_SCHEDULING, names.SHARED)
         self.pid: int = os.getpid()
         #: unique per run, never reused (Node's worker ids never are either)
         self.invocation_id: str | None = env.get("INVOCATION_ID") or None
         #: seconds a graceful stop may spend on in-flight requests: the unit's
         #: --stop-timeout (its TimeoutStopSec= leaves a margin on top), else 30
-        self.drain_timeout: float = float(env.get("CLUSTERKIT_DRAIN_TIMEOUT") or 30.0)
+        self.drain_timeout: float = float(env.get(names.ENV_DRAIN_TIMEOUT) or 30.0)
         self.in_unit: bool = self.managed and self.invocation_id is not None
         self._sockets: list[socket.socket] | None = None
         self._bound: dict[tuple[str, object], socket.socket] = {}
@@ -151,7 +149,7 @@ class Worker:
         """The passed listening sockets named ``http`` (all of them if none is named)."""
         if self._sockets is None:
             fds = passed_fds()
-            named = [fd for fd, name in sorted(fds.items()) if name == FDNAME]
+            named = [fd for fd, name in sorted(fds.items()) if name == names.FD_NAME]
             # socket(fileno=) reads family/type from the fd and leaves O_NONBLOCK alone.
             self._sockets = [socket.socket(fileno=fd) for fd in named or sorted(fds)]
         return list(self._sockets)

@@ -90,17 +90,17 @@ def test_path_stops_watchdog_pings_when_hung(mode, procs, app_script, notify_soc
 
 
 @needs_activate
-@pytest.mark.parametrize("fast", [True, False], ids=["httptools", "plain"])
+@pytest.mark.parametrize("fast", [True, False], ids=["uvloop", "asyncio-loop"])
 def test_asyncio_keepalive_and_connection_close(fast, procs, app_script, notify_socket):
     import http.client
 
-    extra = {} if fast else {"CK_NO_FAST": "1"}
+    extra = {} if fast else {"CK_NO_UVLOOP": "1"}
     _, port = start_activated(procs, app_script, "asyncio", notify_socket, **extra)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request("GET", "/info")
         info = conn.getresponse()
-        assert (b'"httptools": true' in info.read()) is fast
+        assert (b'"uvloop": true' in info.read()) is fast
         sock = conn.sock
         for _ in range(3):  # keep-alive: same connection
             conn.request("POST", "/echo", body=b"hi")

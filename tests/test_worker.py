@@ -34,8 +34,7 @@ needs_activate = pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-act
 # The worker script every test runs: MODE picks the serving path.
 APP = r"""
 import json, os, sys, time
-if os.environ.get("CK_NO_FAST"):
-    sys.modules["httptools"] = None
+if os.environ.get("CK_NO_UVLOOP"):
     sys.modules["uvloop"] = None
 from clusterkit import cluster, worker as worker_mod
 
@@ -50,7 +49,7 @@ def info():
         "activated": w.is_socket_activated, "fd": s.fileno(),
         "sockets": [x.fileno() for x in w.sockets()],
         "is_worker": cluster.is_worker, "invocation_id": w.invocation_id,
-        "httptools": sys.modules.get("httptools") is not None,
+        "uvloop": sys.modules.get("uvloop") is not None,
     })
 
 if mode == "asyncio":

@@ -1,0 +1,37 @@
+"""The request limits and timeouts every clusterkit serving path applies.
+
+:func:`clusterkit.serve.serve_asyncio` enforces all of them; ``serve_asgi``
+and ``serve_wsgi`` pass the ones uvicorn and waitress have as public settings
+(see the README, "Limits and timeouts").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may send; defaults follow gunicorn's and uvicorn's."""
+
+    #: bytes in the request target (gunicorn's limit_request_line is 4094 for the whole line)
+    max_request_line: int = 8190
+    #: header fields per request (gunicorn's limit_request_fields)
+    max_header_fields: int = 100
+    #: bytes in one header field, name and value (gunicorn's limit_request_field_size)
+    max_header_field_size: int = 8190
+    #: bytes in a whole request head: request line and header fields (431; nginx: 32 KiB)
+    max_head_size: int = 64 * 1024
+    #: bytes in a request body, which is buffered whole (nginx's client_max_body_size: 1m)
+    max_body_size: int = 1024 * 1024
+    #: seconds from a request's first byte (or the connection's start) to its complete head
+    header_timeout: float = 10.0
+    #: seconds a request body may go without receiving a byte
+    body_timeout: float = 30.0
+    #: seconds an idle keep-alive connection is kept (uvicorn's timeout_keep_alive)
+    keep_alive_timeout: float = 5.0
+
+    @property
+    def tick(self) -> float:
+        """How often timeouts are checked: they fire up to this late."""
+        return min(1.0, self.header_timeout / 4, self.body_timeout / 4, self.keep_alive_timeout / 4)

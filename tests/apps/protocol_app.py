@@ -1,0 +1,107 @@
+"""The app the protocol suite (tests/test_protocol.py) serves, one per server.
+
+``python protocol_app.py asyncio|uvicorn|wsgi``: the socket comes as fd 3
+(LISTEN_FDS=1); ``CK_TIMEOUT`` (seconds) shortens the header, body and
+keep-alive timeouts so the suite sees them fire. Routes, the same in both:
+
+- ``/``: ``hello``; ``/echo``: the request body; ``/slow``: ``slow`` after 0.2 s;
+- ``/none``: the handler returns nothing; ``/raise``: it raises;
+- ``/crlf``: it sets a header value with CR/LF in it;
+- ``/length``: it sets its own ``Content-Length``; ``/204``: No Content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+TIMEOUT = float(os.environ.get("CK_TIMEOUT", "1"))
+SPLIT = "a\r\nSet-Cookie: evil=1"
+
+
+def run_asyncio() -> None:
+    from clusterkit.httpserver import Limits, Response
+    from clusterkit.serve import serve_asyncio
+
+    async def handler(req):
+        path = req.path
+        if path == "/echo":
+            return Response(req.body, headers=[("Content-Type", "application/octet-stream")])
+        if path == "/slow":
+            await asyncio.sleep(0.2)
+            return "slow"
+        if path == "/none":
+            return None
+        if path == "/raise":
+            raise RuntimeError("boom from /raise")
+        if path == "/crlf":
+            return Response("x", headers=[("X-Bad", SPLIT)])
+        if path == "/length":
+            return Response("hello", headers=[("Content-Length", "5")])
+        if path == "/204":
+            return Response(b"", 204, headers=[])
+        return "hello"
+
+    limits = Limits(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
+    serve_asyncio(handler, None, limits=limits, drain_timeout=1)
+
+
+def run_uvicorn(**options) -> None:
+    from clusterkit.serve import serve_asgi
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        headers = [(b"content-type", b"text/plain")]
+        if path == "/echo":
+            out = body
+        elif path == "/slow":
+            await asyncio.sleep(0.2)
+            out = b"slow"
+        elif path == "/none":
+            return
+        elif path == "/raise":
+            raise RuntimeError("boom from /raise")
+        elif path == "/204":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        elif path == "/crlf":
+            headers.append((b"x-bad", SPLIT.encode()))
+            out = b"x"
+        else:
+            out = b"hello"
+        headers.append((b"content-length", str(len(out)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
+
+    serve_asgi(app, None, drain_timeout=1, timeout_keep_alive=TIMEOUT, log_level="info", **options)
+
+
+def run_wsgi() -> None:
+    from clusterkit.serve import serve_wsgi
+
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read()
+        out = body if environ["PATH_INFO"] == "/echo" else b"hello"
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))]
+        )
+        return [out]
+
+    serve_wsgi(app, None, drain_timeout=1, threads=2, channel_timeout=max(1, int(TIMEOUT)))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "uvicorn-httptools":  # not serve_asgi's default: for bench/SERVER.md
+        run_uvicorn(http="httptools")
+    else:
+        {"asyncio": run_asyncio, "uvicorn": run_uvicorn, "wsgi": run_wsgi}[sys.argv[1]]()
