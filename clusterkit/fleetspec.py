@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,11 +214,14 @@ def hosts_from_inventory(path: Path) -> tuple[Host, ...]:
 
     if not path.exists():
         raise FleetError(f"inventory: {path} does not exist")
-    r = subprocess.run(
-        [*ansible_command("ansible-inventory"), "-i", str(path), "--list"],
-        capture_output=True,
-        text=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="ckfleet-") as home:
+        env = {**os.environ, "ANSIBLE_HOME": home, "ANSIBLE_LOCAL_TEMP": f"{home}/tmp"}
+        r = subprocess.run(
+            [*ansible_command("ansible-inventory"), "-i", str(path), "--list"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
     try:
         data = json.loads(r.stdout) if r.returncode == 0 else None
     except ValueError:

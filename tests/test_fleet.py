@@ -26,7 +26,7 @@ import pytest
 from fleet_topology import LAN_ADDRESS, SUBNET, Lan, SshKeys, boot_host
 from scenario import APPS, PY, ROOT, Load, wait_for
 
-from clusterkit.container import Container, prerequisites_missing
+from clusterkit.container import Container, prerequisites_missing, stop_process
 
 NAME = "web"
 LB_PORT = 8080
@@ -197,12 +197,7 @@ haproxy_socket = "{tmp / "haproxy.sock"}"
         yield topology
     finally:
         if topology is not None and topology.haproxy is not None:
-            topology.haproxy.terminate()
-            try:
-                topology.haproxy.wait(5)
-            except subprocess.TimeoutExpired:
-                topology.haproxy.kill()
-                topology.haproxy.wait()
+            stop_process(topology.haproxy)  # ours: by pid and its own process group
         for c in booted.values():
             c.poweroff()
         lan.close()
