@@ -182,11 +182,14 @@ class Runner:
     def close(self) -> None:
         """End the ssh masters Ansible left (ControlPersist), then remove the directory."""
         for control in (self.workdir / "cp").iterdir():
-            subprocess.run(
-                ["ssh", "-o", f"ControlPath={control}", "-O", "exit", "clusterkit-fleet"],
-                capture_output=True,
-                timeout=10,
-            )
+            try:
+                subprocess.run(
+                    ["ssh", "-o", f"ControlPath={control}", "-O", "exit", "clusterkit-fleet"],
+                    capture_output=True,
+                    timeout=10,
+                )
+            except subprocess.TimeoutExpired:  # it ends by itself (ControlPersist=60s)
+                pass
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
