@@ -463,6 +463,18 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
         if stranger.returncode == 0:
             assert STRANGER in r.stderr
 
+        # the building block: one host's events from journal files (no host check of its own)
+        one = sorted((topo.tmp / "remote").glob(f"remote-{topo.addresses[h1]}*.journal"))
+        assert one, list((topo.tmp / "remote").iterdir())
+        single = topo.tmp / "single"
+        single.mkdir(exist_ok=True)
+        for f in one:
+            (single / f.name).symlink_to(f)
+        r = topo.cli("events", NAME, "--directory", str(single), "--json")
+        assert r.returncode == 0, r.stderr
+        kills = [json.loads(x) for x in r.stdout.splitlines()]
+        assert [e for e in kills if e["event"] == "exit" and e["signal"] == "SIGKILL"], kills
+
         r = topo.fleet("logs", "--json")
         lines = [json.loads(line) for line in r.stdout.splitlines()]
         serving = {ln["host"] for ln in lines if "serving on" in str(ln["message"])}
