@@ -540,6 +540,12 @@ def test_collector_outage_loses_no_event(topo: Topology) -> None:
             f"RSS {int(rss) / 1024:.1f} MiB, CPU {ticks / os.sysconf('SC_CLK_TCK'):.2f} s "
             "since its restart"
         )
+    host = next(iter(topo.hosts.values()))
+    pid = host.systemctl("show", "-p", "MainPID", "--value", "systemd-journal-upload").stdout
+    if pid.strip() not in ("", "0"):
+        status = host.run("cat", f"/proc/{pid.strip()}/status").stdout
+        rss = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS")), "0")
+        topo.figures["uploader (journal-upload) on one host"] = f"RSS {int(rss) / 1024:.1f} MiB"
 
 
 def test_fleet_reload_under_load_fails_no_request(topo: Topology) -> None:
