@@ -8,8 +8,9 @@ unit that failed) exit 1 with a line that says what to do next.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -73,6 +74,12 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="environment variable for the workers; repeatable",
     )
+    p.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="EnvironmentFile= for secrets: an absolute path to a root-owned file of mode 0600 "
+        "(--env values are world-readable in the unit)",
+    )
     p.add_argument("--restart", help="Restart= policy (default always)")
     p.add_argument("--restart-sec", metavar="SECONDS", help="RestartSec= (default 1)")
     p.add_argument(
@@ -121,16 +128,58 @@ def _flags(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, object]
 
 def spec_from_args(args: argparse.Namespace):
     """The validated Spec for these arguments (and their config file)."""
+    from clusterkit import shadow
     from clusterkit.spec import CONFIG_KEYS, SpecError, build_spec, load_config
 
     try:
-        config_path = args.config
-        if config_path is None and Path("pyproject.toml").is_file():
-            config_path = Path("pyproject.toml")
+        config_path = _config_path(args)
         config = load_config(config_path) if config_path is not None else {}
-        return build_spec(config, _flags(args, CONFIG_KEYS))
+        spec = build_spec(config, _flags(args, CONFIG_KEYS))
     except SpecError as e:
         raise CommandError(str(e), USAGE_ERROR) from None
+    problem = shadow.refusal(spec.name, user=spec.manager == "user")
+    if problem is not None:
+        raise CommandError(problem, USAGE_ERROR)
+    return spec
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """--config, or ./pyproject.toml; as root, only root's unless named explicitly (echoed)."""
+    from clusterkit import trust
+
+    if args.config is None:
+        implicit = Path("pyproject.toml")
+        if not implicit.is_file():
+            return None
+        reason = trust.why_untrusted(implicit) if trust.as_root() else None
+        if reason is not None:
+            raise CommandError(
+                f"./pyproject.toml: not read, {reason}: root takes configuration only from "
+                "root's files; review it, then name it with --config pyproject.toml",
+                USAGE_ERROR,
+            )
+        return implicit
+    if trust.as_root() and trust.why_untrusted(args.config) is not None:
+        # Named on purpose by root: read it, but say whose file this is.
+        try:
+            owner = trust.owner_name(args.config.stat().st_uid)
+        except OSError:
+            owner = "?"
+        print(f"using config {args.config} (owned by {owner})", file=sys.stderr)
+    return args.config
+
+
+def _warn_env_file(spec) -> None:
+    from clusterkit import trust
+
+    if spec.env_file is not None:
+        problem = trust.secret_file_problem(Path(spec.env_file))
+        if problem is not None:
+            print(
+                f"warning: --env-file: {problem}; install will refuse it until it is "
+                "root-owned with mode 0600",
+                file=sys.stderr,
+            )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -141,8 +190,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = render.write(spec, args.output, force=args.force)
     except unitfiles.HandEditedError as e:
         raise CommandError(str(e)) from None
+    except unitfiles.UnsafePathError as e:
+        raise CommandError(f"--output: {e}", USAGE_ERROR) from None
     except OSError as e:
         raise CommandError(f"--output: cannot write {args.output}: {e.strerror}") from None
+    _warn_env_file(spec)
     for name in result.written:
         print(f"wrote {args.output / name}")
     for name in result.unchanged:
@@ -153,15 +205,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _manager(args: argparse.Namespace):
-    from clusterkit.install import Manager
+    from clusterkit.manager import Manager
 
     if args.runtime and args.user_manager:
         raise CommandError("--runtime and --user cannot be combined", USAGE_ERROR)
-    return Manager.for_scope(runtime=args.runtime, user=args.user_manager)
+    return Manager("user" if args.user_manager else "system", runtime=args.runtime)
+
+
+@contextlib.contextmanager
+def _install_errors() -> Iterator[None]:
+    """install/uninstall failures as one-line CommandErrors: bad input 2, the system 1."""
+    from clusterkit import install, unitfiles
+
+    try:
+        yield
+    except (install.InstallRefused, unitfiles.UnsafePathError) as e:
+        raise CommandError(str(e), USAGE_ERROR) from None
+    except (install.InstallError, unitfiles.HandEditedError) as e:
+        raise CommandError(str(e)) from None
+    except OSError as e:
+        raise CommandError(f"cannot write {e.filename or 'the units'}: {e.strerror}") from None
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from clusterkit import install, unitfiles
+    from clusterkit import install
 
     manager = _manager(args)
     if not args.source.is_dir():
@@ -170,15 +237,15 @@ def cmd_install(args: argparse.Namespace) -> int:
     if not names:
         raise CommandError(f"--from: no clusterkit units in {args.source}; run clusterkit generate")
     for name in names:
-        try:
+        with _install_errors():
             files = install.install(args.source, name, manager, force=args.force, now=args.now)
-        except (install.InstallError, unitfiles.HandEditedError) as e:
-            raise CommandError(str(e)) from None
         print(f"installed {name}: {', '.join(files)} into {manager.unit_dir}")
         if args.now:
             print(f"started {name}.target")
         else:
-            print(f"start it with: {' '.join(manager.systemctl)} start {name}.target")
+            print(
+                f"start it with: systemctl{' --user' if manager.user else ''} start {name}.target"
+            )
     return 0
 
 
@@ -186,10 +253,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     from clusterkit import install
 
     manager = _manager(args)
-    try:
+    with _install_errors():
         removed = install.uninstall(args.name, manager)
-    except install.InstallError as e:
-        raise CommandError(str(e)) from None
     print(f"uninstalled {args.name}: removed {', '.join(removed)}")
     print(f"drop-ins under {manager.unit_dir}/{args.name}@.service.d/ (if any) were kept")
     return 0

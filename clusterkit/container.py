@@ -54,10 +54,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
+from clusterkit.manager import CONTAINER_PATH, Manager
+
 __all__ = ["Container", "ContainerError", "prerequisites_missing", "checkout_root", "stop_process"]
 
-#: PATH given to commands run inside (``env -i`` drops the host's environment).
-CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: Units masked at boot (``systemd.mask=``): a throwaway container needs none of
 #: them; timers would fire mid-test, and networkd must never touch the host's
@@ -148,6 +148,7 @@ def _run_group(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        cwd="/",  # never the caller's directory
     )
     try:
         out, err = proc.communicate(input, timeout=timeout)
@@ -189,9 +190,10 @@ class Container:
     """One throwaway systemd container; see the module docstring.
 
     ``binds``/``binds_ro`` take nspawn's ``--bind=`` syntax (``SRC[:DST[:OPTS]]``).
-    The checkout of this package is always bound read-write at its own path, and
-    ``/etc/hosts`` read-only. ``private_network=False`` shares the host's network,
-    so the host can reach a port the container listens on (``clusterkit up``).
+    The checkout of this package is always bound at its own path (read-only with
+    ``checkout_read_only``, as ``clusterkit up`` does), and ``/etc/hosts`` read-only.
+    ``private_network=False`` shares the host's network, so the host can reach a
+    port the container listens on (``clusterkit up``).
     ``network_namespace`` (a path such as ``/run/netns/NAME``) puts the container in
     that existing namespace instead (a network of several containers). ``unmask``
     lists units of :data:`MASKED_UNITS` this container may run (e.g. ``ssh.service``).
@@ -206,6 +208,7 @@ class Container:
         binds: Sequence[str] = (),
         binds_ro: Sequence[str] = (),
         private_network: bool = True,
+        checkout_read_only: bool = False,
         network_namespace: str | None = None,
         unmask: Sequence[str] = (),
     ) -> None:
@@ -215,6 +218,7 @@ class Container:
         self.binds = list(binds)
         self.binds_ro = list(binds_ro)
         self.private_network = private_network
+        self.checkout_read_only = checkout_read_only
         self.network_namespace = network_namespace
         unknown = set(unmask) - set(MASKED_UNITS)
         if unknown:
@@ -251,7 +255,7 @@ class Container:
             argv.append("--private-network")
         root = checkout_root()
         if root is not None:
-            argv.append(f"--bind={root}")
+            argv.append(f"--bind-ro={root}" if self.checkout_read_only else f"--bind={root}")
         argv += [f"--bind={b}" for b in self.binds]
         argv += [f"--bind-ro={b}" for b in self.binds_ro]
         argv += ["--boot", "systemd.firstboot=off"]
@@ -337,7 +341,7 @@ class Container:
     def _wait_running(self, deadline: float) -> None:
         remaining = max(deadline - time.monotonic(), 0.1)
         try:
-            r = self.run("systemctl", "is-system-running", "--wait", timeout=remaining)
+            r = self.systemctl("is-system-running", "--wait", check=False, timeout=remaining)
         except subprocess.TimeoutExpired:
             raise ContainerError(f"{self.name}: timed out waiting for boot to finish") from None
         state = r.stdout.strip()
@@ -492,6 +496,7 @@ class Container:
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            cwd="/",  # never the caller's directory
         )
 
     def _inside(self, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
@@ -499,9 +504,12 @@ class Container:
         cmd = ["nsenter", "--all", "-t", str(self._require_pid()), "env", "-i"]
         return cmd + [f"{k}={v}" for k, v in envs.items()] + list(argv)
 
-    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """``systemctl ARGS`` inside; raises ContainerError on failure unless ``check=False``."""
-        return self.run("systemctl", *args, check=check)
+        argv = Manager(container_pid=self._require_pid()).systemctl_argv(*args)
+        return self.run(*argv, check=check, timeout=timeout)
 
     def journal(self, *args: str) -> list[dict[str, object]]:
         """Journal entries inside, parsed from ``journalctl -o json ARGS``."""

@@ -8,58 +8,42 @@ so overrides survive a re-install.
 from __future__ import annotations
 
 import os
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
-from clusterkit import unitfiles
+from clusterkit import manifest, names, render, shadow, trust, unitfiles
+from clusterkit.manager import Manager, ManagerError
 from clusterkit.render import GENERATOR_PREFIX, file_names
+from clusterkit.spec import Spec, SpecError
 
 
 class InstallError(Exception):
     """Installing cannot proceed; the message says what to do."""
 
 
-@dataclass(frozen=True)
-class Manager:
-    """A systemd instance to install into: the system's, or the calling user's."""
+class InstallRefused(InstallError):
+    """The input is not acceptable (exit 2): an untrusted source, a bad spec, a bad name."""
 
-    unit_dir: Path
-    generator_dir: Path | None
-    systemctl: tuple[str, ...]
-    user: bool
 
-    @classmethod
-    def for_scope(cls, *, runtime: bool = False, user: bool = False) -> Manager:
-        if user:
-            config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-            # A user's manager has no generator directory of its own: the workers
-            # of an "auto" cluster are counted at install time instead.
-            return cls(config / "systemd" / "user", None, ("systemctl", "--user"), True)
-        base = Path("/run/systemd/system" if runtime else "/etc/systemd/system")
-        return cls(base, Path(f"{base}-generators"), ("systemctl",), False)
+def check_running(manager: Manager) -> None:
+    """InstallError saying what to do when ``manager`` is not running here."""
+    if manager.is_running():
+        return
+    if manager.user:
+        raise InstallError(
+            "--user: no systemd user manager is running for this user "
+            "(log in through a session, or enable lingering: loginctl enable-linger)"
+        )
+    raise InstallError(
+        "systemd is not running as PID 1 on this machine, so units cannot be installed "
+        "here; run `clusterkit up` to run them in a throwaway systemd container"
+    )
 
-    def check_running(self) -> None:
-        if self.user:
-            runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
-            if not Path(runtime, "systemd", "private").exists():
-                raise InstallError(
-                    "--user: no systemd user manager is running for this user "
-                    "(log in through a session, or enable lingering: loginctl enable-linger)"
-                )
-        elif not Path("/run/systemd/system").is_dir():
-            raise InstallError(
-                "systemd is not running as PID 1 on this machine, so units cannot be installed "
-                "here; run `clusterkit up` to run them in a throwaway systemd container"
-            )
 
-    def run(self, *args: str) -> None:
-        result = subprocess.run([*self.systemctl, *args], capture_output=True, text=True)
-        if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            raise InstallError(
-                f"{' '.join([*self.systemctl, *args])} failed: {detail[-1] if detail else '?'}"
-            )
+def _systemctl(manager: Manager, *args: str) -> None:
+    try:
+        manager.systemctl(*args)
+    except ManagerError as e:
+        raise InstallError(str(e)) from None
 
 
 def cluster_files(directory: Path, name: str) -> dict[str, Path]:
@@ -68,91 +52,169 @@ def cluster_files(directory: Path, name: str) -> dict[str, Path]:
 
 
 def clusters_in(directory: Path) -> list[str]:
-    """Names of the clusters whose units clusterkit wrote into ``directory``."""
+    """Names of the clusters whose spec manifest clusterkit wrote into ``directory``."""
     return sorted(
-        p.name.removesuffix(".target")
-        for p in directory.glob("*.target")
-        if unitfiles.is_ours(p) and (directory / f"{p.stem}@.service").exists()
+        p.name.removesuffix(manifest.SUFFIX)
+        for p in directory.glob(f"*{manifest.SUFFIX}")
+        if unitfiles.is_ours(p)
     )
 
 
 def install(
     source: Path, name: str, manager: Manager, *, force: bool = False, now: bool = False
 ) -> list[str]:
-    """Copy cluster ``name``'s files from ``source``, reload, enable; start with ``now``."""
-    files = cluster_files(source, name)
-    if f"{name}@.service" not in files:
-        raise InstallError(
-            f"no units for cluster {name!r} in {source}; "
-            f"run `clusterkit generate --name {name}` first"
+    """Install cluster ``name`` rendered afresh from its manifest in ``source``; enable it.
+
+    Nothing in ``source`` is copied: the manifest is validated again and the
+    units are rendered from it, and every unit file in ``source`` must be
+    exactly what that renders (anything else was edited or forged).
+    """
+    if manager.user and os.geteuid() == 0:
+        raise InstallRefused(
+            "--user: root's own user manager would run the workers as root; install into "
+            "the system manager instead (without --user), which runs them unprivileged"
         )
-    service_text = files[f"{name}@.service"].read_text()
-    if manager.user and ("DynamicUser=yes" in service_text or "\nUser=" in service_text):
-        raise InstallError(
+    spec = load_spec(source, name)
+    _check_spec_for(spec, manager)
+    files = render.files(spec)
+    _check_source_matches(source, files)
+    check_running(manager)
+    generator = files.pop(f"{GENERATOR_PREFIX}{name}", None)
+    files.pop(manifest.file_name(name))
+    stale = tuple(set(cluster_files(manager.unit_dir, name)) - set(files))
+    done = unitfiles.write_all(manager.unit_dir, files, force=force, stale=stale)
+    _install_generator(manager, name, generator, force=force)
+    _systemctl(manager, "daemon-reload")
+    shared_socket = names.socket(name, names.SHARED)
+    enable = [names.target(name)] + ([shared_socket] if shared_socket in files else [])
+    _systemctl(manager, "enable", *enable)
+    if now:
+        _systemctl(manager, "start", names.target(name))
+    return [*done.written, *done.unchanged]
+
+
+def load_spec(source: Path, name: str) -> Spec:
+    """The validated spec of cluster ``name`` from its manifest in ``source``.
+
+    As root, ``source`` and the manifest must be root's: owned by root and
+    writable by nobody else, up to ``/``.
+    """
+    path = source / manifest.file_name(name)
+    if trust.as_root():
+        reason = trust.why_untrusted(path)
+        if reason is not None:
+            raise InstallRefused(
+                f"--from: not installing from {source}: {reason}; root installs only from "
+                "root's files: generate into a directory only root can write"
+            )
+    if unitfiles.state(path) != "clusterkit":
+        raise InstallRefused(
+            f"--from: no intact spec manifest {path} for cluster {name!r}; "
+            f"run `clusterkit generate --name {name} --output {source}` first"
+        )
+    try:
+        return manifest.loads(path.read_text(encoding="utf-8"), str(path))
+    except SpecError as e:
+        raise InstallRefused(str(e)) from None
+
+
+def _check_spec_for(spec: Spec, manager: Manager) -> None:
+    if manager.user and spec.manager != "user":
+        raise InstallRefused(
             "--user: these units switch users (DynamicUser=/User=), which a user's manager "
             "cannot do; generate them with --manager user"
         )
-    manager.check_running()
-    generator = files.pop(f"{GENERATOR_PREFIX}{name}", None)
-    texts = {n: p.read_text() for n, p in files.items()}
-    stale = tuple(
-        set(cluster_files(manager.unit_dir, name)) - set(texts) - {generator and generator.name}
-    )
-    done = unitfiles.write_all(manager.unit_dir, texts, force=force, stale=stale)
-    if generator is not None:
-        if manager.generator_dir is None:
-            _wants_per_cpu(manager.unit_dir, name)
-        else:
-            unitfiles.write_all(
-                manager.generator_dir,
-                {generator.name: generator.read_text()},
-                force=force,
-                executable=(generator.name,),
+    problem = shadow.refusal(spec.name, user=manager.user)
+    if problem is not None:
+        raise InstallRefused(problem)
+    if spec.env_file is not None:
+        problem = trust.secret_file_problem(Path(spec.env_file))
+        if problem is not None:
+            raise InstallRefused(
+                f"--env-file: {problem}; make it root's: chown root:root, chmod 0600"
             )
-    manager.run("daemon-reload")
-    enable = [f"{name}.target"] + ([f"{name}.socket"] if f"{name}.socket" in texts else [])
-    manager.run("enable", *enable)
-    if now:
-        manager.run("start", f"{name}.target")
-    return [*done.written, *done.unchanged]
+
+
+def _check_source_matches(source: Path, files: dict[str, str]) -> None:
+    for file_name, text in files.items():
+        path = source / file_name
+        if unitfiles.state(path) != "missing" and _read(path) != text:
+            raise InstallRefused(
+                f"--from: {path} is not what its spec manifest renders (edited, forged, or "
+                "from another clusterkit version); regenerate it with clusterkit generate"
+            )
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _install_generator(manager: Manager, name: str, generator: str | None, *, force: bool) -> None:
+    """Install the generator of an "auto" cluster, or remove the one a fixed count replaces."""
+    generator_name = f"{GENERATOR_PREFIX}{name}"
+    if manager.generator_dir is None:
+        _wants_per_cpu(manager.unit_dir, name, count=None if generator is None else _cpus())
+        return
+    new = {} if generator is None else {generator_name: generator}
+    unitfiles.write_all(
+        manager.generator_dir,
+        new,
+        force=force,
+        stale=(generator_name,),
+        executable=(generator_name,),
+    )
 
 
 def uninstall(name: str, manager: Manager) -> list[str]:
     """Stop and disable cluster ``name`` and remove the files clusterkit installed."""
-    manager.check_running()
+    check_running(manager)
     files = cluster_files(manager.unit_dir, name)
     if not files:
         raise InstallError(f"cluster {name!r} is not installed in {manager.unit_dir}")
-    subprocess.run(
-        [*manager.systemctl, "disable", "--now", f"{name}.target", f"{name}.socket"],
-        capture_output=True,
+    # Best effort: a unit that is already gone is fine.
+    manager.systemctl(
+        "disable", "--now", names.target(name), names.socket(name, names.SHARED), check=False
     )
-    subprocess.run(
-        [*manager.systemctl, "stop", f"{name}@*.service", f"{name}@*.socket"], capture_output=True
-    )
-    removed = []
-    for file_name, path in files.items():
-        path.unlink()
-        removed.append(file_name)
+    manager.systemctl("stop", f"{name}@*.service", f"{name}@*.socket", check=False)
+    # Under the directory's lock, through its descriptor: never through a symlink.
+    removed = list(unitfiles.write_all(manager.unit_dir, {}, stale=tuple(files)).removed)
     if manager.generator_dir is not None:
         generator = manager.generator_dir / f"{GENERATOR_PREFIX}{name}"
         if unitfiles.is_ours(generator):
             generator.unlink()
             removed.append(generator.name)
-    wants = manager.unit_dir / f"{name}.target.wants"
-    if wants.is_dir():
-        for link in wants.glob(f"{name}@*.service"):
-            link.unlink()
-        if not any(wants.iterdir()):
-            wants.rmdir()
-    manager.run("daemon-reload")
+    _wants_per_cpu(manager.unit_dir, name, count=None)
+    _systemctl(manager, "daemon-reload")
     return removed
 
 
-def _wants_per_cpu(unit_dir: Path, name: str) -> None:
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _wants_dir(unit_dir: Path, name: str) -> Path | None:
+    """NAME.target.wants when it is a real directory; never followed if it is a symlink."""
     wants = unit_dir / f"{name}.target.wants"
-    wants.mkdir(exist_ok=True)
+    return wants if wants.is_dir() and not wants.is_symlink() else None
+
+
+def _wants_per_cpu(unit_dir: Path, name: str, count: int | None) -> None:
+    """A user's manager: NAME.target wants ``count`` workers (None: remove those links)."""
+    wants = _wants_dir(unit_dir, name)
+    if wants is None and count is not None:
+        if (unit_dir / f"{name}.target.wants").is_symlink():
+            raise InstallRefused(f"{unit_dir / name}.target.wants is a symlink; remove it first")
+        wants = unit_dir / f"{name}.target.wants"
+        wants.mkdir()
+    if wants is None:
+        return
     for old in wants.glob(f"{name}@*.service"):
-        old.unlink()
-    for i in range(len(os.sched_getaffinity(0))):
+        if old.is_symlink():
+            old.unlink()
+    for i in range(count or 0):
         (wants / f"{name}@{i}.service").symlink_to(unit_dir / f"{name}@.service")
+    if count is None and not any(wants.iterdir()):
+        wants.rmdir()

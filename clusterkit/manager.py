@@ -95,9 +95,13 @@ class Manager:
         except FileNotFoundError as e:
             raise ManagerError(f"{e.filename}: not found (is systemd installed?)") from None
 
+    def systemctl_argv(self, *args: str) -> list[str]:
+        """The ``systemctl`` command line for this manager (run it with :meth:`command`)."""
+        return ["systemctl", *(["--user"] if self.user else []), "--no-pager", *args]
+
     def systemctl(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         """``systemctl ARGS`` for this manager; ManagerError with systemd's words on failure."""
-        argv = ["systemctl", *(["--user"] if self.user else []), "--no-pager", *args]
+        argv = self.systemctl_argv(*args)
         r = self.run(*argv, timeout=timeout)
         if check and r.returncode != 0:
             detail = (r.stderr or r.stdout).strip().splitlines()

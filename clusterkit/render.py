@@ -12,7 +12,8 @@ from pathlib import Path
 
 import jinja2
 
-from clusterkit import report, unitfiles
+from clusterkit import manifest, report, unitfiles
+from clusterkit.names import files as unit_files
 from clusterkit.spec import FD_NAME, Spec
 from clusterkit.unitsyntax import env_assignment, exec_arg, exec_line, specifiers
 
@@ -54,14 +55,8 @@ def _environment() -> jinja2.Environment:
 
 
 def file_names(name: str) -> tuple[str, ...]:
-    """Every file a cluster ``name`` can have, in either scheduling mode."""
-    return (
-        f"{name}.socket",
-        f"{name}@.socket",
-        f"{name}@.service",
-        f"{name}.target",
-        f"{GENERATOR_PREFIX}{name}",
-    )
+    """Every file a cluster ``name`` can have, in either scheduling mode, manifest included."""
+    return (*unit_files(name), manifest.file_name(name))
 
 
 def unit_names(spec: Spec) -> dict[str, str]:
@@ -111,18 +106,27 @@ def _tidy(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(spec: Spec, directory: Path, *, force: bool = False) -> unitfiles.WriteResult:
-    """Render ``spec`` into ``directory`` with clusterkit's header; drop files it no longer has.
-
-    Raises :class:`unitfiles.HandEditedError` (nothing written) over a hand edit.
-    """
-    files = {
+def files(spec: Spec) -> dict[str, str]:
+    """Every file of ``spec`` with clusterkit's header: units, generator, and the manifest."""
+    texts = {
         name: unitfiles.with_header(name, text, shebang=text.startswith("#!"))
         for name, text in render(spec).items()
     }
-    stale = tuple(n for n in file_names(spec.name) if n not in files and (directory / n).exists())
-    generators = tuple(n for n in files if n.startswith(GENERATOR_PREFIX))
-    return unitfiles.write_all(directory, files, force=force, stale=stale, executable=generators)
+    spec_file = manifest.file_name(spec.name)
+    texts[spec_file] = unitfiles.with_header(spec_file, manifest.dumps(spec))
+    return texts
+
+
+def write(spec: Spec, directory: Path, *, force: bool = False) -> unitfiles.WriteResult:
+    """Render ``spec`` into ``directory`` as one set; drop files it no longer has.
+
+    Raises :class:`unitfiles.HandEditedError` (nothing written) over a hand edit,
+    :class:`unitfiles.UnsafePathError` for a symlinked directory.
+    """
+    texts = files(spec)
+    stale = tuple(n for n in file_names(spec.name) if n not in texts)
+    generators = tuple(n for n in texts if n.startswith(GENERATOR_PREFIX))
+    return unitfiles.write_all(directory, texts, force=force, stale=stale, executable=generators)
 
 
 def render_template(template: str, **context: object) -> str:

@@ -65,6 +65,7 @@ class Spec:
     group: str | None = None
     working_directory: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    env_file: str | None = None  # EnvironmentFile= for secrets: root-owned, mode 0600
     restart: str = "always"
     restart_sec: float = 1.0
     stop_timeout_sec: float = 30.0
@@ -95,6 +96,7 @@ def _fields() -> dict[str, tuple[str, Any]]:
         "group": ("group", _parse_user),
         "working-directory": ("working_directory", _parse_abs_path),
         "env": ("env", _parse_env),
+        "env-file": ("env_file", _parse_env_file),
         "restart": ("restart", _choice(RESTART_POLICIES)),
         "restart-sec": ("restart_sec", _seconds(minimum=0.0)),
         "stop-timeout": ("stop_timeout_sec", _seconds(minimum=0.1)),
@@ -358,6 +360,15 @@ def _parse_env(key: str, raw: Any) -> tuple[tuple[str, str], ...]:
             raise SpecError(f"--{key}: {k} is set by clusterkit and systemd; choose another name")
         checked[k] = _text(key, str(v) if isinstance(v, int | float) else v)
     return tuple(checked.items())
+
+
+def _parse_env_file(key: str, raw: Any) -> str:
+    # One absolute path, nothing systemd would read differently: no '-' prefix
+    # (a missing secrets file must fail the start), no whitespace or backslash.
+    value = _parse_abs_path(key, raw)
+    if any(c.isspace() or c == "\\" for c in value):
+        raise SpecError(f"--{key}: {value!r} contains whitespace or '\\'; use a plainer path")
+    return value
 
 
 def _parse_memory(key: str, raw: Any) -> str:

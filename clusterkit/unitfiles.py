@@ -1,36 +1,55 @@
-"""Writing generated files: atomically, and never over a hand edit.
+"""Writing generated files: safely, all-or-nothing, and never over a hand edit.
 
 Every file clusterkit writes starts with a header holding the SHA-256 of the
 rest of the file. Before replacing a file, the header is checked again: a file
-with no header was not written by clusterkit, and a file whose text no longer
-matches its checksum was edited by hand. Either way it is left alone unless
-the caller forces it. No state lives anywhere else.
+with no header was not written by clusterkit and is never replaced or deleted,
+not even with ``--force``; a file whose text no longer matches its checksum was
+edited by hand and is replaced only with ``--force``. No state lives anywhere
+else.
+
+A cluster's files are replaced as one set: under an exclusive lock on the
+directory, every new file is staged (written, given its mode through its own
+file descriptor, fsynced) before any is renamed into place, so a failure while
+staging (ENOSPC) leaves the previous set byte-identical, and two concurrent
+runs leave one complete set. Everything happens relative to one open
+descriptor of the directory, which must not be a symlink, and no path is
+followed through a symlink that another user could have planted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import re
-import tempfile
-from collections.abc import Mapping
+import secrets
+import stat
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusterkit import __version__
+from clusterkit import __version__, trust
 
 _CHECKSUM = re.compile(r"^# clusterkit-sha256: ([0-9a-f]{64})$", re.MULTILINE)
+_UNIT_SUFFIXES = (".service", ".socket", ".target")
+_MAX_SIZE = 1 << 20  # no generated file comes near this; bigger is not ours
 
 
 class HandEditedError(Exception):
     """A file on disk was not written by clusterkit, or was changed since."""
 
 
+class UnsafePathError(Exception):
+    """An output directory is a symlink, or reachable through another user's symlink."""
+
+
 def with_header(name: str, body: str, *, shebang: bool = False) -> str:
     """The text to write: a header saying who wrote it and how to change it, then body."""
     how = (
         f"change it with a drop-in (systemctl edit {name}), not here"
-        if not shebang
+        if name.endswith(_UNIT_SUFFIXES)
         else "regenerate it with clusterkit generate, do not edit it"
     )
     header = (
@@ -43,18 +62,19 @@ def with_header(name: str, body: str, *, shebang: bool = False) -> str:
 
 
 def state(path: Path) -> str:
-    """'missing', 'clusterkit' (ours, unchanged), or 'foreign' (no header, or edited)."""
+    """'missing', 'clusterkit' (ours, unchanged), 'edited' (ours, changed) or 'foreign'.
+
+    'foreign' is anything without clusterkit's header: a hand-written file, a
+    symlink, a directory. The last component of ``path`` is never followed.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return "missing"
-    except (OSError, UnicodeDecodeError):
-        return "foreign"
-    match = _CHECKSUM.search(text)
-    if match is None:
-        return "foreign"
-    body = _strip_header(text)
-    return "clusterkit" if _digest(body) == match.group(1) else "foreign"
+    try:
+        return _state_at(dir_fd, path.name)
+    finally:
+        os.close(dir_fd)
 
 
 def is_ours(path: Path) -> bool:
@@ -76,65 +96,158 @@ def write_all(
     stale: tuple[str, ...] = (),
     executable: tuple[str, ...] = (),
 ) -> WriteResult:
-    """Write every file of ``files`` (name -> full text) into ``directory``.
+    """Replace this cluster's file set in ``directory`` with ``files`` (name -> full text).
 
-    Checks every target first and writes nothing if one of them was edited by
-    hand (unless ``force``). ``stale`` names files clusterkit wrote before that
-    this set no longer has (e.g. after a change of scheduling mode): removed,
-    when unchanged. Each file is replaced atomically (temp file, fsync, rename).
+    ``stale`` names files this cluster may have had before and no longer has
+    (e.g. after a change of scheduling mode): those present are removed. Nothing
+    is written if a target has no clusterkit header, or (unless ``force``) was
+    edited by hand. Raises :class:`UnsafePathError` for a symlinked directory.
     """
-    conflicts = [
-        name
-        for name in (*files, *stale)
-        if state(directory / name) == "foreign"
-        and not (name in files and _same(directory / name, files[name]))
-    ]
-    if conflicts and not force:
-        raise HandEditedError(
-            f"{directory / conflicts[0]} was edited by hand or not written by clusterkit; "
-            "move your change into a drop-in, or pass --force to overwrite it"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    written, unchanged, removed = [], [], []
-    for name, text in files.items():
-        path = directory / name
-        if _same(path, text):
-            unchanged.append(name)
-            continue
-        atomic_write(path, text, mode=0o755 if name in executable else 0o644)
-        written.append(name)
-    for name in stale:
-        path = directory / name
-        if path.exists() and (force or is_ours(path)):
-            path.unlink()
-            removed.append(name)
-    return WriteResult(tuple(written), tuple(unchanged), tuple(removed))
+    with locked_directory(directory, create=bool(files)) as dir_fd:
+        if dir_fd is None:
+            return WriteResult((), (), ())
+        states = {n: _state_at(dir_fd, n) for n in dict.fromkeys((*files, *stale))}
+        _refuse_conflicts(directory, states, force=force)
+        changed = {n: t for n, t in files.items() if not _same_at(dir_fd, n, t)}
+        staged = _stage_all(dir_fd, changed, executable)
+        for name, tmp in staged.items():
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        removed = [n for n in stale if n not in files and states[n] != "missing"]
+        for name in removed:
+            os.unlink(name, dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    unchanged = tuple(n for n in files if n not in changed)
+    return WriteResult(tuple(changed), unchanged, tuple(removed))
 
 
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     """Replace ``path`` with ``text`` so readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_DIRECTORY)
-    try:
+        tmp = _stage(dir_fd, path.name, text, mode)
+        os.rename(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def _same(path: Path, text: str) -> bool:
+@contextlib.contextmanager
+def locked_directory(directory: Path, *, create: bool = True) -> Iterator[int | None]:
+    """An open descriptor of ``directory`` under an exclusive flock (None if it is absent).
+
+    The lock is taken on the directory itself, not on a lock file: a lock file
+    in a directory others can write could be planted as a symlink or a FIFO.
+    """
+    reason = trust.why_symlink_unsafe(directory)
+    if reason is not None:
+        raise UnsafePathError(f"{directory}: refusing to write: {reason}")
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
     try:
-        return path.read_text(encoding="utf-8") == text
-    except (OSError, UnicodeDecodeError):
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePathError(f"{directory}: refusing to write: not a real directory") from None
+        raise
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        yield dir_fd
+    finally:
+        os.close(dir_fd)  # releases the lock
+
+
+def _refuse_conflicts(directory: Path, states: Mapping[str, str], *, force: bool) -> None:
+    for name, st in states.items():
+        if st == "foreign":
+            raise HandEditedError(
+                f"{directory / name} was not written by clusterkit (no clusterkit header); "
+                "it is never replaced or deleted, even with --force: move it away first"
+            )
+        if st == "edited" and not force:
+            raise HandEditedError(
+                f"{directory / name} was edited by hand since clusterkit wrote it; "
+                "move your change into a drop-in, or pass --force to overwrite it"
+            )
+
+
+def _stage_all(dir_fd: int, files: Mapping[str, str], executable: tuple[str, ...]) -> dict:
+    """Write every file to a temporary name; on any failure remove them all and re-raise."""
+    staged: dict[str, str] = {}
+    try:
+        for name, text in files.items():
+            staged[name] = _stage(dir_fd, name, text, 0o755 if name in executable else 0o644)
+    except BaseException:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    return staged
+
+
+def _stage(dir_fd: int, name: str, text: str, mode: int) -> str:
+    """A new file holding ``text`` with ``mode``, under a fresh temporary name in the directory.
+
+    O_EXCL|O_NOFOLLOW: the name is ours alone, never someone's symlink; the mode
+    is set through the descriptor, so no race can redirect it to another file.
+    """
+    tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+    try:
+        data = text.encode("utf-8")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _read_at(dir_fd: int, name: str) -> str | None:
+    """The text of regular file ``name`` (never through a symlink), or None if not one."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return None  # a symlink (ELOOP), or unreadable
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _MAX_SIZE + 1)
+    finally:
+        os.close(fd)
+    try:
+        return None if len(data) > _MAX_SIZE else data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _state_at(dir_fd: int, name: str) -> str:
+    try:
+        text = _read_at(dir_fd, name)
+    except FileNotFoundError:
+        return "missing"
+    match = None if text is None else _CHECKSUM.search(text)
+    if text is None or match is None:
+        return "foreign"
+    return "clusterkit" if _digest(_strip_header(text)) == match.group(1) else "edited"
+
+
+def _same_at(dir_fd: int, name: str, text: str) -> bool:
+    try:
+        return _read_at(dir_fd, name) == text
+    except FileNotFoundError:
         return False
 
 

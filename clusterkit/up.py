@@ -11,6 +11,7 @@ and removes everything ``up`` set up.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import signal
 import socket
@@ -23,13 +24,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clusterkit import render
-from clusterkit.spec import Spec
+from clusterkit import manifest, names, render
+from clusterkit.manager import Manager, ManagerError
+from clusterkit.spec import Listen, Spec
 
 START_TIMEOUT = 60.0
 Say = Callable[[str], None]
-#: runs a command where the units run (the host, or inside the container)
-Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def bundled_example() -> Path | None:
@@ -39,8 +39,54 @@ def bundled_example() -> Path | None:
 
 
 def write_units(spec: Spec, directory: Path) -> list[Path]:
+    """Render ``spec`` into ``directory``; the units and generator (not the manifest)."""
     result = render.write(spec, directory)
-    return [directory / name for name in (*result.written, *result.unchanged)]
+    names = (*result.written, *result.unchanged)
+    return [directory / n for n in names if not n.endswith(manifest.SUFFIX)]
+
+
+def loopback_only(spec: Spec) -> tuple[Spec, list[str]]:
+    """``spec`` with every bare port bound to 127.0.0.1, and a note for each one changed.
+
+    ``up`` is for trying an app out: it must not expose it to the network unless
+    ``--listen`` names an address explicitly.
+    """
+    listens, notes = [], []
+    for listen in spec.listen:
+        if listen.is_unix or ":" in listen.address:
+            listens.append(listen)
+            continue
+        listens.append(Listen(f"127.0.0.1:{listen.port}", listen.port))
+        notes.append(
+            f"      --listen {listen.address} means 127.0.0.1:{listen.port} under up "
+            f"(loopback only; give an address, e.g. 0.0.0.0:{listen.port}, to listen elsewhere)"
+        )
+    return dataclasses.replace(spec, listen=tuple(listens)), notes
+
+
+def app_binds(spec: Spec) -> list[str]:
+    """Directories of the app (outside /usr and the checkout) to bind read-only into a container."""
+    from clusterkit.container import checkout_root
+
+    candidates = [spec.working_directory, *(a for a in spec.exec if a.startswith("/"))]
+    root = checkout_root()
+    binds: list[str] = []
+    for candidate in filter(None, candidates):
+        path = Path(candidate)
+        directory = path if path.is_dir() else path.parent
+        if not directory.is_dir() or directory == Path("/"):
+            continue
+        if any(directory.is_relative_to(p) for p in ("/usr", "/proc", "/sys", "/dev", "/run")):
+            continue
+        if (root is not None and directory.is_relative_to(root)) or str(directory) in binds:
+            continue
+        binds.append(str(directory))
+    return binds
+
+
+def _follower_argv(spec: Spec) -> list[str]:
+    # -I: the follower never imports from its working directory or PYTHON* variables.
+    return [sys.executable, "-I", "-m", "clusterkit.cli", "events", spec.name, "--follow"]
 
 
 @contextmanager
@@ -79,6 +125,9 @@ def _unusable_address(spec: Spec) -> str | None:
 
 def up(spec: Spec, say: Say = print) -> int:
     """Run ``spec`` until interrupted; 0 after a clean stop, 1 if it never started."""
+    spec, notes = loopback_only(spec)
+    for note in notes:
+        say(note)
     busy = _unusable_address(spec)
     if busy:
         say(f"clusterkit up: --listen {busy}; free it, or choose another with --listen")
@@ -98,9 +147,13 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
     if missing:
         say(f"clusterkit up: systemd is not PID 1 here and no container can boot: {missing}")
         return 1
-    say("[2/4] systemd is not PID 1 here: booting a throwaway systemd container (host network)")
+    binds = app_binds(spec)
+    say(
+        "[2/4] systemd is not PID 1 here: booting a throwaway systemd container "
+        f"(host network; checkout{' and ' + ', '.join(binds) if binds else ''} read-only)"
+    )
     started = time.monotonic()
-    box = Container(private_network=False)
+    box = Container(private_network=False, checkout_read_only=True, binds_ro=binds)
     try:
         box.start()
         say(f"      container {box.name} is up ({time.monotonic() - started:.1f}s)")
@@ -110,17 +163,12 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
                 f"/run/systemd/system-generators/{generator.name}", generator.read_text(), 0o755
             )
         box.install_units([f for f in files if f not in generators])
-
-        def run(*argv: str) -> subprocess.CompletedProcess[str]:
-            return box.run(*argv)
-
-        if not _start(spec, run, say):
+        manager = Manager(container_pid=box.pid)
+        if not _start(spec, manager, say):
             return 1
-        follower = box.popen(
-            sys.executable, "-m", "clusterkit.cli", "events", spec.name, "--follow"
-        )
+        follower = box.popen(*_follower_argv(spec))
         return _serve_until_interrupted(
-            spec, follower, say, lambda: (stop_process(follower), _stop(spec, run, say))
+            spec, follower, say, lambda: (stop_process(follower), _stop(spec, manager, say))
         )
     except ContainerError as e:
         say(f"clusterkit up: {str(e).splitlines()[0]}")
@@ -133,29 +181,23 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
 
 
 def _up_on_host(spec: Spec, files: list[Path], say: Say) -> int:
-    from clusterkit.install import InstallError, Manager, install, uninstall
+    from clusterkit.install import InstallError, install, uninstall
 
-    manager = Manager.for_scope(runtime=True)
+    manager = Manager(runtime=True)
     say(f"[2/4] systemd is PID 1: installing runtime units into {manager.unit_dir}")
-
-    def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, capture_output=True, text=True)
-
     try:
         install(files[0].parent, spec.name, manager)
     except InstallError as e:
         say(f"clusterkit up: {e}")
         return 1
     try:
-        if not _start(spec, run, say):
+        if not _start(spec, manager, say):
             return 1
         follower = subprocess.Popen(
-            [sys.executable, "-m", "clusterkit.cli", "events", spec.name, "--follow"],
-            stdout=subprocess.PIPE,
-            text=True,
+            _follower_argv(spec), stdout=subprocess.PIPE, text=True, cwd="/"
         )
         return _serve_until_interrupted(
-            spec, follower, say, lambda: (_end(follower), _stop(spec, run, say))
+            spec, follower, say, lambda: (_end(follower), _stop(spec, manager, say))
         )
     except KeyboardInterrupt:
         return 0
@@ -164,38 +206,36 @@ def _up_on_host(spec: Spec, files: list[Path], say: Say) -> int:
         uninstall(spec.name, manager)
 
 
-def _workers(spec: Spec, run: Run) -> list[str]:
-    wants = run("systemctl", "show", "-p", "Wants", "--value", f"{spec.name}.target").stdout
-    return sorted(
-        (w for w in wants.split() if w.startswith(f"{spec.name}@") and w.endswith(".service")),
-        key=_worker_id,
-    )
+def _workers(spec: Spec, manager: Manager) -> list[str]:
+    """The workers NAME.target wants, in id order."""
+    wants = manager.show([names.target(spec.name)], ("Wants",))[0]["Wants"].split()
+    ids = sorted(k for w in wants if (k := names.worker_id(w, spec.name)) is not None)
+    return [names.service(spec.name, k) for k in ids]
 
 
-def _worker_id(unit: str) -> int:
-    return int(unit.split("@")[1].split(".")[0])
-
-
-def _start(spec: Spec, run: Run, say: Say) -> bool:
-    units = _workers(spec, run)
+def _start(spec: Spec, manager: Manager, say: Say) -> bool:
+    units = _workers(spec, manager)
     say(f"[3/4] starting {spec.name}.target: {len(units)} workers")
-    r = run("systemctl", "start", "--no-block", f"{spec.name}.target")
-    if r.returncode != 0:
-        say(f"clusterkit up: systemctl start {spec.name}.target failed: {r.stderr.strip()}")
+    try:
+        manager.systemctl("start", "--no-block", names.target(spec.name))
+    except ManagerError as e:
+        say(f"clusterkit up: {e}")
         return False
     deadline = time.monotonic() + START_TIMEOUT
     pending = list(units)
     while pending and time.monotonic() < deadline:
         for unit in list(pending):
-            props = _show(run, unit, "ActiveState", "MainPID", "NRestarts")
+            props = manager.show([unit], ("ActiveState", "MainPID", "NRestarts"))[0]
             if props["ActiveState"] == "active":
-                say(f"      worker {_worker_id(unit)} (pid {props['MainPID']}) is ready")
+                worker = names.worker_id(unit, spec.name)
+                say(f"      worker {worker} (pid {props['MainPID']}) is ready")
                 pending.remove(unit)
             elif props["ActiveState"] == "failed" or int(props["NRestarts"] or 0) >= 2:
                 # systemd keeps restarting a crashing worker: show why now, since a
                 # throwaway container's journal is gone once it powers off.
                 say(f"clusterkit up: {unit} keeps failing; its last journal lines:")
-                log = run("journalctl", "--no-pager", "-o", "cat", "-n", "15", "-u", unit).stdout
+                log = manager.run("journalctl", "--no-pager", "-o", "cat", "-n", "15", "-u", unit)
+                log = log.stdout
                 for line in log.splitlines():
                     say(f"      | {line}")
                 return False
@@ -204,12 +244,6 @@ def _start(spec: Spec, run: Run, say: Say) -> bool:
         say(f"clusterkit up: {', '.join(pending)} not ready after {START_TIMEOUT:g}s")
         return False
     return True
-
-
-def _show(run: Run, unit: str, *props: str) -> dict[str, str]:
-    out = run("systemctl", "show", unit, *(f"--property={p}" for p in props)).stdout
-    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return {p: values.get(p, "") for p in props}
 
 
 def _serve_until_interrupted(
@@ -243,21 +277,22 @@ def _end(process: subprocess.Popen[str]) -> None:
         process.kill()
 
 
-def _stop(spec: Spec, run: Run, say: Say) -> None:
+def _stop(spec: Spec, manager: Manager, say: Say) -> None:
     # `systemctl stop NAME.target` returns before the workers have stopped: wait for them.
     name = spec.name
-    run("systemctl", "stop", f"{name}.target", f"{name}.socket", f"{name}@*.socket")
-    run("systemctl", "stop", f"{name}@*.service")
+    sockets = (names.socket(name, names.SHARED), f"{name}@*.socket")
+    manager.systemctl("stop", names.target(name), *sockets, check=False)
+    manager.systemctl("stop", f"{name}@*.service", check=False)
     deadline = time.monotonic() + spec.stop_timeout_sec + 5
     while time.monotonic() < deadline:
-        listed = run(
-            "systemctl",
+        listed = manager.systemctl(
             "list-units",
             "--state=active,deactivating",
             "--plain",
             "--no-legend",
             f"{name}@*",
-        ).stdout
+            check=False,
+        )
         if not listed.strip():
             break
         time.sleep(0.1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from unitcheck import exposure, verify
 
-from clusterkit import unitfiles
+from clusterkit import manifest, render, unitfiles
 from clusterkit.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,7 @@ def test_hello_from_the_issue(tmp_path: Path) -> None:
     r = generate(out, *HELLO, "--listen", "3000", "--workers", "4")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "hello.clusterkit.json",
         "hello.socket",
         "hello.target",
         "hello@.service",
@@ -57,6 +58,7 @@ def test_reuseport_writes_a_socket_template(tmp_path: Path) -> None:
     r = generate(out, *HELLO, "--workers", "2", "--scheduling", "reuseport")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "hello.clusterkit.json",
         "hello.target",
         "hello@.service",
         "hello@.socket",
@@ -88,6 +90,8 @@ OPTION_SETS = {
         'B=quote" back\\slash',
         "--working-directory",
         "/srv/my app",
+        "--env-file",
+        "/etc/app/secrets.env",
     ],
     "watchdog-pinning-memory": [
         "--watchdog-sec",
@@ -119,6 +123,15 @@ def test_option_combinations_verify_cleanly(tmp_path: Path, options: list[str]) 
     if "--manager" not in options and "none" not in options:
         status, overall = exposure(out, "app")
         assert status == 0, overall
+
+
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_the_manifest_renders_exactly_the_files_on_disk(tmp_path: Path, options: list[str]):
+    """install re-renders from NAME.clusterkit.json: it must give back the same files."""
+    out = tmp_path / "units"
+    assert generate(out, "--name", "app", "--exec", f"{PYTHON} -c pass", *options).returncode == 0
+    spec = manifest.loads((out / "app.clusterkit.json").read_text(), "manifest")
+    assert render.files(spec) == {p.name: p.read_text() for p in out.iterdir()}
 
 
 def test_auto_workers_ship_a_generator(tmp_path: Path) -> None:
@@ -237,7 +250,7 @@ def test_hand_edited_unit_is_not_overwritten(tmp_path: Path) -> None:
     assert unitfiles.state(service) == "clusterkit"
     edited = service.read_text().replace("RestartSec=1s", "RestartSec=5s")
     service.write_text(edited)
-    assert unitfiles.state(service) == "foreign"
+    assert unitfiles.state(service) == "edited"
     r = generate(out, *args, "--workers", "3")
     assert r.returncode == 1 and "edited by hand" in r.stderr and "--force" in r.stderr
     assert service.read_text() == edited
@@ -252,7 +265,7 @@ def test_regenerating_is_idempotent_and_removes_stale_units(tmp_path: Path) -> N
     args = ["--name", "app", "--exec", PYTHON]
     generate(out, *args)
     r = generate(out, *args)
-    assert r.stdout.count("unchanged") == 4 and "wrote" not in r.stdout
+    assert r.stdout.count("unchanged") == 5 and "wrote" not in r.stdout
     r = generate(out, *args, "--scheduling", "reuseport")
     assert "removed" in r.stdout and not (out / "app.socket").exists()
     assert (out / "app@.socket").exists()

@@ -133,3 +133,47 @@ def test_auto_workers_follow_the_cpus_of_the_running_host(
     assert len(active.strip().splitlines()) == cpus
     assert ck(container, "uninstall", "web").returncode == 0
     assert not generator.exists()
+
+
+def test_a_fixed_count_after_auto_removes_the_generator(container: Container, tmp_path: Path):
+    out = generate(tmp_path, "--workers", "auto", "--listen", "8003")
+    assert ck(container, "install", "web", "--from", push(container, out)).returncode == 0
+    generator = Path(f"/proc/{container.pid}/root/etc/systemd/system-generators/clusterkit-web")
+    assert generator.exists()
+    out = generate(tmp_path, "--workers", "1", "--listen", "8003")
+    r = ck(container, "install", "web", "--from", push(container, out))
+    assert r.returncode == 0, r.stderr
+    assert not generator.exists()
+    wants = container.systemctl("show", "-p", "Wants", "--value", "web.target").stdout.split()
+    assert [w for w in wants if w.startswith("web@")] == ["web@0.service"]
+
+
+def test_uninstall_does_not_follow_a_symlinked_wants_dir(container: Container, tmp_path: Path):
+    out = generate(tmp_path, "--workers", "1", "--listen", "8004")
+    assert ck(container, "install", "web", "--from", push(container, out)).returncode == 0
+    container.write_file("/srv/elsewhere/web@0.service", "not a link: keep me\n")
+    container.run("ln", "-s", "/srv/x", "/srv/elsewhere/web@1.service", check=True)
+    container.run("ln", "-s", "/srv/elsewhere", "/etc/systemd/system/web.target.wants", check=True)
+    r = ck(container, "uninstall", "web")
+    assert r.returncode == 0, r.stderr
+    elsewhere = Path(f"/proc/{container.pid}/root/srv/elsewhere")
+    assert (elsewhere / "web@0.service").read_text() == "not a link: keep me\n"
+    assert (elsewhere / "web@1.service").is_symlink()
+
+
+def test_env_file_secrets_reach_the_worker_and_not_the_unit(container: Container, tmp_path: Path):
+    out = generate(tmp_path, "--workers", "1", "--listen", "8005", "--env-file", "/etc/web.env")
+    source = push(container, out)
+    container.write_file("/etc/web.env", "TOKEN=s3cret\n", 0o644)
+    r = ck(container, "install", "web", "--from", source)
+    assert r.returncode == 2 and "0644" in r.stderr, r.stderr
+    container.write_file("/etc/web.env", "TOKEN=s3cret\n", 0o600)
+    r = ck(container, "install", "web", "--from", source, "--now")
+    assert r.returncode == 0, r.stderr
+    wait_for("worker 0", lambda: container.http_get(8005)[0] == 200)
+    pid = container.systemctl("show", "-p", "MainPID", "--value", "web@0.service").stdout.strip()
+    environ = Path(f"/proc/{container.pid}/root/proc/{pid}/environ").read_bytes()
+    assert b"TOKEN=s3cret\0" in environ
+    shown = container.systemctl("show", "web@0.service").stdout
+    unit = Path(f"/proc/{container.pid}/root/etc/systemd/system/web@.service").read_text()
+    assert "s3cret" not in shown and "s3cret" not in unit

@@ -9,9 +9,12 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from clusterkit.container import _child_named
 
 
 def free_port() -> int:
@@ -25,26 +28,32 @@ def nspawn_machines() -> set[str]:
     return set(re.findall(r"systemd-nspawn .*--machine=(\S+)", out))
 
 
-@pytest.mark.usefixtures("containers_available")
-def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
-    if os.path.isdir("/run/systemd/system"):
-        pytest.skip("systemd is PID 1 here: up would install into the host")
-    port = free_port()
-    before = nspawn_machines()
+def start_up(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start `clusterkit up ARGS`; its output lines until it serves (or fails)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clusterkit.cli", "up", "--listen", str(port)],
+        [sys.executable, "-m", "clusterkit.cli", "up", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
     lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "[4/4] serving" in line or "clusterkit up:" in line:
+            break
+    return proc, lines
+
+
+@pytest.mark.usefixtures("containers_available")
+def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
+    if os.path.isdir("/run/systemd/system"):
+        pytest.skip("systemd is PID 1 here: up would install into the host")
+    port = free_port()
+    before = nspawn_machines()
+    proc, lines = start_up("--listen", str(port))
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "[4/4] serving" in line or "clusterkit up:" in line:
-                break
         output = "".join(lines)
         assert "[4/4] serving" in output, output
         ready = re.findall(r"worker (\d+) \(pid \d+\) is ready", output)
@@ -107,3 +116,73 @@ def test_up_shows_why_a_worker_keeps_failing_before_powering_off() -> None:
     assert "| RuntimeError: this worker cannot start" in r.stdout
     assert "powering off" in r.stdout
     assert nspawn_machines() <= before
+
+
+TEST_ADDRESS = "198.18.0.77"  # a non-loopback address of the host (benchmarking range)
+
+
+@pytest.fixture
+def host_address() -> Iterator[str]:
+    """A veth pair on the host, one end holding TEST_ADDRESS; removed afterwards."""
+    link = f"ckt{os.getpid() % 100000}"
+    subprocess.run(["ip", "link", "add", link, "type", "veth", "peer", f"{link}p"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", f"{TEST_ADDRESS}/32", "dev", link], check=True)
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+        subprocess.run(["ip", "link", "set", f"{link}p", "up"], check=True)
+        yield TEST_ADDRESS
+    finally:
+        subprocess.run(["ip", "link", "del", link], check=False)
+
+
+def container_pid1(output: str) -> int:
+    """The PID 1 (as the host sees it) of the container ``up`` said it booted."""
+    machine = re.search(r"container (\S+) is up", output)
+    assert machine, output
+    ps = subprocess.run(["ps", "-ewwo", "pid=,args="], capture_output=True, text=True).stdout
+    nspawn = next(
+        int(line.split()[0])
+        for line in ps.splitlines()
+        if "systemd-nspawn" in line and f"--machine={machine.group(1)}" in line
+    )
+    return _child_named(nspawn, "systemd")
+
+
+@pytest.mark.usefixtures("containers_available")
+def test_up_listens_on_loopback_only_and_binds_the_checkout_read_only(host_address: str) -> None:
+    if os.path.isdir("/run/systemd/system"):
+        pytest.skip("systemd is PID 1 here: up would install into the host")
+    port = free_port()
+    proc, lines = start_up("--listen", str(port))
+    try:
+        output = "".join(lines)
+        assert "[4/4] serving" in output, output
+        assert f"--listen {port} means 127.0.0.1:{port} under up" in output
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            assert response.status == 200
+        with pytest.raises(OSError):
+            socket.create_connection((host_address, port), timeout=2).close()
+
+        checkout = Path(__file__).resolve().parent.parent
+        probe = checkout / f".up-write-probe-{os.getpid()}"
+        r = subprocess.run(
+            ["nsenter", "--all", "-t", str(container_pid1(output)), "touch", str(probe)],
+            capture_output=True,
+            text=True,
+        )
+        written = probe.exists()
+        probe.unlink(missing_ok=True)
+        assert r.returncode != 0 and "Read-only file system" in r.stderr, r.stderr
+        assert not written
+    finally:
+        stop_up(proc)
+
+
+def stop_up(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM first: up powers its container off; SIGKILL only if it hangs."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -135,5 +135,18 @@ def test_system_units_are_refused_by_a_user_manager(user_container: Container, t
         c.write_file(f"{HOME}/units/{f.name}", f.read_text())
     c.run("chown", "-R", f"{UID}:{UID}", f"{HOME}/units", check=True)
     r = ck(c, "install", "sys", "--from", f"{HOME}/units", "--user")
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "--manager user" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_root_user_manager_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "units"
+    generate = [PY, "-m", "clusterkit.cli", "generate", "--name", "mine", "--manager", "user"]
+    subprocess.run([*generate, "--exec", f"{PY} {APP}", "--output", str(out)], check=True)
+    r = subprocess.run(
+        [PY, "-m", "clusterkit.cli", "install", "mine", "--from", str(out), "--user"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "as root" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,109 @@
+"""Which files a root command may take input from, and where it may write.
+
+clusterkit runs as root and hands what it reads to systemd, which runs more of
+it as root (DESIGN.md, "Trust"). A file is root's when it, and every directory
+above it, is owned by root (or the caller) and nobody else can write it: then
+no other user can change what it holds, or swap it for another file, between
+the check and the read. A sticky directory (``/tmp``) is fine above a
+root-owned entry, since others cannot rename or delete that entry.
+
+The checks apply when the command runs as root; an unprivileged caller can
+only hurt itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from pathlib import Path
+
+
+def as_root() -> bool:
+    """True when the caller is root, whose commands must not trust other users' files."""
+    return os.geteuid() == 0
+
+
+def owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def why_untrusted(path: Path) -> str | None:
+    """Why another user could change what ``path`` holds (one phrase), or None.
+
+    Checks the path as written and as resolved, so that neither a symlink in it
+    nor the directories it points into are under another user's control. A path
+    that does not exist yet is checked as far as it exists.
+    """
+    absolute = Path(os.path.abspath(path))
+    for candidate in dict.fromkeys([absolute, Path(os.path.realpath(absolute))]):
+        reason = _chain_reason(candidate)
+        if reason is not None:
+            return reason
+    return None
+
+
+def why_symlink_unsafe(directory: Path) -> str | None:
+    """Why writing into ``directory`` could be redirected by a symlink, or None.
+
+    The directory itself must not be a symlink; a symlink above it is fine only
+    when root owns it and it sits in a directory only root can change.
+    """
+    absolute = Path(os.path.abspath(directory))
+    if absolute.is_symlink():
+        return f"{absolute} is a symlink (give the real directory)"
+    for part in absolute.parents:
+        if not part.is_symlink():
+            continue
+        reason = _entry_reason(part, os.lstat(part), last=True) or _chain_reason(part.parent)
+        if reason is not None:
+            return f"{part} is a symlink another user controls: {reason}"
+    return None
+
+
+def _chain_reason(path: Path) -> str | None:
+    for part in [*reversed(path.parents), path]:
+        try:
+            st = os.lstat(part)
+        except FileNotFoundError:
+            return None  # what does not exist yet, the command creates itself
+        reason = _entry_reason(part, st, last=part == path)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _entry_reason(part: Path, st: os.stat_result, *, last: bool) -> str | None:
+    if st.st_uid not in (0, os.geteuid()):
+        return f"{part} is owned by {owner_name(st.st_uid)}"
+    if stat.S_ISLNK(st.st_mode):
+        return None  # its target is checked through the resolved path
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    # Above a root-owned entry, a sticky directory lets nobody else replace it.
+    sticky_parent = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and not last
+    if writable and not sticky_parent:
+        who = "other users" if st.st_mode & stat.S_IWOTH else "its group"
+        return f"{part} is writable by {who}"
+    return None
+
+
+def secret_file_problem(path: Path) -> str | None:
+    """Why ``path`` is not fit to hold secrets for systemd (EnvironmentFile=), or None.
+
+    It must exist, be a regular file owned by root (or the caller, for a user's
+    manager) with mode 0600 or 0400, in directories only that owner can change.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by {owner_name(st.st_uid)}, not {owner_name(os.geteuid())}"
+    if stat.S_IMODE(st.st_mode) not in (0o600, 0o400):
+        return f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, not 0600 or 0400"
+    return why_untrusted(path)

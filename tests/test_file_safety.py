@@ -1,0 +1,279 @@
+"""Root's writes and reads, attacked by another user (uid 65534) on the host.
+
+Each test plays the attacker of DESIGN.md "Trust": a user who can write a
+directory root works in, or who owns the config file root would read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from clusterkit import render, unitfiles
+from clusterkit.spec import build_spec
+
+PY = sys.executable
+NOBODY = 65534
+EXEC = "/usr/bin/python3 -m http.server"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="plays another user: needs root")
+
+
+def ck(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "clusterkit.cli", *args], capture_output=True, text=True, cwd=cwd or "/"
+    )
+
+
+def generate(out: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return ck("generate", "--name", "t", "--exec", EXEC, "--output", str(out), *args, cwd=cwd)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@contextlib.contextmanager
+def as_other_user(work: Callable[[], None]) -> Iterator[None]:
+    """Run ``work`` in a forked child as uid 65534 until the block ends."""
+    pid = os.fork()
+    if pid == 0:  # the attacker
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            work()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    try:
+        yield
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may write (mode 0777), reachable by uid 65534."""
+    path = Path(tempfile.mkdtemp(prefix="ck-shared-", dir="/tmp"))
+    path.chmod(0o777)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=True)
+
+
+# ---- writes ----------------------------------------------------------------------
+
+
+def test_symlink_swapping_attacker_never_changes_a_victims_mode(
+    shared_dir: Path, tmp_path: Path
+) -> None:
+    victim = tmp_path / "shadow"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+
+    def swap_temp_files_for_symlinks() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for entry in os.scandir(shared_dir):
+                with contextlib.suppress(OSError):
+                    for name in os.listdir(entry.path):
+                        if name.endswith(".tmp"):
+                            path = os.path.join(entry.path, name)
+                            with contextlib.suppress(OSError):
+                                os.unlink(path)
+                                os.symlink(victim, path)
+
+    spec = build_spec({}, {"name": "t", "exec": EXEC})
+    with as_other_user(swap_temp_files_for_symlinks):
+        time.sleep(0.2)
+        for i in range(60):
+            out = shared_dir / str(i)
+            out.mkdir()
+            out.chmod(0o777)
+            with contextlib.suppress(OSError, unitfiles.HandEditedError):
+                render.write(spec, out)
+    assert oct(victim.stat().st_mode & 0o7777) == oct(0o600)
+    assert victim.read_text() == "secret\n"
+
+
+def test_enospc_midway_leaves_the_previous_set_byte_identical(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        out = mnt / "units"
+        assert generate(out, "--workers", "2").returncode == 0
+        before = snapshot(out)
+        filler = mnt / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"x" * 4096)
+        os.close(fd)
+        os.truncate(filler, filler.stat().st_size - 4096)  # room for one staged file only
+        r = generate(out, "--workers", "3", "--description", "changed")
+        assert r.returncode == 1 and "No space left" in r.stderr, r.stderr
+        assert snapshot(out) == before
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_concurrent_generate_runs_leave_one_complete_set(tmp_path: Path) -> None:
+    specs = [
+        build_spec({}, {"name": "t", "exec": EXEC, "scheduling": mode})
+        for mode in ("shared", "reuseport")
+    ]
+    sets = [{n: t.encode() for n, t in sorted(render.files(s).items())} for s in specs]
+    for trial in range(40):
+        out = tmp_path / str(trial)
+        go_read, go_write = os.pipe()
+        children = []
+        for spec in specs:
+            pid = os.fork()
+            if pid == 0:  # both start writing at the same moment
+                os.read(go_read, 1)
+                with contextlib.suppress(Exception):
+                    render.write(spec, out)
+                os._exit(0)
+            children.append(pid)
+        os.write(go_write, b"go")
+        for pid in children:
+            os.waitpid(pid, 0)
+        os.close(go_read)
+        os.close(go_write)
+        assert snapshot(out) in sets, sorted(os.listdir(out))
+
+
+def test_force_never_replaces_or_deletes_a_file_without_our_header(tmp_path: Path) -> None:
+    out = tmp_path / "units"
+    out.mkdir()
+    mine = "[Socket]\nListenStream=9\n"
+    (out / "t@.socket").write_text(mine)  # a stale name for shared mode
+    r = generate(out, "--force")
+    assert r.returncode == 1 and "never replaced or deleted" in r.stderr, r.stderr
+    assert (out / "t@.socket").read_text() == mine
+    (out / "t@.socket").unlink()
+    assert generate(out).returncode == 0
+    (out / "t.target").write_text("[Unit]\n")  # hand-written over ours: no header now
+    assert generate(out, "--force", "--workers", "3").returncode == 1
+    assert (out / "t.target").read_text() == "[Unit]\n"
+
+
+def test_symlinked_output_directories_are_refused(shared_dir: Path, tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    r = generate(tmp_path / "link")
+    assert r.returncode == 2 and "symlink" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert list(real.iterdir()) == []
+    # A symlink another user planted higher up the path.
+    planted = shared_dir / "app"
+    os.symlink(real, planted)
+    os.lchown(planted, NOBODY, NOBODY)
+    r = generate(planted / "units")
+    assert r.returncode == 2 and "another user controls" in r.stderr, r.stderr
+    assert list(real.iterdir()) == []
+
+
+# ---- configuration ----------------------------------------------------------------
+
+
+CONFIG = '[tool.clusterkit]\nname = "cfg"\nexec = "/usr/bin/python3 app.py"\nhardening = "none"\n'
+
+
+@pytest.mark.parametrize("how", ["owned by nobody", "group-writable", "in a 0777 directory"])
+def test_root_does_not_read_a_pyproject_another_user_controls(
+    shared_dir: Path, tmp_path: Path, how: str
+) -> None:
+    app = shared_dir if how == "in a 0777 directory" else tmp_path
+    config = app / "pyproject.toml"
+    config.write_text(CONFIG)
+    if how == "owned by nobody":
+        os.chown(config, NOBODY, NOBODY)
+    if how == "group-writable":
+        config.chmod(0o664)
+    out = tmp_path / "units"
+    r = ck("generate", "--output", str(out), cwd=app)
+    assert r.returncode == 2, r.stderr
+    assert "./pyproject.toml: not read" in r.stderr and "--config" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    # Named explicitly, it is read, and the command says whose file it is.
+    r = ck("generate", "--config", str(config), "--output", str(out), cwd=app)
+    assert r.returncode == 0, r.stderr
+    owner = "nobody" if how == "owned by nobody" else "root"
+    assert f"using config {config} (owned by {owner})" in r.stderr
+
+
+# ---- install -----------------------------------------------------------------------
+
+
+def install(source: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return ck("install", "t", "--from", str(source), "--runtime", *args)
+
+
+def test_install_refuses_a_source_another_user_can_write(shared_dir: Path) -> None:
+    out = shared_dir / "units"
+    assert generate(out).returncode == 0
+    r = install(out)
+    assert r.returncode == 2 and "writable by other users" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_forged_unit_with_a_recomputed_checksum_is_not_installed(tmp_path: Path) -> None:
+    out = tmp_path / "units"
+    assert generate(out).returncode == 0
+    service = out / "t@.service"
+    body = unitfiles._strip_header(service.read_text())
+    forged = body.replace("[Service]\n", "[Service]\nExecStartPre=+/bin/sh -c 'id >/x'\n")
+    service.write_text(unitfiles.with_header(service.name, forged))
+    assert unitfiles.state(service) == "clusterkit"  # the checksum alone cannot tell
+    r = install(out)
+    assert r.returncode == 2 and "not what its spec manifest renders" in r.stderr, r.stderr
+
+
+# ---- names and secrets --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["systemd-journald", "getty", "dbus"])
+def test_names_of_existing_system_units_are_refused(tmp_path: Path, name: str) -> None:
+    if not any(Path("/lib/systemd/system").glob(f"{name}[.@]*")):
+        pytest.skip(f"no {name} units on this machine")
+    out = tmp_path / "units"
+    r = ck("generate", "--name", name, "--exec", EXEC, "--output", str(out))
+    assert r.returncode == 2 and "would shadow" in r.stderr and not out.exists()
+    # A manifest naming it (made by hand, checksum and all) is refused at install.
+    assert generate(out).returncode == 0
+    text = unitfiles._strip_header((out / "t.clusterkit.json").read_text())
+    forged = out / f"{name}.clusterkit.json"
+    forged.write_text(unitfiles.with_header(forged.name, text.replace('"t"', f'"{name}"')))
+    r = ck("install", name, "--from", str(out), "--runtime")
+    assert r.returncode == 2 and "would shadow" in r.stderr, r.stderr
+
+
+def test_env_file_is_rendered_warned_about_and_refused_at_install(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("TOKEN=s3cret\n")
+    secrets.chmod(0o644)
+    out = tmp_path / "units"
+    r = generate(out, "--env-file", str(secrets))
+    assert r.returncode == 0 and "warning: --env-file" in r.stderr and "0644" in r.stderr
+    assert f"\nEnvironmentFile={secrets}\n" in (out / "t@.service").read_text()
+    assert "s3cret" not in (out / "t@.service").read_text()
+    r = install(out)
+    assert r.returncode == 2 and "--env-file" in r.stderr and "0644" in r.stderr, r.stderr
+    secrets.chmod(0o600)
+    os.chown(secrets, NOBODY, NOBODY)
+    r = install(out)
+    assert r.returncode == 2 and "owned by nobody" in r.stderr, r.stderr
+    r = generate(out, "--env-file", "relative.env")
+    assert r.returncode == 2 and "--env-file" in r.stderr
