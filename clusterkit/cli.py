@@ -348,6 +348,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         since=since,
         cursor=args.after_cursor,
         at_end=args.follow and since is None and not args.after_cursor,
+        directory=args.directory,
     )
     stream = reader.follow() if args.follow else iter(reader)
     try:
@@ -465,6 +466,11 @@ def _add_primary_parsers(sub) -> None:
     )
     p.add_argument("--after-cursor", metavar="CURSOR", help="resume after this journal cursor")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--directory",
+        metavar="DIR",
+        help="read the journal files in DIR (e.g. a collector's) instead of this host's journal",
+    )
 
     p = add("fork", "start the next free worker", cmd_fork)
     p.add_argument(
@@ -540,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
 
     _add_primary_parsers(sub)
+    from clusterkit import fleet_cli
+
+    fleet_cli.add_parser(sub)
     return parser
 
 
@@ -556,4 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: subcommand modules (fleet_cli) raise its CommandError,
+    # not a copy defined in __main__.
+    from clusterkit.cli import main as _main
+
+    sys.exit(_main())

@@ -73,6 +73,15 @@ MASKED_UNITS = (
     "e2scrub_all.timer",
     "dpkg-db-backup.timer",
     "fstrim.timer",
+    # Enabled at first boot when installed on the host's /usr (bash dev test installs
+    # them for the fleet test, which unmasks what each of its containers runs).
+    "haproxy.service",
+    "ssh.service",
+    "ssh.socket",
+    "rescue-ssh.target",
+    "systemd-journal-remote.socket",
+    "systemd-journal-remote.service",
+    "systemd-journal-upload.service",
 )
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
@@ -185,6 +194,9 @@ class Container:
     ``checkout_read_only``, as ``clusterkit up`` does), and ``/etc/hosts`` read-only.
     ``private_network=False`` shares the host's network, so the host can reach a
     port the container listens on (``clusterkit up``).
+    ``network_namespace`` (a path such as ``/run/netns/NAME``) puts the container in
+    that existing namespace instead (a network of several containers). ``unmask``
+    lists units of :data:`MASKED_UNITS` this container may run (e.g. ``ssh.service``).
     """
 
     _live: ClassVar[set[Container]] = set()  # for the atexit safety net
@@ -197,6 +209,8 @@ class Container:
         binds_ro: Sequence[str] = (),
         private_network: bool = True,
         checkout_read_only: bool = False,
+        network_namespace: str | None = None,
+        unmask: Sequence[str] = (),
     ) -> None:
         self.name = name or f"ck-{secrets.token_hex(4)}"
         if not _NAME_RE.match(self.name):
@@ -205,6 +219,11 @@ class Container:
         self.binds_ro = list(binds_ro)
         self.private_network = private_network
         self.checkout_read_only = checkout_read_only
+        self.network_namespace = network_namespace
+        unknown = set(unmask) - set(MASKED_UNITS)
+        if unknown:
+            raise ValueError(f"unmask: not masked by default: {sorted(unknown)}")
+        self.unmask = tuple(unmask)
         self.pid = 0  # the container's PID 1 as seen from the host; 0 until booted
         self._booted = False  # PID 1 handles SIGRTMIN+3 (clean power-off possible)
         self.log_path: Path | None = None
@@ -230,7 +249,9 @@ class Container:
             "--console=read-only",
             "--bind-ro=/etc/hosts",
         ]
-        if self.private_network:
+        if self.network_namespace is not None:
+            argv.append(f"--network-namespace-path={self.network_namespace}")
+        elif self.private_network:
             argv.append("--private-network")
         root = checkout_root()
         if root is not None:
@@ -238,7 +259,7 @@ class Container:
         argv += [f"--bind={b}" for b in self.binds]
         argv += [f"--bind-ro={b}" for b in self.binds_ro]
         argv += ["--boot", "systemd.firstboot=off"]
-        argv += [f"systemd.mask={u}" for u in MASKED_UNITS]
+        argv += [f"systemd.mask={u}" for u in MASKED_UNITS if u not in self.unmask]
         return argv
 
     def start(self, timeout: float = 60) -> Container:

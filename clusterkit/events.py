@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time as _time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -119,7 +119,8 @@ class EventReader:
     at the cursor itself is skipped), or at the head of the journal. With
     ``at_end=True`` only records written from now on are read. The journal is
     ``manager``'s (the local one, or the container's that ``up`` runs), or the
-    files in ``directory`` (journals collected from other hosts).
+    files in ``directory`` (journals collected from other hosts), or only the
+    journal ``files`` given (one sender's, on a collector).
     """
 
     def __init__(
@@ -133,6 +134,7 @@ class EventReader:
         at_end: bool = False,
         exits_only: bool = False,
         directory: str | None = None,
+        files: Sequence[str] | None = None,
     ) -> None:
         self.name = name
         manager = manager or Manager("user" if user else "system")
@@ -140,11 +142,13 @@ class EventReader:
         directory = directory or manager.journal_directory
         self.cursor: str | None = cursor  # of the last record read: resume from here
         self._manager = replace(_USER, uid=os.getuid()) if manager.user else _SYSTEM
-        self._open = (
-            (lambda: journal.Reader(path=directory, converters=CONVERTERS))
-            if directory
-            else (lambda: journal.Reader(converters=CONVERTERS))
-        )
+        if files is not None:
+            paths = list(files)
+            self._open = lambda: journal.Reader(files=paths, converters=CONVERTERS)
+        elif directory:
+            self._open = lambda: journal.Reader(path=directory, converters=CONVERTERS)
+        else:
+            self._open = lambda: journal.Reader(converters=CONVERTERS)
         self._reader = self._open()
         self._details: journal.Reader | None = None  # looks up one run's records
         ids = RUN_ENDED if exits_only else (*_SYSTEMD_EVENTS, *RUN_ENDED)

@@ -139,3 +139,8 @@ def write(spec: Spec, directory: Path, *, force: bool = False) -> unitfiles.Writ
     stale = tuple(n for n in file_names(spec.name) if n not in texts)
     generators = tuple(n for n in texts if n.startswith(GENERATOR_PREFIX))
     return unitfiles.write_all(directory, texts, force=force, stale=stale, executable=generators)
+
+
+def render_template(template: str, **context: object) -> str:
+    """Render one of the other templates (``haproxy.cfg.j2`` for ``clusterkit fleet``)."""
+    return _tidy(_environment().get_template(template).render(context))

@@ -380,7 +380,8 @@ def load_config(path: Path) -> dict[str, Any]:
     table = data.get("tool", {}).get("clusterkit", {})
     if not isinstance(table, dict):
         raise SpecError(f"--config: [tool.clusterkit] in {path} must be a table")
-    return table
+    # [tool.clusterkit.fleet] is the fleet's table, checked by clusterkit.fleetspec
+    return {k: v for k, v in table.items() if k != "fleet"}
 
 
 def _check_combination(spec: Spec) -> None:

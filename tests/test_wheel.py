@@ -23,6 +23,9 @@ def test_wheel_ships_the_templates_and_renders_from_them(tmp_path: Path) -> None
         z.extractall(site)
     templates = {p.name for p in (ROOT / "templates").iterdir()}
     assert {f"clusterkit/templates/{t}" for t in templates} <= names
+    # clusterkit fleet's playbooks and roles
+    ansible = {str(p.relative_to(ROOT)) for p in (ROOT / "clusterkit/ansible").rglob("*.yml")}
+    assert ansible and ansible <= names
     # Run the unpacked wheel, with the checkout out of reach (cwd and sys.path).
     code = (
         "import sys, clusterkit.render as r;"

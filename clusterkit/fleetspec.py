@@ -1,0 +1,241 @@
+"""The fleet's input, checked: ``[tool.clusterkit.fleet]`` and an Ansible inventory.
+
+The counterpart of :mod:`clusterkit.spec` for several hosts, and the only place
+that checks the fleet's input. Every error is a :class:`FleetError` naming the
+field (``fleet.hosts``, ``inventory: host web1``…), printed on one line with exit
+status 2.
+
+The hosts come from ``hosts`` (a table: inventory name = address) or from a
+standard Ansible inventory (``inventory``, or ``--inventory``), group
+``clusterkit``. Every host needs an IP address (``ansible_host``, or a name that
+is one): the collector names each uploader's journal file after the address it
+connected from, and that is the only proof of who sent a record.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clusterkit.spec import Spec, SpecError, build_spec, load_config
+
+GROUP = "clusterkit"
+COLLECTOR_GROUP = "clusterkit_collector"
+_HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
+_HTTP_PATH = re.compile(r"/[!-~]*")
+
+
+class FleetError(ValueError):
+    """Bad fleet input: the message names the field."""
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str  # the inventory name; HAProxy's server name
+    address: str  # where ssh, HAProxy and the collector see it
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A validated fleet: the cluster, its hosts and how to reach the pieces."""
+
+    spec: Spec  # the cluster every host runs
+    config_path: Path  # the pyproject.toml copied to every host
+    hosts: tuple[Host, ...]
+    inventory: Path | None  # the user's own inventory, or None: rendered from ``hosts``
+    ssh_user: str = "root"
+    ssh_key: Path | None = None
+    known_hosts: Path | None = None
+    become: bool = False
+    clusterkit: str = "/opt/clusterkit/bin/clusterkit"  # the CLI on each host
+    package: str = "clusterkit"  # pip requirement installed there ("" = already installed)
+    runtime: bool = False  # install --runtime (units gone at reboot)
+    port: int = 3000  # the port every host serves on (HAProxy's servers)
+    health_path: str = "/"
+    collector: str | None = None  # the address the hosts upload their journal to
+    collector_port: int = 19532
+    collector_ssh: bool = False  # configure the collector over ssh (else: this machine)
+    collector_directory: Path = Path("/var/log/journal/remote")  # as this machine sees it
+    haproxy_socket: Path | None = None  # HAProxy's runtime API (drain, ready, status)
+    haproxy_backend: str = ""  # default: the cluster's name
+
+    @property
+    def backend(self) -> str:
+        return self.haproxy_backend or self.spec.name
+
+    def host_by_address(self, address: str) -> Host | None:
+        wanted = ipaddress.ip_address(address)
+        return next((h for h in self.hosts if ipaddress.ip_address(h.address) == wanted), None)
+
+
+_KEYS = {
+    "hosts",
+    "inventory",
+    "ssh_user",
+    "ssh_key",
+    "known_hosts",
+    "become",
+    "clusterkit",
+    "package",
+    "runtime",
+    "port",
+    "health_path",
+    "collector",
+    "collector_port",
+    "collector_ssh",
+    "collector_directory",
+    "haproxy_socket",
+    "haproxy_backend",
+}
+
+
+def load_fleet(config_path: Path, inventory: Path | None = None) -> Fleet:
+    """Read and check the cluster and its ``[tool.clusterkit.fleet]`` table."""
+    try:
+        spec = build_spec(load_config(config_path), {})
+    except SpecError as e:
+        raise FleetError(str(e)) from None
+    import tomllib
+
+    data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    table = data.get("tool", {}).get("clusterkit", {}).get("fleet")
+    if not isinstance(table, dict):
+        raise FleetError(f"fleet: {config_path} has no [tool.clusterkit.fleet] table")
+    return build_fleet(spec, config_path, table, inventory)
+
+
+def build_fleet(
+    spec: Spec, config_path: Path, table: dict[str, Any], inventory: Path | None = None
+) -> Fleet:
+    unknown = sorted(set(table) - _KEYS)
+    if unknown:
+        raise FleetError(f"fleet.{unknown[0]}: unknown key (known: {', '.join(sorted(_KEYS))})")
+    base = config_path.resolve().parent
+    kw: dict[str, Any] = {}
+    for key in ("ssh_user", "clusterkit", "package", "haproxy_backend"):
+        if key in table:
+            kw[key] = _text(key, table[key], allow_empty=key == "package")
+    if "ssh_user" in kw and not re.fullmatch(r"[a-z_][a-z0-9_-]*", kw["ssh_user"]):
+        raise FleetError(f"fleet.ssh_user: {kw['ssh_user']!r} is not a user name")
+    if "clusterkit" in kw and not kw["clusterkit"].startswith("/"):
+        raise FleetError(f"fleet.clusterkit: {kw['clusterkit']!r} must be an absolute path")
+    if "clusterkit" in table and "package" not in table:
+        kw["package"] = ""  # a CLI the operator installed: do not pip-install over it
+    if "haproxy_backend" in kw and not _HOST_NAME.fullmatch(kw["haproxy_backend"]):
+        raise FleetError(f"fleet.haproxy_backend: {kw['haproxy_backend']!r} is not a name")
+    for key in ("become", "runtime", "collector_ssh"):
+        if key in table:
+            if not isinstance(table[key], bool):
+                raise FleetError(f"fleet.{key}: expected true or false")
+            kw[key] = table[key]
+    for key in ("port", "collector_port"):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+                raise FleetError(f"fleet.{key}: {value!r} is not a port (1-65535)")
+            kw[key] = value
+    if "port" not in kw:
+        tcp = [listen.port for listen in spec.listen if listen.port is not None]
+        if not tcp:
+            raise FleetError("fleet.port: the cluster listens on no TCP port; set fleet.port")
+        kw["port"] = tcp[0]
+    if "health_path" in table:
+        path = _text("health_path", table["health_path"])
+        if not _HTTP_PATH.fullmatch(path):
+            raise FleetError(f"fleet.health_path: {path!r} is not an HTTP path starting with /")
+        kw["health_path"] = path
+    for key in ("ssh_key", "known_hosts", "collector_directory", "haproxy_socket"):
+        if key in table:
+            kw[key] = base / _text(key, table[key])
+    if "collector" in table:
+        kw["collector"] = _address("fleet.collector", table["collector"])
+    if kw.get("ssh_user", "root") != "root" and "become" not in kw:
+        kw["become"] = True
+    if inventory is None and "inventory" in table:
+        inventory = base / _text("inventory", table["inventory"])
+    if inventory is not None:
+        if "hosts" in table:
+            raise FleetError("fleet.hosts: give hosts or an inventory, not both")
+        hosts = hosts_from_inventory(inventory)
+    elif "hosts" in table:
+        hosts = _hosts_table(table["hosts"])
+    else:
+        raise FleetError("fleet.hosts: no hosts (a table name = address, or fleet.inventory)")
+    return Fleet(spec, config_path.resolve(), hosts, inventory, **kw)
+
+
+def _text(key: str, raw: Any, allow_empty: bool = False) -> str:
+    if not isinstance(raw, str) or (not raw and not allow_empty):
+        raise FleetError(f"fleet.{key}: expected a non-empty string")
+    if any(ch in raw for ch in "\n\r\0") or any(ord(ch) < 32 for ch in raw):
+        raise FleetError(f"fleet.{key}: control characters are not allowed")
+    return raw
+
+
+def _address(field: str, raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise FleetError(f"{field}: expected an IP address string")
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise FleetError(f"{field}: {raw!r} is not an IP address") from None
+
+
+def _hosts_table(raw: Any) -> tuple[Host, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise FleetError("fleet.hosts: expected a table of name = address, with at least one host")
+    return _checked_hosts(
+        [(name, _address(f"fleet.hosts.{name}", addr)) for name, addr in raw.items()],
+        "fleet.hosts",
+    )
+
+
+def _checked_hosts(pairs: list[tuple[str, str]], field: str) -> tuple[Host, ...]:
+    seen: dict[str, str] = {}
+    for name, address in pairs:
+        if not _HOST_NAME.fullmatch(name):
+            raise FleetError(f"{field}: {name!r} is not a host name (letters, digits, . _ -)")
+        if address in seen:
+            raise FleetError(f"{field}: {name} and {seen[address]} share the address {address}")
+        seen[address] = name
+    return tuple(Host(n, a) for n, a in pairs)
+
+
+def hosts_from_inventory(path: Path) -> tuple[Host, ...]:
+    """The hosts of group ``clusterkit`` in an Ansible inventory, parsed by Ansible itself."""
+    from clusterkit.fleet import ansible_command
+
+    if not path.exists():
+        raise FleetError(f"inventory: {path} does not exist")
+    with tempfile.TemporaryDirectory(prefix="ckfleet-") as home:
+        env = {**os.environ, "ANSIBLE_HOME": home, "ANSIBLE_LOCAL_TEMP": f"{home}/tmp"}
+        r = subprocess.run(
+            [*ansible_command("ansible-inventory"), "-i", str(path), "--list"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+    try:
+        data = json.loads(r.stdout) if r.returncode == 0 else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        detail = (r.stderr.strip().splitlines() or ["unreadable"])[-1]
+        raise FleetError(f"inventory: {path} cannot be parsed by ansible-inventory: {detail}")
+    group = data.get(GROUP)
+    names = group.get("hosts") if isinstance(group, dict) else None
+    if not names:
+        raise FleetError(f"inventory: {path} has no hosts in group [{GROUP}]")
+    hostvars = data.get("_meta", {}).get("hostvars", {})
+    pairs = []
+    for name in names:
+        raw = hostvars.get(name, {}).get("ansible_host", name)
+        pairs.append((name, _address(f"inventory: host {name}: ansible_host", raw)))
+    return _checked_hosts(pairs, "inventory")

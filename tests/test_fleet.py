@@ -1,0 +1,662 @@
+"""``clusterkit fleet`` on a real network of systemd hosts (issue 12).
+
+One topology for the whole module (tests/fleet_topology.py): a LAN namespace with
+a bridge, HAProxy and the load generator; three hosts (systemd 252 containers,
+each in its own namespace, sshd for Ansible, the journal uploader) and a collector
+(systemd-journal-remote, its directory bound to one here). Every address is in
+198.18.0.0/24. The tests run in file order and share it; the last one kills a host.
+Measured figures go to ``bench/FLEET.md`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from fleet_topology import LAN_ADDRESS, SUBNET, Lan, SshKeys, boot_host
+from scenario import APPS, PY, ROOT, Load, wait_for
+
+from clusterkit.container import Container, prerequisites_missing, stop_process
+
+NAME = "web"
+LB_PORT = 8080
+CLI = [PY, "-I", "-m", "clusterkit.cli"]
+COLLECTOR = f"{SUBNET}.2"
+STRANGER = f"{SUBNET}.99"
+FIGURES = ROOT / "bench" / "FLEET.md"
+
+
+def _missing() -> str | None:
+    reason = prerequisites_missing()
+    if reason:
+        return reason
+    for tool in ("haproxy", "ip", "ssh", "ssh-keygen", "sshd", "curl"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            return f"{tool} not found (bash dev test installs it)"
+    for path in ("/lib/systemd/systemd-journal-remote", "/lib/systemd/systemd-journal-upload"):
+        if not Path(path).exists():
+            return f"{path} not found (apt-get install systemd-journal-remote)"
+    if not (Path(PY).parent / "ansible-playbook").exists():
+        return "ansible-playbook not in the venv (pip install -e '.[fleet]')"
+    return None
+
+
+@dataclass
+class Topology:
+    tmp: Path
+    lan: Lan
+    hosts: dict[str, Container]  # inventory name -> container
+    addresses: dict[str, str]
+    collector: Container
+    config: Path
+    haproxy: subprocess.Popen | None = None
+    figures: dict[str, str] = field(default_factory=dict)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``clusterkit ARGS`` in the LAN namespace (the control machine)."""
+        return subprocess.run(
+            self.lan.argv(*CLI, *args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.tmp,
+        )
+
+    def fleet(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        r = self.cli("fleet", args[0], "--config", str(self.config), *args[1:], timeout=timeout)
+        assert r.returncode == 0, f"fleet {args[0]} failed:\n{r.stdout[-4000:]}\n{r.stderr}"
+        return r
+
+    def servers(self) -> dict[str, dict[str, str]]:
+        from clusterkit.fleet import HAProxy
+
+        return HAProxy(self.tmp / "haproxy.sock", NAME).servers()
+
+    def all_up(self) -> bool:
+        from clusterkit.fleet import FleetFailure
+
+        try:
+            servers = self.servers()
+        except FleetFailure:  # HAProxy is starting
+            return False
+        return len(servers) == 3 and all(r["status"] == "UP" for r in servers.values())
+
+    def load(self, **kw: object) -> Load:
+        assert self.haproxy is not None
+        options: dict[str, object] = {
+            "host": LAN_ADDRESS,
+            "concurrency": 4,
+            "pause": 0.005,
+            "timeout": 10,
+            "max_seconds": 90,
+        }
+        options.update(kw)
+        return Load(self.haproxy.pid, LB_PORT, **options)  # type: ignore[arg-type]
+
+
+def _boot_all(specs: list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]], keys: SshKeys):
+    """Boot the containers in parallel threads; any failure powers off the ones that booted."""
+    booted: dict[str, Container] = {}
+    errors: list[BaseException] = []
+
+    def one(name: str, ns: str, address: str, unmask: tuple[str, ...], binds: tuple[str, ...]):
+        try:
+            booted[name] = boot_host(name, ns, address, keys, unmask=unmask, binds=binds)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=spec) for spec in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for c in booted.values():
+            c.poweroff()
+        raise errors[0]
+    return booted
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    reason = _missing()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must be able to run the fleet test: {reason}")
+        pytest.skip(reason)
+    tmp = Path(tempfile.mkdtemp(prefix="ckfleet-test-"))
+    tmp.chmod(0o755)
+    lan = Lan().create()
+    booted: dict[str, Container] = {}
+    topology: Topology | None = None
+    started = time.monotonic()
+    try:
+        keys = SshKeys(tmp / "ssh").create()
+        remote = tmp / "remote"
+        remote.mkdir()
+        specs = []
+        addresses = {}
+        for i in (1, 2, 3):
+            ns, address = lan.add_host(i)
+            name = f"{lan.prefix}-h{i}"
+            addresses[name] = address
+            specs.append((name, ns, address, ("systemd-journal-upload.service",), ()))
+        ns, _ = lan.add_host(0, COLLECTOR)
+        collector_name = f"{lan.prefix}-col"
+        specs.append(
+            (
+                collector_name,
+                ns,
+                COLLECTOR,
+                ("systemd-journal-remote.socket", "systemd-journal-remote.service"),
+                (f"{remote}:/var/log/journal/remote",),
+            )
+        )
+        keys.pin([*addresses.values(), COLLECTOR])
+        booted = _boot_all(specs, keys)
+        hosts_table = ", ".join(f'"{n}" = "{a}"' for n, a in addresses.items())
+        config = tmp / "pyproject.toml"
+        config.write_text(
+            f"""[tool.clusterkit]
+name = "{NAME}"
+exec = "{PY} {APPS / "whoami.py"}"
+workers = 2
+listen = [3000]
+
+[tool.clusterkit.fleet]
+hosts = {{ {hosts_table} }}
+ssh_key = "{keys.client_key}"
+known_hosts = "{keys.known_hosts}"
+clusterkit = "{Path(PY).parent / "clusterkit"}"
+runtime = true
+collector = "{COLLECTOR}"
+collector_ssh = true
+collector_directory = "{remote}"
+haproxy_socket = "{tmp / "haproxy.sock"}"
+"""
+        )
+        topology = Topology(
+            tmp,
+            lan,
+            {n: booted[n] for n in addresses},
+            addresses,
+            booted[collector_name],
+            config,
+        )
+        topology.figures["boot (4 containers, in parallel)"] = f"{time.monotonic() - started:.1f} s"
+        yield topology
+    finally:
+        if topology is not None and topology.haproxy is not None:
+            stop_process(topology.haproxy)  # ours: by pid and its own process group
+        for c in booted.values():
+            c.poweroff()
+        lan.close()
+        if topology is not None and topology.figures:
+            _write_figures(topology.figures)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_figures(figures: dict[str, str]) -> None:
+    lines = [
+        "# clusterkit fleet: measured figures",
+        "",
+        "Written by `tests/test_fleet.py` from its last run (3 hosts of 2 workers, systemd 252",
+        "containers on one 2-core machine, HAProxy 2.6 in front, bounded load of 4 concurrent",
+        "clients with a new connection per request; see docs/fleet.md).",
+        "",
+        "| what | measured |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in figures.items()),
+        "",
+    ]
+    FIGURES.write_text("\n".join(lines))
+
+
+# ---- input --------------------------------------------------------------------------
+
+
+def test_bad_inventory_exits_2(tmp_path: Path) -> None:
+    base = '[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\n'
+    cases = {
+        "fleet.hosts.a": base + '[tool.clusterkit.fleet]\nhosts = { a = "not-an-address" }\n',
+        "fleet.colector": base + '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\n'
+        'colector = "198.18.0.2"\n',
+        "fleet.port": base + '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\nport = 0\n',
+        "fleet.hosts": base + "[tool.clusterkit.fleet]\nhosts = {}\n",
+    }
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text("[clusterkit]\nweb1 ansible_host=web1.example\n")
+    cases["inventory: host web1"] = base + f'[tool.clusterkit.fleet]\ninventory = "{inventory}"\n'
+    for field_name, text in cases.items():
+        config = tmp_path / "pyproject.toml"
+        config.write_text(text)
+        r = subprocess.run(
+            [*CLI, "fleet", "status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert r.returncode == 2, (field_name, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert field_name in r.stderr, (field_name, r.stderr)
+        assert r.stdout == ""
+
+
+def test_fleet_table_and_haproxy_config(tmp_path: Path) -> None:
+    from clusterkit.fleet import collector_files, haproxy_config
+    from clusterkit.fleetspec import load_fleet
+
+    config = tmp_path / "pyproject.toml"
+    config.write_text(
+        '[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\nlisten = ["8000"]\n'
+        '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11", b = "198.18.0.12" }\n'
+        'collector = "198.18.0.2"\nhealth_path = "/healthz"\n'
+    )
+    fleet = load_fleet(config)
+    assert [(h.name, h.address) for h in fleet.hosts] == [
+        ("a", "198.18.0.11"),
+        ("b", "198.18.0.12"),
+    ]
+    assert fleet.port == 8000 and fleet.backend == "web" and fleet.package == "clusterkit"
+    text = haproxy_config(fleet, "*:80", "/run/haproxy/admin.sock")
+    assert "option httpchk GET /healthz" in text
+    assert "server a 198.18.0.11:8000 check inter 1s fall 2 rise 2 observe layer7" in text
+    assert "stats socket /run/haproxy/admin.sock mode 600 level admin" in text
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for name in ("remote-198.18.0.11.journal", "remote-198.18.0.11@x-1-2.journal~", "other"):
+        (remote / name).write_text("")
+    assert list(collector_files(remote)) == ["198.18.0.11"]
+    assert len(collector_files(remote)["198.18.0.11"]) == 2
+
+    # the same hosts from an Ansible inventory (parsed by ansible-inventory)
+    if (Path(PY).parent / "ansible-inventory").exists():
+        inventory = tmp_path / "hosts.ini"
+        inventory.write_text("[clusterkit]\na ansible_host=198.18.0.11\n198.18.0.12\n")
+        config.write_text(
+            '[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\n'
+            f'[tool.clusterkit.fleet]\ninventory = "{inventory}"\n'
+        )
+        fleet = load_fleet(config)
+        assert [(h.name, h.address) for h in fleet.hosts] == [
+            ("a", "198.18.0.11"),
+            ("198.18.0.12", "198.18.0.12"),
+        ]
+
+
+# ---- the topology -------------------------------------------------------------------------
+
+
+def test_install_renders_haproxy_and_status_shows_every_host(topo: Topology) -> None:
+    started = time.monotonic()
+    cfg = topo.tmp / "haproxy.cfg"
+    r = topo.fleet(
+        "install", "--haproxy-config", str(cfg), "--haproxy-bind", f"{LAN_ADDRESS}:{LB_PORT}"
+    )
+    topo.figures["fleet install (collector + 3 hosts, first run)"] = (
+        f"{time.monotonic() - started:.1f} s"
+    )
+    assert "failed=0" in r.stdout and "unreachable=0" in r.stdout, r.stdout[-3000:]
+    text = cfg.read_text()
+    for setting in (
+        "option httpchk GET /",
+        "option redispatch 1",
+        "retry-on all-retryable-errors",
+        "http-request disable-l7-retry if METH_POST",
+        "timeout connect 500ms",
+        "observe layer7 error-limit 1 on-error mark-down",
+    ):
+        assert setting in text
+    check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log = open(topo.tmp / "haproxy.log", "w")  # noqa: SIM115 - closed with the process
+    topo.haproxy = subprocess.Popen(
+        topo.lan.argv("haproxy", "-db", "-f", str(cfg)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_for("HAProxy to see every host UP", lambda: topo.all_up(), timeout=20)
+
+    # a rerun with nothing to do changes nothing
+    started = time.monotonic()
+    r = topo.fleet("install")
+    topo.figures["fleet install (rerun, nothing to do)"] = f"{time.monotonic() - started:.1f} s"
+    recap = [line for line in r.stdout.splitlines() if "ok=" in line and "changed=" in line]
+    assert recap and all("changed=0" in line for line in recap), r.stdout[-3000:]
+
+    started = time.monotonic()
+    r = topo.fleet("status", "--json")
+    topo.figures["fleet status --json"] = f"{time.monotonic() - started:.1f} s"
+    rows = {row["host"]: row for row in json.loads(r.stdout)}
+    assert set(rows) == set(topo.hosts)
+    for name, row in rows.items():
+        assert row["address"] == topo.addresses[name]
+        assert row["reachable"] is True
+        assert sorted(w["id"] for w in row["workers"]) == [0, 1], row
+        assert all(w["state"] == "listening" for w in row["workers"]), row
+        assert row["haproxy"]["status"] == "UP" and row["haproxy"]["check"] == "L7OK", row
+
+    with topo.load(max_requests=300) as load:
+        load.wait_requests(300, timeout=30)
+        report = load.stop()
+    assert not report.failed(), report.summary()
+
+
+@dataclass
+class Follower:
+    """``clusterkit fleet events --follow --json`` in the background, lines timestamped."""
+
+    proc: subprocess.Popen
+    lines: list[tuple[float, dict]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, topo: Topology) -> Follower:
+        proc = subprocess.Popen(
+            [*CLI, "fleet", "events", "--follow", "--json", "--config", str(topo.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=topo.tmp,
+            start_new_session=True,
+        )
+        f = cls(proc)
+        threading.Thread(target=f._read, daemon=True).start()
+        return f
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), json.loads(line)))
+
+    def exits(self, after: float, signal_name: str | None = "SIGKILL") -> dict[str, tuple]:
+        """host -> (arrival, event) of the first exit event read after ``after``."""
+        found: dict[str, tuple] = {}
+        for arrived, ev in list(self.lines):
+            if arrived >= after and ev["event"] == "exit" and ev["signal"] == signal_name:
+                found.setdefault(ev["host"], (arrived, ev))
+        return found
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err or ""
+
+
+def _kill_worker(c: Container, k: int) -> None:
+    c.run("systemctl", "kill", "--signal=SIGKILL", f"{NAME}@{k}.service", check=True)
+
+
+def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) -> None:
+    follower = Follower.start(topo)
+    try:
+        time.sleep(1.0)  # it has read the history
+        mark = time.monotonic()
+        killed = {}
+        for name, c in topo.hosts.items():
+            _kill_worker(c, 0)
+            killed[name] = time.monotonic()
+        found = wait_for(
+            "an exit event of every host",
+            lambda: e if len(e := follower.exits(mark)) == 3 else None,
+            timeout=10,
+        )
+        delays = []
+        for name, (arrived, ev) in found.items():
+            assert ev["worker"] == 0 and ev["signal"] == "SIGKILL" and ev["code"] is None, ev
+            assert ev["address"] == topo.addresses[name]
+            delays.append(arrived - killed[name])
+        assert max(delays) < 2.0, delays
+        topo.figures["SIGKILL to `fleet events` line (3 hosts)"] = (
+            f"{min(delays):.2f}-{max(delays):.2f} s (limit 2 s)"
+        )
+
+        # Records uploaded by h2 as if from PID 1: one claims to be h1 (worker 1 died), the
+        # other claims to be h2 itself (worker 7), which shows the forgery gets through the
+        # collector and the event parser, so only the host check can drop the first.
+        h1, h2 = list(topo.hosts)[:2]
+        fake = _fake_exit_record(h1, worker=1)
+        for record in (fake, _fake_exit_record(h2, worker=7)):
+            r = topo.hosts[h2].run(
+                "curl", "-sS", "--max-time", "5",
+                "-H", "Content-Type: application/vnd.fdo.journal",
+                "--data-binary", "@-", f"http://{COLLECTOR}:19532/upload", input=record,
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+        # The same from an address that is no host of the inventory.
+        topo.lan.add_address(STRANGER)
+        stranger = subprocess.run(
+            topo.lan.argv(
+                "curl", "-sS", "--max-time", "3", "--interface", STRANGER,
+                "-H", "Content-Type: application/vnd.fdo.journal", "--data-binary", "@-",
+                f"http://{COLLECTOR}:19532/upload",
+            ),
+            input=fake, capture_output=True, text=True,
+        )  # fmt: skip
+        topo.figures["upload from a non-host address"] = (
+            "refused by the collector's socket (IPAddressDeny)"
+            if stranger.returncode != 0
+            else "accepted by journal-remote (no BPF firewall under this machine's cgroup v1), "
+            "ignored by `fleet events` with a warning"
+        )
+        time.sleep(1.5)
+        r = topo.fleet("events", "--json")
+        events = [json.loads(line) for line in r.stdout.splitlines()]
+        assert not [e for e in events if e["worker"] == 1 and e["event"] == "exit"], events
+        own = [e for e in events if e["worker"] == 7 and e["event"] == "exit"]
+        assert [e["host"] for e in own] == [h2], events
+        assert all(e["host"] in topo.hosts for e in events)
+        if stranger.returncode == 0:
+            assert STRANGER in r.stderr
+
+        # the building block: one host's events from journal files (no host check of its own)
+        one = sorted((topo.tmp / "remote").glob(f"remote-{topo.addresses[h1]}*.journal"))
+        assert one, list((topo.tmp / "remote").iterdir())
+        single = topo.tmp / "single"
+        single.mkdir(exist_ok=True)
+        for f in one:
+            (single / f.name).symlink_to(f)
+        r = topo.cli("events", NAME, "--directory", str(single), "--json")
+        assert r.returncode == 0, r.stderr
+        kills = [json.loads(x) for x in r.stdout.splitlines()]
+        assert [e for e in kills if e["event"] == "exit" and e["signal"] == "SIGKILL"], kills
+
+        r = topo.fleet("logs", "--json")
+        lines = [json.loads(line) for line in r.stdout.splitlines()]
+        serving = {ln["host"] for ln in lines if "serving on" in str(ln["message"])}
+        assert serving == set(topo.hosts), lines[-10:]
+    finally:
+        follower.stop()
+
+
+def _fake_exit_record(hostname: str, worker: int) -> str:
+    """Journal export format: PID 1's "Failed with result 'signal'" about NAME@worker."""
+    now = int(time.time() * 1_000_000)
+    fields = {
+        "__REALTIME_TIMESTAMP": str(now),
+        "__MONOTONIC_TIMESTAMP": str(now),
+        "_BOOT_ID": "0" * 32,
+        "MESSAGE": f"{NAME}@{worker}.service: Failed with result 'signal'.",
+        "MESSAGE_ID": "d9b373ed55a64feb8242e02dbe79a49c",
+        "UNIT": f"{NAME}@{worker}.service",
+        "UNIT_RESULT": "signal",
+        "INVOCATION_ID": "f" * 32,
+        "_PID": "1",
+        "_UID": "0",
+        "_HOSTNAME": hostname,
+    }
+    return "".join(f"{k}={v}\n" for k, v in fields.items()) + "\n"
+
+
+def test_collector_outage_loses_no_event(topo: Topology) -> None:
+    follower = Follower.start(topo)
+    try:
+        time.sleep(1.0)
+        topo.collector.systemctl(
+            "stop", "systemd-journal-remote.socket", "systemd-journal-remote.service"
+        )
+        mark = time.monotonic()
+        for c in topo.hosts.values():
+            _kill_worker(c, 1)
+        time.sleep(10)
+        assert not follower.exits(mark), "events arrived while the collector was down"
+        topo.collector.systemctl("start", "systemd-journal-remote.socket")
+        back = time.monotonic()
+        found = wait_for(
+            "every host's event after the outage",
+            lambda: e if len(e := follower.exits(mark)) == 3 else None,
+            timeout=20,
+        )
+        for _, ev in found.values():
+            assert ev["worker"] == 1 and ev["signal"] == "SIGKILL", ev
+        late = max(arrived for arrived, _ in found.values()) - back
+        topo.figures["collector down 10 s: events lost / delivered after restart"] = (
+            f"0 of 3 / {late:.2f} s after it came back"
+        )
+    finally:
+        follower.stop()
+    pid = topo.collector.systemctl("show", "-p", "MainPID", "--value", "systemd-journal-remote")
+    main = pid.stdout.strip()
+    if main and main != "0":
+        status = topo.collector.run("cat", f"/proc/{main}/status").stdout
+        rss = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS")), "?")
+        stat = topo.collector.run("cat", f"/proc/{main}/stat").stdout
+        ticks = sum(int(x) for x in stat[stat.rindex(")") + 2 :].split()[11:13])
+        topo.figures["collector (journal-remote) after the tests above"] = (
+            f"RSS {int(rss) / 1024:.1f} MiB, CPU {ticks / os.sysconf('SC_CLK_TCK'):.2f} s "
+            "since its restart"
+        )
+    host = next(iter(topo.hosts.values()))
+    pid = host.systemctl("show", "-p", "MainPID", "--value", "systemd-journal-upload").stdout
+    if pid.strip() not in ("", "0"):
+        status = host.run("cat", f"/proc/{pid.strip()}/status").stdout
+        rss = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS")), "0")
+        topo.figures["uploader (journal-upload) on one host"] = f"RSS {int(rss) / 1024:.1f} MiB"
+
+
+def test_fleet_reload_under_load_fails_no_request(topo: Topology) -> None:
+    with topo.load() as load:
+        load.wait_requests(100)
+        started = time.monotonic()
+        topo.fleet("reload")
+        took = time.monotonic() - started
+        load.wait_requests(100, sent_after=time.monotonic())
+        report = load.stop()
+    assert not report.failed(), report.summary()
+    topo.figures["fleet reload under load (3 hosts, serial)"] = (
+        f"{len(report.failed())} failed of {len(report.samples)} requests, {took:.1f} s"
+    )
+
+
+def test_fleet_restart_hosts_drains_and_fails_no_request(topo: Topology) -> None:
+    out_of_rotation: list[int] = []  # how many servers were not UP, sampled every 50 ms
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            out_of_rotation.append(sum(s["status"] != "UP" for s in topo.servers().values()))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    with topo.load() as load:
+        load.wait_requests(100)
+        watcher.start()
+        started = time.monotonic()
+        try:
+            r = topo.fleet("restart-hosts", timeout=180)
+        finally:
+            done.set()
+            watcher.join()
+        took = time.monotonic() - started
+        load.wait_requests(100, sent_after=time.monotonic())
+        report = load.stop()
+    assert not report.failed(), report.summary()
+    assert max(out_of_rotation) == 1, "never more than one host out of rotation, and one was"
+    assert r.stdout.count("Drain in HAProxy") == 3, r.stdout[-3000:]
+    assert all(s["status"] == "UP" for s in topo.servers().values())
+    topo.figures["fleet restart-hosts under load (drain, restart units, ready)"] = (
+        f"{len(report.failed())} failed of {len(report.samples)} requests, {took:.1f} s"
+    )
+
+
+def test_restart_hosts_stops_at_a_failure_and_says_the_host_is_drained(topo: Topology) -> None:
+    first = list(topo.hosts)[0]
+    r = topo.cli(
+        "fleet", "restart-hosts", "--command", "exit 3", "--config", str(topo.config), timeout=120
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert f"{first} FAILED after being drained and is STILL DRAINED" in r.stdout, r.stdout
+    servers = topo.servers()
+    assert servers[first]["status"] == "DRAIN", servers
+    assert all(servers[n]["status"] == "UP" for n in topo.hosts if n != first), servers
+    r = topo.cli(
+        "fleet", "lb", "ready", first, "--socket", str(topo.tmp / "haproxy.sock"), "--backend", NAME
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert topo.all_up()
+
+
+def _time_to_down(topo: Topology, name: str, since: float, timeout: float = 10) -> float:
+    wait_for(
+        f"HAProxy to mark {name} down",
+        lambda: topo.servers()[name]["status"].startswith("DOWN"),
+        timeout=timeout,
+        interval=0.02,
+    )
+    return time.monotonic() - since
+
+
+def _host_failure(topo: Topology, name: str, label: str, act) -> None:
+    with topo.load() as load:
+        load.wait_requests(200)
+        at = load.mark("failure")
+        act()
+        down = _time_to_down(topo, name, at)
+        load.wait_requests(200, sent_after=time.monotonic())
+        report = load.stop()
+    failed = report.failed()
+    # at most the requests in flight when it happened: one per client
+    assert len(failed) <= 4, report.summary()
+    assert not report.failed(sent_after=at + down + 0.1), report.summary()
+    assert down < 1.0, f"{name} marked down after {down:.2f} s"
+    topo.figures[label] = (
+        f"{len(failed)} failed of {len(report.samples)} requests; "
+        f"HAProxy marked it down after {down:.2f} s"
+    )
+
+
+def test_silent_host_costs_only_in_flight_requests(topo: Topology) -> None:
+    index = 2
+    name = list(topo.hosts)[index - 1]
+    try:
+        _host_failure(topo, name, "host link cut (silent host)", lambda: topo.lan.cut(index))
+    finally:
+        topo.lan.mend(index)
+    wait_for(f"{name} UP again", lambda: topo.servers()[name]["status"] == "UP", timeout=20)
+
+
+def test_killed_host_costs_only_in_flight_requests(topo: Topology) -> None:
+    name = list(topo.hosts)[2]
+    c = topo.hosts[name]
+    _host_failure(
+        topo, name, "host killed (SIGKILL of its PID 1)", lambda: os.kill(c.pid, signal.SIGKILL)
+    )
+    c.poweroff()
+    r = topo.cli("fleet", "status", "--json", "--config", str(topo.config))
+    rows = {row["host"]: row for row in json.loads(r.stdout)}
+    assert r.returncode == 1
+    assert rows[name]["reachable"] is False and rows[name]["haproxy"]["status"].startswith("DOWN")
+    assert all(rows[n]["reachable"] for n in rows if n != name)
