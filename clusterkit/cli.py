@@ -341,7 +341,12 @@ def cmd_events(args: argparse.Namespace) -> int:
             since = events.parse_since(args.since)
         except ValueError as e:
             raise CommandError(f"--since: {e}", USAGE_ERROR) from None
-    settings = _settings(args)
+    if args.directory:  # journal files collected from elsewhere: no local cluster needed
+        from clusterkit import primary
+
+        settings = primary.Settings(primary.check_name(args.name))
+    else:
+        settings = _settings(args)
     reader = events.EventReader(
         settings.name,
         manager=settings.manager,
