@@ -276,6 +276,24 @@ def _uptime(seconds: float | None) -> str:
     )
 
 
+#: status: some worker does not serve (as systemctl status says 3 for "not running")
+NOT_HEALTHY = 3
+
+
+def _why(settings, worker_id: int) -> list[str]:
+    """Why a worker does not serve: systemd's state and result, its last log lines."""
+    from clusterkit import logs, names
+
+    unit = names.service(settings.name, worker_id)
+    props = settings.manager.show([unit], ("ActiveState", "SubState", "Result"))[0]
+    why = [f"{props['ActiveState']}/{props['SubState']}, result {props['Result']}"]
+    try:
+        why += [f"| {line}" for line in logs.last_lines(settings.name, worker_id, settings.manager)]
+    except OSError:
+        pass  # no journal to read here (not root, nor in systemd-journal)
+    return why
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
@@ -303,16 +321,19 @@ def cmd_status(args: argparse.Namespace) -> int:
                 )
             }
         )
+        serving = row["state"] in ("listening", "online")
+        row["why"] = None if serving else _why(settings, w.id)
         rows.append(row)
+    healthy = bool(rows) and all(row["why"] is None for row in rows)
     if args.json:
         print(json.dumps(rows))
-        return 0
+        return 0 if healthy else NOT_HEALTHY
     if not rows:
         print(
-            f"no workers of {settings.name} are loaded (start them: systemctl start "
-            f"{settings.name}.target)"
+            f"no workers of {settings.name} are running (start them: clusterkit start "
+            f"{settings.name})"
         )
-        return 0
+        return NOT_HEALTHY
     print(f"{'ID':>3} {'PID':>7} {'STATE':<12} {'UPTIME':>8} {'RESTARTS':>8}  LAST EXIT")
     for row in rows:
         last = row["last_exit"]
@@ -327,7 +348,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{row['id']:>3} {row['pid'] or '-':>7} {row['state']:<12} "
             f"{_uptime(row['uptime']):>8} {row['restarts']:>8}  {text}"
         )
-    return 0
+    for row in rows:
+        for line in row["why"] or []:
+            print(f"worker {row['id']}: {line}")
+    return 0 if healthy else NOT_HEALTHY
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -379,11 +403,27 @@ def cmd_fork(args: argparse.Namespace) -> int:
 def cmd_kill(args: argparse.Namespace) -> int:
     from clusterkit import primary
 
+    signal_name = _signal_name(args.signal)
     settings = _settings(args)
     w = primary.Worker(args.id, settings=settings)
-    _primary_call(w.kill, args.signal)
-    print(f"sent {args.signal} to worker {args.id} ({w.unit})")
+    _primary_call(w.kill, signal_name)
+    print(f"sent {signal_name} to worker {args.id} ({w.unit})")
     return 0
+
+
+def _signal_name(text: str) -> str:
+    """``9``, ``KILL``, ``kill`` or ``SIGKILL`` -> ``SIGKILL``; exit 2 for anything else."""
+    import signal
+
+    word = text.strip().upper()
+    try:
+        if word.isascii() and word.isdigit():
+            return signal.Signals(int(word)).name
+        return signal.Signals["SIG" + word.removeprefix("SIG")].name
+    except (KeyError, ValueError):
+        raise CommandError(
+            f"--signal: {text!r} is not a signal (e.g. 9, KILL, SIGTERM)", USAGE_ERROR
+        ) from None
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
@@ -448,6 +488,79 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up.up(spec_from_args(args), say=lambda line: print(line, flush=True))
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    import json
+
+    from clusterkit import events, logs
+
+    since = None
+    if args.since:
+        try:
+            since = events.parse_since(args.since)
+        except ValueError as e:
+            raise CommandError(f"--since: {e}", USAGE_ERROR) from None
+    settings = _settings(args)
+    reader = logs.LogReader(
+        settings.name,
+        manager=settings.manager,
+        worker=args.worker,
+        since=since,
+        lines=None if since else args.lines,
+    )
+    try:
+        for line in reader.follow() if args.follow else reader:
+            print(json.dumps(line.to_json()) if args.json else line.describe(), flush=True)
+    finally:
+        reader.close()
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from clusterkit import primary
+
+    settings = _settings(args)
+    _primary_call(primary.start, settings=settings)
+    print(f"started {settings.name}: its sockets listen and its workers run")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from clusterkit import primary
+
+    settings = _settings(args)
+    _primary_call(primary.stop, settings=settings)
+    print(
+        f"stopped {settings.name}: workers and sockets (the port is closed until clusterkit start)"
+    )
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    import json
+
+    from clusterkit import primary
+
+    rows = [c.to_json() for c in _primary_call(primary.clusters, user=args.user_manager)]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no clusters here (clusterkit install or clusterkit up starts one)")
+        return 0
+    print(
+        f"{'NAME':<20} {'WHERE':<10} {'WORKERS':>8} {'STATE':<10} {'CPU':>9} {'MEMORY':>9}  LISTEN"
+    )
+    for r in rows:
+        cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}s"
+        memory = "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.0f}M"
+        workers = f"{r['running']}/{r['wanted'] if r['wanted'] is not None else '?'}"
+        print(
+            f"{r['name']:<20} {r['where']:<10} {workers:>8} {r['state']:<10} {cpu:>9} "
+            f"{memory:>9}  {' '.join(r['listen'])}"
+        )
+    return 0
+
+
 def _add_primary_parsers(sub) -> None:
     def add(name: str, help: str, func):
         p = sub.add_parser(name, help=help)
@@ -484,7 +597,9 @@ def _add_primary_parsers(sub) -> None:
 
     p = add("kill", "send a signal to one worker's process (systemctl kill)", cmd_kill)
     p.add_argument("id", type=int, help="worker id")
-    p.add_argument("--signal", "-s", default="SIGTERM", help="signal name (default SIGTERM)")
+    p.add_argument(
+        "--signal", "-s", default="SIGTERM", help="signal name or number (default SIGTERM)"
+    )
 
     p = add("disconnect", "gracefully stop one worker, or all", cmd_disconnect)
     p.add_argument("id", type=int, nargs="?", help="worker id (default: every worker)")
@@ -493,6 +608,26 @@ def _add_primary_parsers(sub) -> None:
     p.add_argument("count", type=int, metavar="N")
 
     add("reload", "rolling restart, one worker at a time, no refused connections", cmd_reload)
+
+    p = add("logs", "what the workers printed and logged, from the journal", cmd_logs)
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    p.add_argument("--worker", type=int, metavar="K", help="only worker K")
+    p.add_argument("--since", help="ISO time, @EPOCH, or --since=-5min; default: the last lines")
+    p.add_argument("--lines", "-n", type=int, default=50, help="how many (default 50)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    add("start", "open the cluster's sockets and start its workers", cmd_start)
+    add("stop", "stop the workers and close the port (sockets too) until start", cmd_stop)
+
+    p = sub.add_parser("ls", help="every cluster on this host: workers, state, CPU, memory, port")
+    p.add_argument(
+        "--user",
+        dest="user_manager",
+        action="store_true",
+        help="the calling user's service manager",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_ls)
 
 
 def _add_manager_options(p: argparse.ArgumentParser) -> None:

@@ -503,3 +503,103 @@ def run(
 
 
 wait = run
+
+
+# ---- lifecycle and listing ---------------------------------------------------------
+
+
+def start(*, settings: Settings | None = None) -> None:
+    """Open the cluster's sockets and start its workers (``NAME.target``)."""
+    s = settings or _current()
+    units = [names.target(s.name)]
+    if scheduling(s) == names.SHARED:
+        units.insert(0, names.socket(s.name, names.SHARED))
+    # A worker or socket left failed (a start limit in reuseport mode) must start again.
+    systemctl("reset-failed", f"{s.name}@*.service", f"{s.name}@*.socket", settings=s, check=False)
+    systemctl("start", *units, settings=s)
+
+
+def stop(*, settings: Settings | None = None, timeout: float | None = None) -> None:
+    """Stop every worker and close the port (the sockets too); returns once they are down.
+
+    ``systemctl stop NAME.target`` returns before the workers have stopped, so
+    this waits, at most the drain time and its margin.
+    """
+    s = settings or _current()
+    name = s.name
+    sockets = (names.socket(name, names.SHARED), f"{name}@*.socket")
+    systemctl("stop", names.target(name), *sockets, f"{name}@*.service", settings=s, check=False)
+    drain = s.spec.drain_timeout if s.spec else 30.0
+    deadline = time.monotonic() + (drain + 5 if timeout is None else timeout)
+    while time.monotonic() < deadline:
+        listed = systemctl(
+            "list-units",
+            "--state=active,deactivating",
+            "--plain",
+            "--no-legend",
+            f"{name}@*",
+            settings=s,
+            check=False,
+        )
+        if not listed.strip():
+            return
+        time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    """One row of ``clusterkit ls``."""
+
+    name: str
+    where: str  # "installed" or "up"
+    running: int
+    wanted: int | None
+    state: str  # running | degraded | stopped
+    cpu_seconds: float | None
+    memory_bytes: int | None
+    listen: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.__dict__, "listen": list(self.listen)}
+
+
+def clusters(*, user: bool = False) -> list[ClusterSummary]:
+    """Every cluster on this host: installed (a manifest beside the units), or run by `up`."""
+    from clusterkit.manager import running_ups
+
+    found: dict[str, tuple[str, Manager]] = {}
+    host = Manager("user" if user else "system")
+    if host.is_running():
+        for runtime in (False, True):
+            unit_dir = Manager(host.scope, runtime=runtime).unit_dir
+            for path in sorted(unit_dir.glob(f"*{manifest.SUFFIX}")):
+                if unitfiles.is_ours(path):
+                    found[path.name.removesuffix(manifest.SUFFIX)] = ("installed", host)
+    if not user:
+        for name, manager in running_ups().items():
+            found.setdefault(name, ("up", manager))
+    return [_summary(name, where, manager) for name, (where, manager) in sorted(found.items())]
+
+
+def _summary(name: str, where: str, manager: Manager) -> ClusterSummary:
+    s = Settings(name, manager, installed_spec(name, manager))
+    workers = get_workers(s)
+    running = [w for w in workers.values() if w.state in ("listening", "online")]
+    wanted = s.spec.workers if s.spec else None
+    if wanted is None:  # auto: what the generator made NAME.target want
+        wants = _show([names.target(name)], ("Wants",), s)[0]["Wants"].split()
+        wanted = sum(1 for u in wants if names.worker_id(u, name) is not None) or None
+    usage = _show([w.unit for w in running], ("CPUUsageNSec", "MemoryCurrent"), s)
+    cpu = [int(u["CPUUsageNSec"]) for u in usage if u["CPUUsageNSec"].isdigit()]
+    memory = [int(u["MemoryCurrent"]) for u in usage if u["MemoryCurrent"].isdigit()]
+    state = "stopped" if not running else "running" if len(running) >= (wanted or 1) else "degraded"
+    return ClusterSummary(
+        name,
+        where,
+        len(running),
+        wanted,
+        state,
+        sum(cpu) / 1e9 if cpu else None,
+        sum(memory) if memory else None,
+        tuple(listen.address for listen in s.spec.listen) if s.spec else (),
+    )

@@ -23,6 +23,12 @@ Paths:
 Each applies the request limits and timeouts of :class:`clusterkit.limits.Limits`
 that its server has (``ASGI_LIMITS``, ``WSGI_LIMITS``; bench/SERVER.md says why).
 
+Two adapters reach past documented API, pinned in pyproject.toml and checked
+by tests/test_server_adapters.py: ``serve_asgi`` extends ``uvicorn.Server``'s
+``startup``/``shutdown`` (READY=1 and STOPPING=1 at the right moments);
+``serve_wsgi`` drives waitress's loop itself (``server._map``) and reads each
+channel's ``requests``, ``request`` and ``total_outbufs_len`` to drain.
+
 Running the stock servers unmodified under a clusterkit unit instead:
 
 - ``uvicorn --fd 3 app:app``: uvicorn reads no LISTEN_* and sends no

@@ -280,22 +280,7 @@ def _end(process: subprocess.Popen[str]) -> None:
 
 
 def _stop(spec: Spec, manager: Manager, say: Say) -> None:
-    # `systemctl stop NAME.target` returns before the workers have stopped: wait for them.
-    name = spec.name
-    sockets = (names.socket(name, names.SHARED), f"{name}@*.socket")
-    manager.systemctl("stop", names.target(name), *sockets, check=False)
-    manager.systemctl("stop", f"{name}@*.service", check=False)
-    deadline = time.monotonic() + spec.drain_timeout + 5
-    while time.monotonic() < deadline:
-        listed = manager.systemctl(
-            "list-units",
-            "--state=active,deactivating",
-            "--plain",
-            "--no-legend",
-            f"{name}@*",
-            check=False,
-        )
-        if not listed.strip():
-            break
-        time.sleep(0.1)
-    say(f"      stopped {name}")
+    from clusterkit import primary
+
+    primary.stop(settings=primary.Settings(spec.name, manager, spec))
+    say(f"      stopped {spec.name}")

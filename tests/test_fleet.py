@@ -212,7 +212,7 @@ def _write_figures(figures: dict[str, str]) -> None:
         "",
         "Written by `tests/test_fleet.py` from its last run (3 hosts of 2 workers, systemd 252",
         "containers on one 2-core machine, HAProxy 2.6 in front, bounded load of 4 concurrent",
-        "clients with a new connection per request; see docs/fleet.md).",
+        'clients with a new connection per request; see the README\'s "Several hosts").',
         "",
         "| what | measured |",
         "|---|---|",

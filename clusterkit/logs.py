@@ -1,0 +1,149 @@
+"""The workers' own log records: what they printed and logged, with the worker's id.
+
+Every process of ``NAME@K.service`` runs in the slice systemd makes for the
+template (``system-NAME.slice``; ``app-NAME.slice`` under a user's manager), so
+one journal match (``_SYSTEMD_SLICE``, a trusted field journald sets from the
+sender's cgroup) finds them all; the worker id comes from the trusted
+``_SYSTEMD_UNIT``. The unit's own exit lines (:mod:`clusterkit.report`) are
+left out: they are events, not logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from systemd import journal
+
+from clusterkit import names, report
+from clusterkit.events import CONVERTERS
+from clusterkit.manager import Manager
+
+
+@dataclass(frozen=True)
+class LogLine:
+    time: datetime
+    worker: int
+    pid: int | None
+    priority: int | None
+    message: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "time": self.time.isoformat(),
+            "worker": self.worker,
+            "pid": self.pid,
+            "priority": self.priority,
+            "message": self.message,
+        }
+
+    def describe(self) -> str:
+        pid = f"[{self.pid}]" if self.pid else ""
+        return (
+            f"{self.time.astimezone():%Y-%m-%d %H:%M:%S} worker {self.worker}{pid}: {self.message}"
+        )
+
+
+def slice_name(name: str, user: bool) -> str:
+    """The slice of NAME@.service's instances (systemd.unit(5): '-' escaped as \\x2d)."""
+    escaped = name.replace("-", "\\x2d")
+    return f"{'app' if user else 'system'}-{escaped}.slice"
+
+
+class LogReader:
+    """Log lines of cluster ``name`` (or of one ``worker``), oldest first; ``follow`` for more."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        manager: Manager | None = None,
+        worker: int | None = None,
+        since: datetime | None = None,
+        lines: int | None = None,
+    ) -> None:
+        self.name = name
+        self.manager = manager or Manager()
+        directory = self.manager.journal_directory
+        self._reader = (
+            journal.Reader(path=directory, converters=CONVERTERS)
+            if directory
+            else journal.Reader(converters=CONVERTERS)
+        )
+        user = self.manager.user
+        self._unit_field = "_SYSTEMD_USER_UNIT" if user else "_SYSTEMD_UNIT"
+        if worker is not None:
+            self._reader.add_match(f"{self._unit_field}={names.service(name, worker)}")
+        else:
+            slice_field = "_SYSTEMD_USER_SLICE" if user else "_SYSTEMD_SLICE"
+            self._reader.add_match(f"{slice_field}={slice_name(name, user)}")
+        if since is not None:
+            self._reader.seek_realtime(since)
+        elif lines is not None:
+            # Back up ``lines`` records, then start *at* the earliest of them.
+            self._reader.seek_tail()
+            earliest = None
+            for _ in range(lines):
+                entry = self._reader.get_previous()
+                if not entry:
+                    break
+                earliest = entry["__CURSOR"]
+            if earliest is not None:
+                self._reader.seek_cursor(earliest)
+            else:
+                self._reader.seek_tail()
+        else:
+            self._reader.seek_head()
+
+    def __iter__(self) -> Iterator[LogLine]:
+        while True:
+            entry = self._reader.get_next()
+            if not entry:
+                return
+            line = self._line(entry)
+            if line is not None:
+                yield line
+
+    def _line(self, entry: dict[str, object]) -> LogLine | None:
+        worker = names.worker_id(entry.get(self._unit_field), self.name)
+        message = entry.get("MESSAGE")
+        when = entry.get("__REALTIME_TIMESTAMP")
+        if worker is None or not isinstance(when, datetime):
+            return None
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        if not isinstance(message, str) or _is_exit_line(entry, message):
+            return None
+        pid, priority = entry.get("_PID"), _priority(entry)
+        return LogLine(when, worker, pid if isinstance(pid, int) else None, priority, message)
+
+    def follow(self, *, stop: Callable[[], bool] | None = None) -> Iterator[LogLine]:
+        while True:
+            yield from self
+            if stop is not None and stop():
+                return
+            self._reader.wait(0.5)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def _priority(entry: dict[str, object]) -> int | None:
+    value = entry.get("PRIORITY")  # an int by systemd-python's own converter
+    return value if isinstance(value, int) else None
+
+
+def _is_exit_line(entry: dict[str, object], message: str) -> bool:
+    if _priority(entry) != report.PRIORITY:
+        return False
+    return report.parse_started(message) is not None or report.parse_exited(message) is not None
+
+
+def last_lines(name: str, worker: int, manager: Manager, count: int = 3) -> list[str]:
+    """The last ``count`` messages of one worker (why it died, often)."""
+    reader = LogReader(name, manager=manager, worker=worker, lines=count + 2)
+    try:
+        return [line.message for line in reader][-count:]
+    finally:
+        reader.close()

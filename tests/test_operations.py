@@ -1,0 +1,148 @@
+"""Everyday operation under real systemd: logs, stop/start, ls, status that says why.
+
+Each test renders a small cluster with ``clusterkit generate``, puts its files
+(units and manifest) where systemd reads runtime units in a container, and
+drives it with the ``clusterkit`` CLI run inside, as an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from scenario import wait_for
+
+from clusterkit.container import Container
+
+PY = sys.executable
+
+# Prints a line at start; exits 3 at once, after a last word, while /run/fail-K exists.
+APP = r"""
+import os, selectors, signal, sys
+from clusterkit import cluster
+
+k = cluster.worker.id
+if os.path.exists(f"/run/fail-{k}"):
+    print("FATAL: lost connection to database", flush=True)
+    sys.exit(3)
+stop = False
+def on_term(sig, frame):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, on_term)
+sock = cluster.worker.listen(3000)
+print(f"worker {k} serving", flush=True)
+sel = selectors.DefaultSelector()
+sel.register(sock, selectors.EVENT_READ)
+cluster.worker.ready()
+while not stop:
+    if sel.select(0.1):
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            continue
+        with conn:
+            conn.setblocking(True)
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+"""
+
+
+def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
+    return c.run(PY, "-m", "clusterkit.cli", *args)
+
+
+def deploy(c: Container, tmp_path: Path, name: str, port: int, workers: int = 2) -> None:
+    c.write_file("/srv/app.py", APP.replace("3000", str(port)))
+    out = tmp_path / name
+    subprocess.run(
+        [PY, "-m", "clusterkit.cli", "generate", "--name", name, "--workers", str(workers)]
+        + ["--exec", f"{PY} /srv/app.py", "--listen", str(port), "--output", str(out)],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    c.install_units(sorted(out.iterdir()))  # the manifest goes beside the units too
+    assert ck(c, "start", name).returncode == 0
+    for i in range(workers):
+        wait_for(f"{name}@{i} active", lambda i=i: active(c, f"{name}@{i}.service"))
+
+
+def active(c: Container, unit: str) -> bool:
+    return c.systemctl("is-active", unit, check=False).stdout.strip() == "active"
+
+
+def serves(c: Container, port: int) -> bool:
+    try:
+        return c.http_get(port, timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def test_logs_show_what_workers_printed_with_their_id(container: Container, tmp_path: Path):
+    c = container
+    deploy(c, tmp_path, "t", 3000)
+    lines = wait_for(
+        "both start lines",
+        lambda: (
+            (r := ck(c, "logs", "t", "--json")).returncode == 0
+            and len(
+                [x for x in map(json.loads, r.stdout.splitlines()) if "serving" in x["message"]]
+            )
+            == 2
+            and list(map(json.loads, r.stdout.splitlines()))
+        ),
+    )
+    assert {(x["worker"], x["message"]) for x in lines} >= {
+        (0, "worker 0 serving"),
+        (1, "worker 1 serving"),
+    }
+    assert not any(x["message"].startswith("clusterkit: ") for x in lines)  # events, not logs
+    only_one = ck(c, "logs", "t", "--worker", "1").stdout
+    assert "worker 1[" in only_one and "worker 0[" not in only_one
+
+
+def test_status_says_why_a_worker_fails_and_exits_non_zero(container: Container, tmp_path: Path):
+    c = container
+    deploy(c, tmp_path, "t", 3000)
+    assert ck(c, "status", "t").returncode == 0
+    c.write_file("/run/fail-1", "")
+    assert ck(c, "kill", "t", "1", "-s", "9").returncode == 0  # signals by number too
+
+    def failing() -> str | None:
+        r = ck(c, "status", "t")
+        return r.stdout if r.returncode == 3 and "FATAL: lost connection" in r.stdout else None
+
+    text = wait_for("status to say why worker 1 fails", failing)
+    assert "worker 1:" in text and "worker 0:" not in text
+    assert serves(c, 3000)  # worker 0 serves meanwhile
+    rows = json.loads(ck(c, "status", "t", "--json").stdout)
+    assert rows[0]["why"] is None and any("FATAL" in line for line in rows[1]["why"])
+    r = ck(c, "kill", "t", "0", "-s", "NOPE")
+    assert r.returncode == 2 and "--signal" in r.stderr
+
+
+def test_stop_closes_the_port_until_start_and_ls_lists_clusters(
+    container: Container, tmp_path: Path
+):
+    c = container
+    deploy(c, tmp_path, "t", 3000)
+    deploy(c, tmp_path, "u", 3001, workers=1)
+    listed = json.loads(ck(c, "ls", "--json").stdout)
+    assert [(r["name"], r["running"], r["state"], r["listen"]) for r in listed] == [
+        ("t", 2, "running", ["3000"]),
+        ("u", 1, "running", ["3001"]),
+    ]
+    assert "t " in ck(c, "ls").stdout
+
+    assert ck(c, "stop", "t").returncode == 0
+    assert not serves(c, 3000) and serves(c, 3001)
+    # A connection attempt no longer starts a worker: the socket itself is closed.
+    assert not serves(c, 3000)
+    assert not active(c, "t@0.service") and not active(c, "t.socket")
+    assert [r["state"] for r in json.loads(ck(c, "ls", "--json").stdout)] == ["stopped", "running"]
+
+    assert ck(c, "start", "t").returncode == 0
+    wait_for("t to serve again", lambda: serves(c, 3000))
