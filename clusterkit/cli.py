@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -139,6 +140,16 @@ def _warn_env_file(spec) -> None:
             )
 
 
+def _warn_missing_program(spec) -> None:
+    # The units may be for another host, so only a warning here; install refuses.
+    if not os.access(spec.exec[0], os.X_OK):
+        print(
+            f"warning: --exec: {spec.exec[0]} is not an executable file on this machine; "
+            "install will refuse it where it is missing",
+            file=sys.stderr,
+        )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from clusterkit import render, unitfiles
 
@@ -152,6 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CommandError(f"--output: cannot write {args.output}: {e.strerror}") from None
     _warn_env_file(spec)
+    _warn_missing_program(spec)
     for name in result.written:
         print(f"wrote {args.output / name}")
     for name in result.unchanged:
@@ -473,6 +485,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if args.option_exec is None and args.config is None:
         # No app given: the bundled example, Node's hello-world cluster.js.
+        if args.option_name not in (None, "hello"):
+            raise CommandError(
+                f"--exec: required with --name {args.option_name} (without an app, up runs "
+                "the bundled example, as hello); give --exec CMD or --config pyproject.toml",
+                USAGE_ERROR,
+            )
         example = up.bundled_example()
         if example is None:
             raise CommandError(

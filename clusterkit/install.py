@@ -128,6 +128,12 @@ def _check_spec_for(spec: Spec, manager: Manager) -> None:
     problem = shadow.refusal(spec.name, user=manager.user)
     if problem is not None:
         raise InstallRefused(problem)
+    program = manager.root / spec.exec[0].lstrip("/")
+    if not os.access(program, os.X_OK):
+        raise InstallRefused(
+            f"--exec: {spec.exec[0]} is not an executable file here; install the app first "
+            "(or fix --exec and generate again)"
+        )
     if spec.env_file is not None:
         problem = trust.secret_file_problem(Path(spec.env_file))
         if problem is not None:

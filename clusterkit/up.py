@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from clusterkit.manager import Manager, ManagerError, register_up, unregister_up
 from clusterkit.spec import Listen, Spec
 
 START_TIMEOUT = 60.0
+NOTIFY_HINT_AFTER = 5.0  # seconds without READY=1 before up suggests --type exec
 Say = Callable[[str], None]
 
 
@@ -225,7 +227,14 @@ def _start(spec: Spec, manager: Manager, say: Say) -> bool:
         return False
     deadline = time.monotonic() + START_TIMEOUT
     pending = list(units)
+    hint_at = time.monotonic() + NOTIFY_HINT_AFTER if spec.type == "notify" else None
     while pending and time.monotonic() < deadline:
+        if hint_at is not None and time.monotonic() > hint_at:
+            hint_at = None
+            say(
+                f"      still waiting for READY=1 from {', '.join(pending)}: a server that "
+                "never sends it (stock uvicorn, most others) needs --type exec"
+            )
         for unit in list(pending):
             props = manager.show([unit], ("ActiveState", "MainPID", "NRestarts"))[0]
             if props["ActiveState"] == "active":
@@ -248,15 +257,25 @@ def _start(spec: Spec, manager: Manager, say: Say) -> bool:
     return True
 
 
+def _probe(port: int) -> str:
+    """What GET / answers: any status is an answer (an app may have no "/" route)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            body = response.read().decode(errors="replace").strip()
+            return f"{response.status} {body[:60]!r}"
+    except urllib.error.HTTPError as e:
+        return f"{e.code} {e.reason}"
+    except OSError as e:
+        return f"nothing ({e}); the workers are ready, check the app"
+
+
 def _serve_until_interrupted(
     spec: Spec, follower: subprocess.Popen[str], say: Say, stop: Callable[[], None]
 ) -> int:
     try:
         port = next((listen.port for listen in spec.listen if listen.port), None)
         if port is not None:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                body = response.read().decode(errors="replace").strip()
-            say(f"[4/4] serving: http://127.0.0.1:{port}/ answered {response.status} {body[:60]!r}")
+            say(f"[4/4] serving: http://127.0.0.1:{port}/ answered {_probe(port)}")
         else:
             say("[4/4] serving")
         say("      events follow; Ctrl-C stops everything")

@@ -59,7 +59,7 @@ flags = st.fixed_dictionaries(
         ),
         "working-directory": any_words.map(lambda w: "/srv/" + w),
         "description": any_words,
-        "user": st.sampled_from(["www-data", "1000", "root", "0", "00", "١٢"]),
+        "run-as": st.sampled_from(["www-data", "1000", "root", "0", "00", "١٢"]),
         "watchdog-sec": st.sampled_from(["0", "1", "2.5", "0.0004", "٣"]),
         "restart-sec": st.sampled_from(["0", "0.1", "3", "²"]),
         "cpu-affinity": st.booleans(),
