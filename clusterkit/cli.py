@@ -299,11 +299,23 @@ def _why(settings, worker_id: int) -> list[str]:
     unit = names.service(settings.name, worker_id)
     props = settings.manager.show([unit], ("ActiveState", "SubState", "Result"))[0]
     why = [f"{props['ActiveState']}/{props['SubState']}, result {props['Result']}"]
+    scheduling = settings.spec.scheduling if settings.spec else names.SHARED
+    socket_unit = names.socket(settings.name, scheduling, worker_id)
+    sock = settings.manager.show([socket_unit], ("ActiveState", "Result"))[0]
+    if sock["ActiveState"] != "active":  # e.g. the address is taken: systemd says so there
+        why.append(f"{socket_unit} is {sock['ActiveState']} (result {sock['Result']})")
+        why += [f"| {line}" for line in _unit_log(settings, socket_unit)]
     try:
         why += [f"| {line}" for line in logs.last_lines(settings.name, worker_id, settings.manager)]
     except OSError:
         pass  # no journal to read here (not root, nor in systemd-journal)
     return why
+
+
+def _unit_log(settings, unit: str, count: int = 3) -> list[str]:
+    """The last lines PID 1 logged about ``unit`` (a socket's bind error, say)."""
+    r = settings.manager.run("journalctl", "--no-pager", "-o", "cat", "-n", str(count), "-u", unit)
+    return r.stdout.splitlines()[-count:] if r.returncode == 0 else []
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -467,13 +479,18 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     from clusterkit import primary
+    from clusterkit.spec import SpecError, batch_size
 
+    try:
+        batch_size(args.batch, 1)  # bad input exits 2 before anything restarts
+    except SpecError as e:
+        raise CommandError(str(e), USAGE_ERROR) from None
     settings = _settings(args)
 
     def progress(old, new, n: int, total: int) -> None:
         print(f"[{n}/{total}] worker {old.id}: pid {old.pid} -> {new.pid} {new.state}", flush=True)
 
-    done = _primary_call(primary.reload, progress, settings=settings)
+    done = _primary_call(primary.reload, progress, batch=args.batch, settings=settings)
     if not done:
         raise CommandError(f"no running workers of {settings.name} to reload")
     print(f"reloaded {len(done)} workers of {settings.name}")
@@ -625,7 +642,13 @@ def _add_primary_parsers(sub) -> None:
     p = add("scale", "run exactly N workers (until reboot)", cmd_scale)
     p.add_argument("count", type=int, metavar="N")
 
-    add("reload", "rolling restart, one worker at a time, no refused connections", cmd_reload)
+    p = add("reload", "rolling restart, a batch at a time, no refused connections", cmd_reload)
+    p.add_argument(
+        "--batch",
+        default="1",
+        metavar="N|P%",
+        help="workers restarted at once: a count or a percentage of the running ones (default 1)",
+    )
 
     p = add("logs", "what the workers printed and logged, from the journal", cmd_logs)
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")

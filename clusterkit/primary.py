@@ -34,7 +34,7 @@ from typing import Any
 from clusterkit import events as _events
 from clusterkit import manifest, names, unitfiles
 from clusterkit.manager import Manager, ManagerError, find
-from clusterkit.spec import Spec, SpecError, check_name, check_worker_count, parse_env
+from clusterkit.spec import Spec, SpecError, batch_size, check_name, check_worker_count, parse_env
 
 _SHOW = (
     "Id",
@@ -409,23 +409,29 @@ def scale(count: int, *, settings: Settings | None = None) -> tuple[list[int], l
 def reload(
     progress: Callable[[Worker, Worker, int, int], Any] | None = None,
     *,
+    batch: int | str = 1,
     settings: Settings | None = None,
 ) -> list[Worker]:
-    """Rolling restart: each running worker in turn, the next only once the new one is READY.
+    """Rolling restart, ``batch`` workers at a time (a count, or "25%" of the running ones).
 
-    ``systemctl restart`` returns when the new process has sent READY=1; PID 1
-    keeps the listening socket open meanwhile, so connections wait in its queue
-    (or go to the other workers) and none is refused.
+    ``systemctl restart`` of a batch returns once every new process has sent
+    READY=1; only then does the next batch stop. PID 1 keeps the listening socket
+    open meanwhile, so connections wait in its queue (or go to the other
+    workers) and none is refused.
     """
     s = settings or _current()
     old = [w for w in get_workers(s).values() if w.is_running]
+    size = batch_size(batch, len(old))
     done = []
-    for n, w in enumerate(old, 1):
-        systemctl("restart", w.unit, settings=s)
-        new = get_workers(s)[w.id]
-        if progress is not None:
-            progress(w, new, n, len(old))
-        done.append(new)
+    for start in range(0, len(old), size):
+        chunk = old[start : start + size]
+        systemctl("restart", *(w.unit for w in chunk), settings=s)
+        fresh = get_workers(s)
+        for n, w in enumerate(chunk, start + 1):
+            new = fresh[w.id]
+            if progress is not None:
+                progress(w, new, n, len(old))
+            done.append(new)
     return done
 
 

@@ -757,6 +757,16 @@ def check_worker_count(count: int, *, minimum: int = 1) -> int:
     return count
 
 
+def batch_size(batch: int | str, workers: int) -> int:
+    """How many of ``workers`` a reload restarts at once: a count, or a percentage ("25%")."""
+    text = str(batch).strip()
+    if text.endswith("%") and _ASCII_INT.fullmatch(text[:-1]) and 1 <= int(text[:-1]) <= 100:
+        return max(1, -(-workers * int(text[:-1]) // 100))
+    if _ASCII_INT.fullmatch(text) and 1 <= int(text) <= MAX_WORKERS:
+        return int(text)
+    raise SpecError(f"--batch: {text!r} is not a count (1-{MAX_WORKERS}) or a percentage (1%-100%)")
+
+
 def parse_env(raw: Any) -> tuple[tuple[str, str], ...]:
     """``--env`` values (a mapping, or KEY=VALUE strings), checked as the spec checks them."""
     return _parse_env("env", raw)

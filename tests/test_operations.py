@@ -146,3 +146,65 @@ def test_stop_closes_the_port_until_start_and_ls_lists_clusters(
 
     assert ck(c, "start", "t").returncode == 0
     wait_for("t to serve again", lambda: serves(c, 3000))
+
+
+def test_reload_in_batches_keeps_serving(container: Container, tmp_path: Path):
+    import threading
+
+    c = container
+    deploy(c, tmp_path, "t", 3000, workers=4)
+    failed: list[str] = []
+    ok = [0]
+    done = threading.Event()
+
+    def load() -> None:  # bounded: one request at a time, until the reload ends
+        while not done.is_set():
+            try:
+                status = c.http_get(3000, timeout=5)[0]
+                ok[0] += 1
+                if status != 200:
+                    failed.append(str(status))
+            except OSError as e:
+                failed.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        r = ck(c, "reload", "t", "--batch", "50%")
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+    assert r.returncode == 0, r.stderr
+    assert [line.split("]")[0] for line in r.stdout.splitlines()[:4]] == [
+        "[1/4",
+        "[2/4",
+        "[3/4",
+        "[4/4",
+    ]
+    assert failed == [] and ok[0] > 0
+    assert ck(c, "reload", "t", "--batch", "0").returncode == 2
+
+
+def test_status_shows_the_sockets_error_when_the_port_is_taken(
+    container: Container, tmp_path: Path
+):
+    c = container
+    # Something else already listens on the port.
+    c.run("systemd-run", "-q", "-u", "squatter", PY, "-m", "http.server", "3005", check=True)
+    wait_for("the squatter to listen", lambda: serves(c, 3005))
+    c.write_file("/srv/app.py", APP.replace("3000", "3005"))
+    out = tmp_path / "t"
+    subprocess.run(
+        [PY, "-m", "clusterkit.cli", "generate", "--name", "t", "--workers", "1"]
+        + ["--exec", f"{PY} /srv/app.py", "--listen", "3005", "--output", str(out)],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    c.install_units(sorted(out.iterdir()))
+    assert ck(c, "start", "t").returncode == 1  # systemd refuses: said on one line
+    r = ck(c, "status", "t")
+    assert r.returncode == 3 and "t.socket is failed" in r.stdout, r.stdout
+    assert "Address already in use" in r.stdout, r.stdout
