@@ -54,7 +54,7 @@ def ansible_command(tool: str) -> list[str]:
     found = shutil.which(tool)
     if found is None:
         raise FleetFailure(
-            f"{tool} not found: install the fleet extra (pip install 'clusterkit[fleet]')"
+            f"{tool} not found: install the fleet extra (pip install 'clusterkit-systemd[fleet]')"
         )
     return [found]
 

@@ -55,7 +55,7 @@ class Fleet:
     known_hosts: Path | None = None
     become: bool = False
     clusterkit: str = "/opt/clusterkit/bin/clusterkit"  # the CLI on each host
-    package: str = "clusterkit"  # pip requirement installed there ("" = already installed)
+    package: str = "clusterkit-systemd"  # pip requirement installed there ("" = already installed)
     runtime: bool = False  # install --runtime (units gone at reboot)
     port: int = 3000  # the port every host serves on (HAProxy's servers)
     health_path: str = "/"

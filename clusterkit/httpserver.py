@@ -44,7 +44,8 @@ try:  # the `fast` extra
     import httptools
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(
-        "clusterkit's HTTP server (serve_asyncio) needs httptools: pip install 'clusterkit[fast]'"
+        "clusterkit's HTTP server (serve_asyncio) needs httptools: "
+        "pip install 'clusterkit-systemd[fast]'"
     ) from e
 
 __all__ = ["ConnectionSet", "HttpProtocol", "Limits", "Request", "Response"]

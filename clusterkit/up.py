@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import signal
 import socket
 import subprocess
@@ -86,6 +87,28 @@ def app_binds(spec: Spec) -> list[str]:
     return binds
 
 
+def _invisible_program(spec: Spec, binds: list[str]) -> str | None:
+    """Why the container would not find the program, or None (it sees /usr, the checkout, binds)."""
+    from clusterkit.container import checkout_root
+
+    real = Path(os.path.realpath(spec.exec[0]))
+    visible = [Path("/usr"), *map(Path, binds)]
+    root = checkout_root()
+    if root is not None:
+        visible.append(root)
+    # A Python outside /usr needs its standard library from there too, which is not bound.
+    interpreter = real.name.startswith("python")
+    if any(real.is_relative_to(v) for v in visible) and not (
+        interpreter and not real.is_relative_to("/usr")
+    ):
+        return None
+    return (
+        f"{spec.exec[0]} runs {real}, outside /usr and the app's directories, which the "
+        "throwaway container cannot see (a Python from pyenv or /opt?): make the app's venv "
+        "with /usr/bin/python3 -m venv"
+    )
+
+
 def _follower_argv(spec: Spec) -> list[str]:
     # -I: the follower never imports from its working directory or PYTHON* variables.
     return [sys.executable, "-I", "-m", "clusterkit.cli", "events", spec.name, "--follow"]
@@ -150,6 +173,10 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
         say(f"clusterkit up: systemd is not PID 1 here and no container can boot: {missing}")
         return 1
     binds = app_binds(spec)
+    unseen = _invisible_program(spec, binds)
+    if unseen:
+        say(f"clusterkit up: --exec: {unseen}")
+        return 1
     say(
         "[2/4] systemd is not PID 1 here: booting a throwaway systemd container "
         f"(host network; checkout{' and ' + ', '.join(binds) if binds else ''} read-only)"

@@ -622,4 +622,4 @@ def test_serve_asyncio_requires_httptools():
     """No pure-Python fallback parser: without httptools the import says what to install."""
     code = "import sys; sys.modules['httptools'] = None; import clusterkit.httpserver"
     p = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=30)
-    assert p.returncode != 0 and "clusterkit[fast]" in p.stderr
+    assert p.returncode != 0 and "clusterkit-systemd[fast]" in p.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,3 +204,21 @@ def stop_up(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_up_refuses_a_python_the_container_cannot_see(tmp_path: Path) -> None:
+    python = tmp_path / "pyenv" / "bin" / "python3"  # as a pyenv or /opt Python would be
+    python.parent.mkdir(parents=True)
+    shutil.copy("/bin/true", python)
+    before = nspawn_machines()
+    r = subprocess.run(
+        [sys.executable, "-m", "clusterkit.cli", "up", "--name", "elsewhere"]
+        + ["--exec", f"{python} -m http.server", "--listen", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    refusal = [line for line in r.stdout.splitlines() if line.startswith("clusterkit up:")]
+    assert len(refusal) == 1 and "/usr/bin/python3 -m venv" in refusal[0], r.stdout
+    assert "booting" not in r.stdout and nspawn_machines() <= before

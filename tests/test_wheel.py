@@ -16,7 +16,7 @@ def test_wheel_ships_the_templates_and_renders_from_them(tmp_path: Path) -> None
         check=True,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("clusterkit-*.whl")
+    (wheel,) = tmp_path.glob("clusterkit_systemd-*.whl")
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
