@@ -208,3 +208,38 @@ def test_status_shows_the_sockets_error_when_the_port_is_taken(
     r = ck(c, "status", "t")
     assert r.returncode == 3 and "t.socket is failed" in r.stdout, r.stdout
     assert "Address already in use" in r.stdout, r.stdout
+
+
+SLOW_APP = r"""
+import os, time
+time.sleep(2)  # an app that takes a while to import
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    pid = str(os.getpid()).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"x-pid", pid)]})
+    await send({"type": "http.response.body", "body": b"ok"})
+"""
+
+
+def test_run_serves_an_app_only_once_it_is_imported(container: Container, tmp_path: Path):
+    """python -m clusterkit.run: READY=1 comes after the import, so a reload loses nothing."""
+    c = container
+    c.write_file("/srv/slowapp.py", SLOW_APP)
+    out = tmp_path / "t"
+    subprocess.run(
+        [PY, "-m", "clusterkit.cli", "generate", "--name", "t", "--workers", "2"]
+        + ["--exec", f"{PY} -m clusterkit.run asgi slowapp:app", "--working-directory", "/srv"]
+        + ["--output", str(out)],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    c.install_units(sorted(out.iterdir()))
+    assert ck(c, "start", "t").returncode == 0  # returns once both are READY
+    assert active(c, "t@0.service") and active(c, "t@1.service")
+    assert c.http_get(3000, timeout=5)[0] == 200  # ready means imported: no wait here
+    r = ck(c, "reload", "t")
+    assert r.returncode == 0 and "reloaded 2 workers" in r.stdout
+    assert c.http_get(3000, timeout=5)[0] == 200
