@@ -1,0 +1,7 @@
+from django.db import models
+
+
+class Note(models.Model):
+    text = models.CharField(max_length=200)
+    worker = models.IntegerField()  # the worker that wrote it
+    created = models.DateTimeField(auto_now_add=True)
