@@ -378,6 +378,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if healthy else NOT_HEALTHY
 
 
+def _last_log_lines(settings, worker: int, invocation: str | None) -> list[str]:
+    from clusterkit import logs
+
+    try:
+        return logs.last_lines(settings.name, worker, settings.manager, invocation=invocation)
+    except OSError:
+        return []  # the journal is not readable here
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     import json
 
@@ -408,8 +417,11 @@ def cmd_events(args: argparse.Namespace) -> int:
         for ev in stream:
             if args.json:
                 print(json.dumps(ev.to_json()), flush=True)
-            else:
-                print(f"{ev.time.astimezone():%Y-%m-%d %H:%M:%S} {ev.describe()}", flush=True)
+                continue
+            print(f"{ev.time.astimezone():%Y-%m-%d %H:%M:%S} {ev.describe()}", flush=True)
+            if args.logs and ev.event == "exit" and not ev.exited_after_disconnect:
+                for line in _last_log_lines(settings, ev.worker, ev.invocation_id):
+                    print(f"    | {line}", flush=True)
     finally:
         reader.close()
     return 0
@@ -623,6 +635,11 @@ def _add_primary_parsers(sub) -> None:
         "--directory",
         metavar="DIR",
         help="read the journal files in DIR (e.g. a collector's) instead of this host's journal",
+    )
+    p.add_argument(
+        "--logs",
+        action="store_true",
+        help="after each exit, the worker's last log lines (why it died, often)",
     )
 
     p = add("fork", "start the next free worker", cmd_fork)

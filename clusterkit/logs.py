@@ -60,6 +60,7 @@ class LogReader:
         *,
         manager: Manager | None = None,
         worker: int | None = None,
+        invocation: str | None = None,
         since: datetime | None = None,
         lines: int | None = None,
     ) -> None:
@@ -75,6 +76,8 @@ class LogReader:
         self._unit_field = "_SYSTEMD_USER_UNIT" if user else "_SYSTEMD_UNIT"
         if worker is not None:
             self._reader.add_match(f"{self._unit_field}={names.service(name, worker)}")
+            if invocation is not None:  # one run of it
+                self._reader.add_match(f"_SYSTEMD_INVOCATION_ID={invocation}")
         else:
             slice_field = "_SYSTEMD_USER_SLICE" if user else "_SYSTEMD_SLICE"
             self._reader.add_match(f"{slice_field}={slice_name(name, user)}")
@@ -140,9 +143,11 @@ def _is_exit_line(entry: dict[str, object], message: str) -> bool:
     return report.parse_started(message) is not None or report.parse_exited(message) is not None
 
 
-def last_lines(name: str, worker: int, manager: Manager, count: int = 3) -> list[str]:
-    """The last ``count`` messages of one worker (why it died, often)."""
-    reader = LogReader(name, manager=manager, worker=worker, lines=count + 2)
+def last_lines(
+    name: str, worker: int, manager: Manager, count: int = 3, invocation: str | None = None
+) -> list[str]:
+    """The last ``count`` messages of one worker, or of one run of it (why it died, often)."""
+    reader = LogReader(name, manager=manager, worker=worker, invocation=invocation, lines=count + 2)
     try:
         return [line.message for line in reader][-count:]
     finally:

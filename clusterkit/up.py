@@ -111,7 +111,7 @@ def _invisible_program(spec: Spec, binds: list[str]) -> str | None:
 
 def _follower_argv(spec: Spec) -> list[str]:
     # -I: the follower never imports from its working directory or PYTHON* variables.
-    return [sys.executable, "-I", "-m", "clusterkit.cli", "events", spec.name, "--follow"]
+    return [sys.executable, "-I", "-m", "clusterkit.cli", "events", spec.name, "--follow", "--logs"]
 
 
 @contextmanager

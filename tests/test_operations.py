@@ -120,6 +120,10 @@ def test_status_says_why_a_worker_fails_and_exits_non_zero(container: Container,
     assert serves(c, 3000)  # worker 0 serves meanwhile
     rows = json.loads(ck(c, "status", "t", "--json").stdout)
     assert rows[0]["why"] is None and any("FATAL" in line for line in rows[1]["why"])
+    # events --logs (what up shows): a death is followed by the worker's last words
+    text = ck(c, "events", "t", "--logs").stdout
+    assert "died: code 3\n    | FATAL: lost connection" in text, text
+    assert "died: signal SIGKILL\n    | worker 1 serving\n" in text, text  # that run's own
     r = ck(c, "kill", "t", "0", "-s", "NOPE")
     assert r.returncode == 2 and "--signal" in r.stderr
 
