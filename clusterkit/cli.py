@@ -532,7 +532,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.option_exec = f"{sys.executable} {example / 'cluster.py'}"
         args.option_working_directory = args.option_working_directory or str(example)
     args.option_workers = args.option_workers or "auto"
-    return up.up(spec_from_args(args), say=lambda line: print(line, flush=True))
+    binds = tuple(os.path.normpath(b) for b in args.bind or ())
+    for bind in binds:
+        if not bind.startswith("/") or not os.path.isdir(bind):
+            raise CommandError(f"--bind: {bind} is not an absolute path to a directory", USAGE_ERROR)
+    return up.up(spec_from_args(args), say=lambda line: print(line, flush=True), binds=binds)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -741,6 +745,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(a throwaway container where systemd is not PID 1); Ctrl-C stops it",
     )
     _add_spec_options(p)
+    p.add_argument(
+        "--bind",
+        action="append",
+        metavar="DIR",
+        help="one more directory the container sees, read-only (the program's, the working "
+        "directory and the checkout are bound already); repeatable",
+    )
     p.set_defaults(func=cmd_up)
 
     _add_primary_parsers(sub)

@@ -148,8 +148,11 @@ def _unusable_address(spec: Spec) -> str | None:
     return None
 
 
-def up(spec: Spec, say: Say = print) -> int:
-    """Run ``spec`` until interrupted; 0 after a clean stop, 1 if it never started."""
+def up(spec: Spec, say: Say = print, binds: tuple[str, ...] = ()) -> int:
+    """Run ``spec`` until interrupted; 0 after a clean stop, 1 if it never started.
+
+    ``binds``: more directories the container should see, read-only.
+    """
     spec, notes = loopback_only(spec)
     for note in notes:
         say(note)
@@ -162,17 +165,17 @@ def up(spec: Spec, say: Say = print) -> int:
         say(f"[1/4] rendered {len(files)} files for {spec.name} into {tmp}")
         if Path("/run/systemd/system").is_dir():
             return _up_on_host(spec, files, say)
-        return _up_in_container(spec, files, say)
+        return _up_in_container(spec, files, say, binds)
 
 
-def _up_in_container(spec: Spec, files: list[Path], say: Say) -> int:
+def _up_in_container(spec: Spec, files: list[Path], say: Say, extra: tuple[str, ...]) -> int:
     from clusterkit.container import Container, ContainerError, prerequisites_missing, stop_process
 
     missing = prerequisites_missing()
     if missing:
         say(f"clusterkit up: systemd is not PID 1 here and no container can boot: {missing}")
         return 1
-    binds = app_binds(spec)
+    binds = app_binds(spec) + [b for b in extra if b not in app_binds(spec)]
     unseen = _invisible_program(spec, binds)
     if unseen:
         say(f"clusterkit up: --exec: {unseen}")
