@@ -535,7 +535,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     binds = tuple(os.path.normpath(b) for b in args.bind or ())
     for bind in binds:
         if not bind.startswith("/") or not os.path.isdir(bind):
-            raise CommandError(f"--bind: {bind} is not an absolute path to a directory", USAGE_ERROR)
+            raise CommandError(
+                f"--bind: {bind} is not an absolute path to a directory", USAGE_ERROR
+            )
     return up.up(spec_from_args(args), say=lambda line: print(line, flush=True), binds=binds)
 
 
