@@ -117,7 +117,11 @@ def main_pid(c: Container, unit: str) -> int:
     return int(c.systemctl("show", "-p", "MainPID", "--value", unit).stdout)
 
 
-def test_issue_check_kill_exit_codes_events_and_status(container: Container, tmp_path: Path):
+def test_kills_crashes_and_clean_exits_reach_events_and_status(
+    container: Container, tmp_path: Path
+):
+    """SIGKILL, exit 3 and exit 0 come back as Node's exit(worker, code, signal), in
+    ``clusterkit events`` and ``clusterkit status``."""
     c = container
     deploy(c, tmp_path)
 
