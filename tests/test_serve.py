@@ -1,7 +1,7 @@
 """Each serving path (asyncio, ASGI/uvicorn, WSGI/waitress) as a real worker.
 
 Sockets come from systemd-socket-activate, or, where the socket must outlive a
-worker as it does under PID 1, from the test itself (see test_worker.py).
+worker as it does under PID 1, from the test itself (see localworker.py).
 """
 
 from __future__ import annotations
@@ -12,21 +12,15 @@ import threading
 import time
 
 import pytest
-import test_worker
-from test_worker import (
+from localworker import (
     PYTHON,
-    _ignore,
+    ignore_errors,
     needs_activate,
     request,
     start_activated,
     unit_env,
     with_socket_as_fd3,
 )
-
-# the fixtures this module shares with test_worker.py
-procs = test_worker.procs
-app_script = test_worker.app_script
-notify_socket = test_worker.notify_socket
 
 MODES = ["asyncio", "asgi", "wsgi"]
 
@@ -80,7 +74,7 @@ def test_path_stops_watchdog_pings_when_hung(mode, procs, app_script, notify_soc
     assert len(notify_socket.times("WATCHDOG=1")) >= 3
     for _ in range(2):
         threading.Thread(
-            target=_ignore, args=(request, port, "/hang"), kwargs={"timeout": 4}, daemon=True
+            target=ignore_errors, args=(request, port, "/hang"), kwargs={"timeout": 4}, daemon=True
         ).start()
         time.sleep(0.1)
     time.sleep(0.5)
