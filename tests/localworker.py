@@ -40,6 +40,8 @@ from clusterkit import cluster, worker as worker_mod
 mode, port = sys.argv[1], sys.argv[2]
 address = int(port) if port.isdigit() else (None if port == "-" else port)
 w = worker_mod.current()
+# STATUS=slow / STATUS=hang: the test sees a request reach its handler (NOTIFY_SOCKET)
+mark = w.status
 
 def info():
     s = w.listen(address)
@@ -56,8 +58,10 @@ if mode == "asyncio":
     from clusterkit.serve import serve_asyncio
     async def handler(req):
         if req.path == "/slow":
+            mark("slow")
             await asyncio.sleep(float(os.environ.get("CK_SLOW", "0.3")))
         elif req.path == "/hang":
+            mark("hang")
             time.sleep(60)              # blocks the event loop
         elif req.path == "/info":
             return info()
@@ -74,8 +78,10 @@ elif mode == "asgi":
         path = scope["path"]
         body = b"Hello Http"
         if path == "/slow":
+            mark("slow")
             await asyncio.sleep(float(os.environ.get("CK_SLOW", "0.3")))
         elif path == "/hang":
+            mark("hang")
             time.sleep(60)
         elif path == "/info":
             body = info().encode()
@@ -90,8 +96,10 @@ elif mode == "wsgi":
         path = environ["PATH_INFO"]
         body = b"Hello Http"
         if path == "/slow":
+            mark("slow")
             time.sleep(float(os.environ.get("CK_SLOW", "0.3")))
         elif path == "/hang":
+            mark("hang")
             time.sleep(60)
         elif path == "/info":
             body = info().encode()
@@ -146,6 +154,25 @@ class NotifySocket:
 
     def times(self, line: str) -> list[float]:
         return [t for t, m in list(self.messages) if line in m.splitlines()]
+
+    def count(self, line: str) -> int:
+        return self.assignments().count(line)
+
+    def after(self, line: str) -> list[str]:
+        """The assignments received after the first *line* (datagrams keep their order)."""
+        lines = self.assignments()
+        return lines[lines.index(line) + 1 :] if line in lines else []
+
+    def wait_for_quiet(self, line: str, quiet: float, timeout: float = 10.0) -> int:
+        """Wait until no *line* came for *quiet* seconds; return how many came in all."""
+        deadline = time.monotonic() + timeout
+        while True:
+            times = self.times(line)
+            if not times or time.monotonic() - times[-1] > quiet:
+                return len(times)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{line!r} still coming after {timeout}s")
+            time.sleep(0.02)
 
     def wait_for(self, line: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -66,6 +66,23 @@ def wait_for(
         time.sleep(interval)
 
 
+def holds_for(
+    what: str, predicate: Callable[[], object], duration: float, interval: float = 0.05
+) -> None:
+    """Check ``predicate`` throughout ``duration`` seconds; fail the first time it is false.
+
+    For claims that something does not happen (no watchdog ping while the loop
+    hangs): the window is the length of the claim, not a wait for something."""
+    deadline = time.monotonic() + duration
+    while True:
+        value = predicate()
+        if not value:
+            pytest.fail(f"{what} stopped holding (value: {value!r})")
+        if time.monotonic() > deadline:
+            return
+        time.sleep(interval)
+
+
 # -- deploying a cluster ------------------------------------------------------------------
 
 

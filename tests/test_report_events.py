@@ -12,10 +12,9 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-from scenario import wait_for
+from scenario import has_journal_open, inner_pid, wait_for
 
 from clusterkit.container import CONTAINER_PATH, Container
 
@@ -216,7 +215,7 @@ def test_late_reader_replays_history_without_loss_or_duplicates(
     reader = threading.Thread(target=lambda: lines.extend(map(json.loads, follower.stdout)))
     reader.start()
     try:
-        time.sleep(0.5)  # let it reach the end of the journal (not an assertion)
+        wait_for("the follower to read the journal", lambda: has_journal_open(inner_pid(follower)))
         for sig, unit in (("KILL", "t@1.service"), ("USR2", "t@0.service")):
             wait_for(f"{unit} active", lambda u=unit: is_active(c, u))
             c.systemctl("kill", "-s", sig, unit)

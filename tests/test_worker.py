@@ -23,6 +23,7 @@ from localworker import (
     start_activated,
     with_socket_as_fd3,
 )
+from scenario import holds_for, wait_for
 
 
 @needs_activate
@@ -65,7 +66,7 @@ def test_sigterm_drains_in_flight_and_exits_0(procs, app_script, notify_socket):
     threads = [threading.Thread(target=slow) for _ in range(5)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # the requests are in flight
+    wait_for("5 requests in their handler", lambda: notify_socket.count("STATUS=slow") == 5)
     p.terminate()
     for t in threads:
         t.join(10)
@@ -78,16 +79,19 @@ def test_sigterm_drains_in_flight_and_exits_0(procs, app_script, notify_socket):
 def test_watchdog_pings_stop_when_the_loop_hangs(procs, app_script, notify_socket):
     # WATCHDOG_USEC=400ms: pings every ~200ms from the event loop
     p, port = start_activated(procs, app_script, "asyncio", notify_socket, WATCHDOG_USEC="400000")
-    time.sleep(1.0)
-    assert len(notify_socket.times("WATCHDOG=1")) >= 3
+    wait_for("3 watchdog pings", lambda: len(notify_socket.times("WATCHDOG=1")) >= 3)
     hang = threading.Thread(
         target=lambda: ignore_errors(request, port, "/hang", timeout=3), daemon=True
     )
     hang.start()
-    time.sleep(0.3)
-    before = len(notify_socket.times("WATCHDOG=1"))
-    time.sleep(1.2)  # three intervals: a healthy worker would ping 6 times
-    assert len(notify_socket.times("WATCHDOG=1")) == before
+    notify_socket.wait_for("STATUS=hang")
+    # the handler blocks the loop: nothing pings after it began; over 1.2 s (six
+    # intervals) a healthy worker would ping 6 times
+    holds_for(
+        "no ping after the hang began",
+        lambda: "WATCHDOG=1" not in notify_socket.after("STATUS=hang"),
+        1.2,
+    )
 
 
 @needs_activate
@@ -95,8 +99,8 @@ def test_watchdog_pid_of_another_process_disables_pings(procs, app_script, notif
     start_activated(
         procs, app_script, "asyncio", notify_socket, WATCHDOG_USEC="200000", WATCHDOG_PID="1"
     )
-    time.sleep(0.6)
-    assert notify_socket.times("WATCHDOG=1") == []
+    # WATCHDOG_USEC=200ms: a worker that pinged would ping about 5 times in 1 s
+    holds_for("no watchdog ping", lambda: notify_socket.times("WATCHDOG=1") == [], 1.0)
 
 
 def test_development_mode_binds_itself(procs, app_script, notify_socket):
