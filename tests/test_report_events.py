@@ -338,15 +338,3 @@ def test_watchdog_kill_is_reported(container: Container, tmp_path: Path):
     e = found[0]
     assert (e["worker"], e["code"], e["signal"]) == (0, None, "SIGABRT")
     assert e["service_result"] == "watchdog" and e["exited_after_disconnect"] is False
-
-
-def test_light_imports():
-    """A worker importing cluster never loads the primary, Jinja2 or the journal reader."""
-    code = (
-        "import sys; from clusterkit import cluster; assert cluster.is_worker; "
-        "print(sorted(m for m in sys.modules if m.startswith(('clusterkit.', 'jinja2'))))"
-    )
-    env = {"CLUSTERKIT_WORKER_ID": "0", "CLUSTERKIT_NAME": "t", "PATH": "/usr/bin"}
-    r = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, check=True)
-    for module in ("clusterkit.primary", "clusterkit.events", "jinja2"):
-        assert module not in r.stdout

@@ -202,14 +202,15 @@ def test_in_a_unit_without_a_socket_listen_raises():
 
 
 def test_cluster_facade_in_worker_does_not_import_primary_or_heavy_modules():
+    """A worker importing cluster never loads the primary, the journal reader, Jinja2, the CLI."""
     code = (
         "import sys\n"
         "from clusterkit import cluster\n"
         "assert cluster.is_worker and not cluster.is_primary and not cluster.is_master\n"
         "assert cluster.worker.id == 3 and cluster.worker.unit == 'hello@3.service'\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('jinja2', 'asyncio', 'click')"
-        " or m in ('clusterkit.primary', 'clusterkit.cli', 'clusterkit.render',"
-        " 'clusterkit.spec', 'systemd.journal')]\n"
+        " or m in ('clusterkit.primary', 'clusterkit.events', 'clusterkit.cli',"
+        " 'clusterkit.render', 'clusterkit.spec', 'systemd.journal')]\n"
         "assert not bad, bad\n"
     )
     env = dict(os.environ, CLUSTERKIT_WORKER_ID="3", CLUSTERKIT_NAME="hello")
