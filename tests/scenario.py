@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -64,6 +64,46 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what} (last value: {value!r})")
         time.sleep(interval)
+
+
+def holds_for(
+    what: str, predicate: Callable[[], object], duration: float, interval: float = 0.05
+) -> None:
+    """Check ``predicate`` throughout ``duration`` seconds; fail the first time it is false.
+
+    For claims that something does not happen (no watchdog ping while the loop
+    hangs): the window is the length of the claim, not a wait for something."""
+    deadline = time.monotonic() + duration
+    while True:
+        value = predicate()
+        if not value:
+            pytest.fail(f"{what} stopped holding (value: {value!r})")
+        if time.monotonic() > deadline:
+            return
+        time.sleep(interval)
+
+
+# -- the CLI inside a container ----------------------------------------------------------
+
+
+def ck(
+    c: Container,
+    *args: str,
+    check: bool = True,
+    prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """``clusterkit ARGS`` inside container ``c``, run by the checkout's venv.
+
+    ``prefix`` goes before it (e.g. ``setpriv --reuid=…`` to run as a user), ``env``
+    is added to the clean environment. With ``check``, fail unless it exits 0;
+    tests that assert on a refusal pass ``check=False``.
+    """
+    r = c.run(*prefix, PY, "-m", "clusterkit.cli", *args, env=env, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"clusterkit {' '.join(args)}: {r.stdout}{r.stderr}"
+    return r
 
 
 # -- deploying a cluster ------------------------------------------------------------------
@@ -153,11 +193,8 @@ class Cluster:
     def ck(
         self, *args: str, check: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        """``clusterkit ARGS`` inside the container."""
-        r = self.c.run(PY, "-m", "clusterkit.cli", *args, timeout=timeout)
-        if check:
-            assert r.returncode == 0, f"clusterkit {' '.join(args)}: {r.stdout}{r.stderr}"
-        return r
+        """``clusterkit ARGS`` inside the container (see :func:`ck`)."""
+        return ck(self.c, *args, check=check, timeout=timeout)
 
     def events(self, kind: str | None = None) -> list[dict[str, object]]:
         """``clusterkit events NAME --json``, optionally only one kind (``exit``...)."""

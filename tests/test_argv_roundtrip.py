@@ -89,7 +89,10 @@ def test_worker_gets_the_argv_and_env_the_user_wrote(
     assert got["env"] == {f"CKTEST_{k}": v for k, v in env.items()}
 
 
-def test_the_issues_example(container: Container) -> None:
+def test_percent_dollar_quotes_and_backslashes_reach_the_worker_verbatim(
+    container: Container,
+) -> None:
+    """The example from the issue: %, $, spaces, quotes and backslashes in argv and env."""
     argv = ["100%", "$HOME", "two words", "a\\b", 'say "hi"', "%i", "${X}", ";"]
     assert run_once(container, argv, {"V": "%n $USER 'q' \"d\""}) == {
         "argv": argv,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from scenario import wait_for
 
 import clusterkit
 from clusterkit.container import Container, ContainerError
@@ -136,12 +136,10 @@ def test_socket_activated_unit_serves_http(container: Container, tmp_path: Path)
 
 def test_journal_is_parsed(container: Container) -> None:
     container.run("systemd-cat", "-t", "ck-test", "echo", "hello journal", check=True)
-    for _ in range(50):
-        messages = [e.get("MESSAGE") for e in container.journal("-t", "ck-test")]
-        if "hello journal" in messages:
-            break
-        time.sleep(0.1)
-    assert "hello journal" in messages
+    wait_for(
+        "the message in the journal",
+        lambda: "hello journal" in [e.get("MESSAGE") for e in container.journal("-t", "ck-test")],
+    )
 
 
 def test_two_containers_run_concurrently_with_own_loopback(

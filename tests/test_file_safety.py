@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from scenario import wait_for
 
 from clusterkit import render, unitfiles
 from clusterkit.spec import build_spec
@@ -43,7 +44,9 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 @contextlib.contextmanager
 def as_other_user(work: Callable[[], None]) -> Iterator[None]:
-    """Run ``work`` in a forked child as uid 65534 until the block ends."""
+    """Run ``work`` in a forked child as uid 65534 until the block ends.
+
+    The block fails if the child ended before it (an attacker that died attacked nothing)."""
     pid = os.fork()
     if pid == 0:  # the attacker
         code = 0
@@ -55,11 +58,16 @@ def as_other_user(work: Callable[[], None]) -> Iterator[None]:
         except BaseException:
             code = 1
         os._exit(code)
+    reaped = False
     try:
         yield
+        done, status = os.waitpid(pid, os.WNOHANG)
+        reaped = done == pid
+        assert not reaped, f"the attacker ended early (wait status {status})"
     finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
+        if not reaped:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
 
 
 @pytest.fixture
@@ -81,7 +89,10 @@ def test_symlink_swapping_attacker_never_changes_a_victims_mode(
     victim.write_text("secret\n")
     victim.chmod(0o600)
 
+    ready = shared_dir / "attacker-running"
+
     def swap_temp_files_for_symlinks() -> None:
+        ready.touch()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             for entry in os.scandir(shared_dir):
@@ -95,7 +106,7 @@ def test_symlink_swapping_attacker_never_changes_a_victims_mode(
 
     spec = build_spec({}, {"name": "t", "exec": EXEC})
     with as_other_user(swap_temp_files_for_symlinks):
-        time.sleep(0.2)
+        wait_for("the attacker to run", ready.exists, timeout=10)
         for i in range(60):
             out = shared_dir / str(i)
             out.mkdir()

@@ -7,17 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from scenario import wait_for
+from scenario import ck, wait_for
 
 from clusterkit.container import Container
 
 PY = sys.executable
 CK = [PY, "-m", "clusterkit.cli"]
 APP = Path(__file__).resolve().parent / "apps" / "hello_any_port.py"
-
-
-def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
-    return c.run(*CK, *args)
 
 
 def generate(tmp_path: Path, *args: str) -> Path:
@@ -61,7 +57,7 @@ def test_install_without_systemd_says_what_to_do(tmp_path: Path) -> None:
 
 def test_install_enable_start_and_uninstall(container: Container, tmp_path: Path) -> None:
     out = generate(tmp_path, "--workers", "2", "--listen", "8000")
-    r = ck(container, "install", "web", "--from", push(container, out), "--now")
+    r = ck(container, "install", "web", "--from", push(container, out), "--now", check=False)
     assert r.returncode == 0, r.stderr
     assert "installed web" in r.stdout
     for unit in ("web.target", "web.socket"):
@@ -75,7 +71,7 @@ def test_install_enable_start_and_uninstall(container: Container, tmp_path: Path
     )
     assert container.http_get(8000)[0] == 200
 
-    r = ck(container, "uninstall", "web")
+    r = ck(container, "uninstall", "web", check=False)
     assert r.returncode == 0, r.stderr
     assert not Path(f"/proc/{container.pid}/root/etc/systemd/system/web@.service").exists()
     state = container.systemctl("is-active", "web@0.service", "web.socket", check=False).stdout
@@ -88,12 +84,12 @@ def test_drop_ins_survive_reinstall_and_hand_edits_are_refused(
     container: Container, tmp_path: Path
 ) -> None:
     out = generate(tmp_path, "--workers", "1", "--listen", "8001")
-    assert ck(container, "install", "web", "--from", push(container, out)).returncode == 0
+    ck(container, "install", "web", "--from", push(container, out))
     container.write_file(
         "/etc/systemd/system/web@.service.d/override.conf", "[Service]\nEnvironment=MARK=kept\n"
     )
     out = generate(tmp_path, "--workers", "2", "--listen", "8001")  # a changed cluster
-    r = ck(container, "install", "web", "--from", push(container, out), "--now")
+    r = ck(container, "install", "web", "--from", push(container, out), "--now", check=False)
     assert r.returncode == 0, r.stderr
     env = container.systemctl("show", "-p", "Environment", "web@1.service").stdout
     assert "MARK=kept" in env
@@ -101,14 +97,12 @@ def test_drop_ins_survive_reinstall_and_hand_edits_are_refused(
 
     installed = Path(f"/proc/{container.pid}/root/etc/systemd/system/web.target")
     installed.write_text(installed.read_text() + "# my note\n")
-    r = ck(container, "install", "web", "--from", push(container, out))
+    r = ck(container, "install", "web", "--from", push(container, out), check=False)
     assert r.returncode == 1 and "edited by hand" in r.stderr
     assert installed.read_text().endswith("# my note\n")
-    assert (
-        ck(container, "install", "web", "--from", push(container, out), "--force").returncode == 0
-    )
+    ck(container, "install", "web", "--from", push(container, out), "--force")
 
-    assert ck(container, "uninstall", "web").returncode == 0
+    ck(container, "uninstall", "web")
     dropin = Path(f"/proc/{container.pid}/root/etc/systemd/system/web@.service.d/override.conf")
     assert dropin.read_text() == "[Service]\nEnvironment=MARK=kept\n"
 
@@ -118,7 +112,7 @@ def test_auto_workers_follow_the_cpus_of_the_running_host(
     container: Container, tmp_path: Path, scheduling: str
 ) -> None:
     out = generate(tmp_path, "--workers", "auto", "--listen", "8002", "--scheduling", scheduling)
-    r = ck(container, "install", "web", "--from", push(container, out), "--now")
+    r = ck(container, "install", "web", "--from", push(container, out), "--now", check=False)
     assert r.returncode == 0, r.stderr
     generator = Path(f"/proc/{container.pid}/root/etc/systemd/system-generators/clusterkit-web")
     assert generator.exists()
@@ -131,17 +125,17 @@ def test_auto_workers_follow_the_cpus_of_the_running_host(
         "list-units", "--plain", "--no-legend", "--state=active", "web@*.service"
     ).stdout
     assert len(active.strip().splitlines()) == cpus
-    assert ck(container, "uninstall", "web").returncode == 0
+    ck(container, "uninstall", "web")
     assert not generator.exists()
 
 
 def test_a_fixed_count_after_auto_removes_the_generator(container: Container, tmp_path: Path):
     out = generate(tmp_path, "--workers", "auto", "--listen", "8003")
-    assert ck(container, "install", "web", "--from", push(container, out)).returncode == 0
+    ck(container, "install", "web", "--from", push(container, out))
     generator = Path(f"/proc/{container.pid}/root/etc/systemd/system-generators/clusterkit-web")
     assert generator.exists()
     out = generate(tmp_path, "--workers", "1", "--listen", "8003")
-    r = ck(container, "install", "web", "--from", push(container, out))
+    r = ck(container, "install", "web", "--from", push(container, out), check=False)
     assert r.returncode == 0, r.stderr
     assert not generator.exists()
     wants = container.systemctl("show", "-p", "Wants", "--value", "web.target").stdout.split()
@@ -150,11 +144,11 @@ def test_a_fixed_count_after_auto_removes_the_generator(container: Container, tm
 
 def test_uninstall_does_not_follow_a_symlinked_wants_dir(container: Container, tmp_path: Path):
     out = generate(tmp_path, "--workers", "1", "--listen", "8004")
-    assert ck(container, "install", "web", "--from", push(container, out)).returncode == 0
+    ck(container, "install", "web", "--from", push(container, out))
     container.write_file("/srv/elsewhere/web@0.service", "not a link: keep me\n")
     container.run("ln", "-s", "/srv/x", "/srv/elsewhere/web@1.service", check=True)
     container.run("ln", "-s", "/srv/elsewhere", "/etc/systemd/system/web.target.wants", check=True)
-    r = ck(container, "uninstall", "web")
+    r = ck(container, "uninstall", "web", check=False)
     assert r.returncode == 0, r.stderr
     elsewhere = Path(f"/proc/{container.pid}/root/srv/elsewhere")
     assert (elsewhere / "web@0.service").read_text() == "not a link: keep me\n"
@@ -165,10 +159,10 @@ def test_env_file_secrets_reach_the_worker_and_not_the_unit(container: Container
     out = generate(tmp_path, "--workers", "1", "--listen", "8005", "--env-file", "/etc/web.env")
     source = push(container, out)
     container.write_file("/etc/web.env", "TOKEN=s3cret\n", 0o644)
-    r = ck(container, "install", "web", "--from", source)
+    r = ck(container, "install", "web", "--from", source, check=False)
     assert r.returncode == 2 and "0644" in r.stderr, r.stderr
     container.write_file("/etc/web.env", "TOKEN=s3cret\n", 0o600)
-    r = ck(container, "install", "web", "--from", source, "--now")
+    r = ck(container, "install", "web", "--from", source, "--now", check=False)
     assert r.returncode == 0, r.stderr
     wait_for("worker 0", lambda: container.http_get(8005)[0] == 200)
     pid = container.systemctl("show", "-p", "MainPID", "--value", "web@0.service").stdout.strip()

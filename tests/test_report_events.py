@@ -12,15 +12,14 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+from typing import Any
 
-from scenario import wait_for
+from scenario import PORT, ck, deploy, has_journal_open, inner_pid, wait_for
 
 from clusterkit.container import CONTAINER_PATH, Container
 
 PY = sys.executable  # the checkout's venv, bound at the same path inside
-PORT = 3000
 ARGS = ["a b", "100%", "$HOME", "x%iy", "50% $PATH %%"]
 
 # Uses only cluster.is_worker, cluster.worker.listen(3000), .ready() and .id.
@@ -68,34 +67,11 @@ while not stop:
 """
 
 
-def ck(c: Container, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``clusterkit ARGS`` inside the container."""
-    r = c.run(PY, "-m", "clusterkit.cli", *args)
-    if check:
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-    return r
-
-
-def deploy(
-    c: Container,
-    tmp_path: Path,
-    name: str = "t",
-    workers: int = 2,
-    scheduling: str = "shared",
-    extra: tuple[str, ...] = (),
-) -> None:
-    """Render units for WORKER (argv with %, $ and spaces), install, start, wait for READY."""
+def deploy_worker(c: Container, tmp_path: Path, *options: str, **kw: Any) -> None:
+    """scenario.deploy of WORKER, with argv words holding %, $ and spaces (cluster "t")."""
     c.write_file("/srv/ck-worker.py", WORKER)
-    out = tmp_path / "units"
     exec_line = " ".join([PY, "/srv/ck-worker.py", *(f"'{a}'" for a in ARGS)])
-    flags = ["--name", name, "--exec", exec_line, "--workers", str(workers)]
-    flags += ["--scheduling", scheduling, "--output", str(out), *extra]
-    # cwd=tmp_path: no pyproject.toml there to merge settings from
-    subprocess.run([PY, "-m", "clusterkit.cli", "generate", *flags], check=True, cwd=tmp_path)
-    c.install_units(sorted(out.iterdir()))
-    c.systemctl("start", f"{name}.target")
-    for i in range(workers):
-        wait_for(f"{name}@{i} active", lambda i=i: is_active(c, f"{name}@{i}.service"))
+    deploy(c, tmp_path, *options, name="t", exec_line=exec_line, port=PORT, **kw)
 
 
 def is_active(c: Container, unit: str) -> bool:
@@ -117,9 +93,13 @@ def main_pid(c: Container, unit: str) -> int:
     return int(c.systemctl("show", "-p", "MainPID", "--value", unit).stdout)
 
 
-def test_issue_check_kill_exit_codes_events_and_status(container: Container, tmp_path: Path):
+def test_kills_crashes_and_clean_exits_reach_events_and_status(
+    container: Container, tmp_path: Path
+):
+    """SIGKILL, exit 3 and exit 0 come back as Node's exit(worker, code, signal), in
+    ``clusterkit events`` and ``clusterkit status``."""
     c = container
-    deploy(c, tmp_path)
+    deploy_worker(c, tmp_path)
 
     # both workers answer on the port, with argv intact; PID 1 holds the socket
     seen: dict[int, dict[str, object]] = {}
@@ -183,7 +163,7 @@ def test_exit_events_come_only_from_records_no_worker_can_write(
     container: Container, tmp_path: Path
 ):
     c = container
-    deploy(c, tmp_path, workers=1)
+    deploy_worker(c, tmp_path, workers=1)
     invocation = c.systemctl("show", "-p", "InvocationID", "--value", "t@0.service").stdout.strip()
     # an outsider forges PID 1's "run ended" and "stopping" records for the live run
     c.run("systemd-run", "--wait", "-q", "-p", "DynamicUser=yes", PY, "-c", FORGED, invocation)
@@ -200,7 +180,7 @@ def test_late_reader_replays_history_without_loss_or_duplicates(
     container: Container, tmp_path: Path
 ):
     c = container
-    deploy(c, tmp_path)
+    deploy_worker(c, tmp_path)
     # an early follower, started before the events below
     follower = subprocess.Popen(
         ["nsenter", "--all", "-t", str(c.pid), "env", "-i", f"PATH={CONTAINER_PATH}"]
@@ -212,7 +192,7 @@ def test_late_reader_replays_history_without_loss_or_duplicates(
     reader = threading.Thread(target=lambda: lines.extend(map(json.loads, follower.stdout)))
     reader.start()
     try:
-        time.sleep(0.5)  # let it reach the end of the journal (not an assertion)
+        wait_for("the follower to read the journal", lambda: has_journal_open(inner_pid(follower)))
         for sig, unit in (("KILL", "t@1.service"), ("USR2", "t@0.service")):
             wait_for(f"{unit} active", lambda u=unit: is_active(c, u))
             c.systemctl("kill", "-s", sig, unit)
@@ -272,7 +252,7 @@ print(json.dumps({"events": out, "old_pid": old_pid, "cursor": cursor}))
 
 def test_primary_disconnect_fork_and_handlers(container: Container, tmp_path: Path):
     c = container
-    deploy(c, tmp_path)
+    deploy_worker(c, tmp_path)
     since = c.run("date", "+%s.%N", check=True).stdout.strip()
     c.write_file("/srv/primary.py", PRIMARY)
     r = c.run(PY, "/srv/primary.py", since, timeout=60)
@@ -293,7 +273,7 @@ def test_primary_disconnect_fork_and_handlers(container: Container, tmp_path: Pa
 
 def test_reload_replaces_every_worker_with_no_failed_request(container: Container, tmp_path: Path):
     c = container
-    deploy(c, tmp_path)
+    deploy_worker(c, tmp_path)
     before = {
         w["id"]: w["invocation_id"] for w in json.loads(ck(c, "status", "t", "--json").stdout)
     }
@@ -331,7 +311,7 @@ def test_reload_replaces_every_worker_with_no_failed_request(container: Containe
 
 def test_reuseport_scale_stops_the_sockets_too(container: Container, tmp_path: Path):
     c = container
-    deploy(c, tmp_path, scheduling="reuseport")
+    deploy_worker(c, tmp_path, scheduling="reuseport")
     ck(c, "scale", "t", "1")
     assert not is_active(c, "t@1.service") and not is_active(c, "t@1.socket")
     for _ in range(20):  # nothing hashed to a socket without a worker
@@ -354,20 +334,8 @@ def test_cli_bad_input_and_missing_cluster(container: Container):
 
 def test_watchdog_kill_is_reported(container: Container, tmp_path: Path):
     """WORKER never sends WATCHDOG=1: systemd kills it (SIGABRT), the reporter says so."""
-    deploy(container, tmp_path, workers=1, extra=("--watchdog-sec", "1"))
+    deploy_worker(container, tmp_path, "--watchdog-sec", "1", workers=1)
     found = wait_for("a watchdog exit", lambda: exits(container))
     e = found[0]
     assert (e["worker"], e["code"], e["signal"]) == (0, None, "SIGABRT")
     assert e["service_result"] == "watchdog" and e["exited_after_disconnect"] is False
-
-
-def test_light_imports():
-    """A worker importing cluster never loads the primary, Jinja2 or the journal reader."""
-    code = (
-        "import sys; from clusterkit import cluster; assert cluster.is_worker; "
-        "print(sorted(m for m in sys.modules if m.startswith(('clusterkit.', 'jinja2'))))"
-    )
-    env = {"CLUSTERKIT_WORKER_ID": "0", "CLUSTERKIT_NAME": "t", "PATH": "/usr/bin"}
-    r = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, check=True)
-    for module in ("clusterkit.primary", "clusterkit.events", "jinja2"):
-        assert module not in r.stdout

@@ -65,7 +65,7 @@ def new_pid(cl: Cluster, k: int, old: int, timeout: float = 30) -> int:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_workers_auto_one_per_cpu_port_held_by_pid1(
+def test_workers_auto_one_per_cpu_port_held_by_pid1(
     container: Container, tmp_path: Path, mode: str
 ) -> None:
     """a: --workers auto runs one worker per CPU; PID 1 holds the port; every worker answers."""
@@ -84,7 +84,7 @@ def test_a_workers_auto_one_per_cpu_port_held_by_pid1(
 # -- b ------------------------------------------------------------------------------------
 
 
-def test_b_seed_program_primary_forks_serves_and_sees_a_death(
+def test_seed_program_primary_forks_serves_and_sees_a_death(
     container: Container, tmp_path: Path
 ) -> None:
     """b: examples/hello's primary forks the workers, they serve, its exit handler sees a death."""
@@ -129,7 +129,7 @@ def test_b_seed_program_primary_forks_serves_and_sees_a_death(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_c_sigkill_under_load_loses_only_in_flight_requests(
+def test_sigkill_under_load_loses_only_in_flight_requests(
     container: Container, tmp_path: Path, mode: str
 ) -> None:
     """c: SIGKILL under load: only in-flight requests fail; the exit event is seen twice."""
@@ -185,7 +185,9 @@ def test_c_sigkill_under_load_loses_only_in_flight_requests(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_d_exit_codes_and_disconnect(container: Container, tmp_path: Path, mode: str) -> None:
+def test_exit_codes_and_disconnect_are_reported(
+    container: Container, tmp_path: Path, mode: str
+) -> None:
     c = container
     cl = deploy(c, tmp_path, scheduling=mode)
     since = time.time()
@@ -227,7 +229,7 @@ def test_d_exit_codes_and_disconnect(container: Container, tmp_path: Path, mode:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_e_all_workers_stopped_socket_activation_serves(
+def test_all_workers_stopped_socket_activation_serves(
     container: Container, tmp_path: Path, mode: str
 ) -> None:
     """e: with every worker stopped, traffic starts one by socket activation; none refused."""
@@ -259,7 +261,7 @@ def test_e_all_workers_stopped_socket_activation_serves(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_f_reload_under_load_replaces_every_worker(
+def test_reload_under_load_replaces_every_worker(
     container: Container, tmp_path: Path, mode: str
 ) -> None:
     """f: clusterkit reload under load replaces every worker with no failed request."""
@@ -284,9 +286,7 @@ def test_f_reload_under_load_replaces_every_worker(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_g_port_80_with_dynamic_user_workers(
-    container: Container, tmp_path: Path, mode: str
-) -> None:
+def test_port_80_with_dynamic_user_workers(container: Container, tmp_path: Path, mode: str) -> None:
     """g: port 80 with DynamicUser= workers: they run unprivileged and serve."""
     c = container
     cl = deploy(c, tmp_path, scheduling=mode, port=80)
@@ -304,7 +304,7 @@ def test_g_port_80_with_dynamic_user_workers(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_h_hung_worker_killed_by_watchdog_and_restarted(
+def test_hung_worker_killed_by_watchdog_and_restarted(
     container: Container, tmp_path: Path, mode: str
 ) -> None:
     """h: a worker whose loop hangs is killed by the watchdog (SIGABRT) and restarted."""
@@ -331,7 +331,7 @@ def test_h_hung_worker_killed_by_watchdog_and_restarted(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_i_crash_looping_worker_others_serve_port_stays_open(
+def test_crash_looping_worker_others_serve_port_stays_open(
     container: Container, tmp_path: Path, mode: str
 ) -> None:
     """i: one worker crash-loops under load: the others serve, the port never closes.
@@ -394,7 +394,7 @@ STOCK = {
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("server", sorted(STOCK))
-def test_j_stock_servers_unmodified(
+def test_stock_servers_serve_unmodified(
     container: Container, tmp_path: Path, server: str, mode: str
 ) -> None:
     """j: stock uvicorn (--fd 3) and gunicorn (LISTEN_FDS) serve under clusterkit units."""
@@ -417,7 +417,7 @@ def test_j_stock_servers_unmodified(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_k_default_hardened_units_run_the_example(
+def test_default_hardened_units_run_the_example(
     container: Container, tmp_path: Path, mode: str
 ) -> None:
     """k: the default hardened units run the example; systemd-analyze security passes."""

@@ -1,7 +1,7 @@
 """Each serving path (asyncio, ASGI/uvicorn, WSGI/waitress) as a real worker.
 
 Sockets come from systemd-socket-activate, or, where the socket must outlive a
-worker as it does under PID 1, from the test itself (see test_worker.py).
+worker as it does under PID 1, from the test itself (see localworker.py).
 """
 
 from __future__ import annotations
@@ -9,24 +9,18 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 
 import pytest
-import test_worker
-from test_worker import (
+from localworker import (
     PYTHON,
-    _ignore,
+    ignore_errors,
     needs_activate,
     request,
     start_activated,
     unit_env,
     with_socket_as_fd3,
 )
-
-# the fixtures this module shares with test_worker.py
-procs = test_worker.procs
-app_script = test_worker.app_script
-notify_socket = test_worker.notify_socket
+from scenario import holds_for, wait_for
 
 MODES = ["asyncio", "asgi", "wsgi"]
 
@@ -61,7 +55,7 @@ def test_path_drains_in_flight_requests(mode, procs, app_script, notify_socket):
     threads = [threading.Thread(target=slow) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    wait_for("3 requests in their handler", lambda: notify_socket.count("STATUS=slow") == 3)
     p.terminate()
     for t in threads:
         t.join(10)
@@ -76,17 +70,19 @@ def test_path_stops_watchdog_pings_when_hung(mode, procs, app_script, notify_soc
     p, port = start_activated(
         procs, app_script, mode, notify_socket, WATCHDOG_USEC="400000", CK_THREADS="1"
     )
-    time.sleep(1.0)
-    assert len(notify_socket.times("WATCHDOG=1")) >= 3
+    wait_for("3 watchdog pings", lambda: len(notify_socket.times("WATCHDOG=1")) >= 3)
     for _ in range(2):
         threading.Thread(
-            target=_ignore, args=(request, port, "/hang"), kwargs={"timeout": 4}, daemon=True
+            target=ignore_errors, args=(request, port, "/hang"), kwargs={"timeout": 4}, daemon=True
         ).start()
-        time.sleep(0.1)
-    time.sleep(0.5)
-    before = len(notify_socket.times("WATCHDOG=1"))
-    time.sleep(1.2)
-    assert len(notify_socket.times("WATCHDOG=1")) == before
+        notify_socket.wait_for("STATUS=hang")  # the second one waits behind the first
+    # a healthy worker pings every 0.2 s: 0.6 s without one means the pings stopped
+    before = notify_socket.wait_for_quiet("WATCHDOG=1", quiet=0.6)
+    holds_for(
+        "no more pings while hung",
+        lambda: len(notify_socket.times("WATCHDOG=1")) == before,
+        1.2,
+    )
 
 
 @needs_activate
@@ -144,10 +140,7 @@ def test_rolling_sigterm_under_load_loses_nothing(mode, procs, app_script, notif
         p = with_socket_as_fd3(listener, argv, env=env)  # as PID 1 passes it
         procs.append(p)
         workers.append(p)
-    deadline = time.monotonic() + 15
-    while notify_socket.assignments().count("READY=1") < 2:
-        assert time.monotonic() < deadline, notify_socket.assignments()
-        time.sleep(0.05)
+    wait_for("both workers READY=1", lambda: notify_socket.count("READY=1") == 2, timeout=15)
 
     failures: list[object] = []
     ok = [0]
@@ -170,11 +163,11 @@ def test_rolling_sigterm_under_load_loses_nothing(mode, procs, app_script, notif
     for t in threads:
         t.start()
     try:
-        time.sleep(0.7)
+        wait_for("requests served by both", lambda: ok[0] > 20)
         workers[0].terminate()
         assert workers[0].wait() == 0
         served_before = ok[0]
-        time.sleep(0.5)  # the survivor goes on serving
+        wait_for("the survivor to go on serving", lambda: ok[0] > served_before + 20)
     finally:
         stop.set()
         for t in threads:

@@ -7,6 +7,7 @@ tests/test_argv_roundtrip.py asks systemd itself.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,40 @@ def test_unquoted_values_escape_percent() -> None:
     text = service(description="100% up", **{"working-directory": "/srv/100%"})
     assert "Description=100%% up worker %i\n" in text
     assert "WorkingDirectory=/srv/100%%\n" in text
+
+
+@pytest.mark.parametrize(
+    ("scheduling", "listen", "workers"),
+    [("shared", "/run/100%.sock", "2"), ("shared", "8080", "auto"), ("reuseport", "8080", "2")],
+)
+def test_every_unit_of_the_set_escapes_percent(scheduling: str, listen: str, workers: str) -> None:
+    # Each file and each template line that writes a value (the socket's, the
+    # target's and the service's Description=, ListenStream=, EnvironmentFile=):
+    # a lone "%" would be read as a specifier.
+    spec = build_spec(
+        {},
+        {
+            "name": "app",
+            "exec": f"{PYTHON} -c pass",
+            "description": "100% up",
+            "env-file": "/etc/ck/100%.env",
+            "listen": [listen],
+            "scheduling": scheduling,
+            "workers": workers,
+        },
+    )
+    units = {
+        k: v
+        for k, v in render.render(spec).items()
+        if k.endswith((".service", ".socket", ".target"))
+    }
+    assert len(units) == 3, sorted(units)
+    for name, text in units.items():
+        assert not re.search(r"100%(?!%)", text), (name, text)
+        assert "Description=100%% up " in text, (name, text)
+    assert "EnvironmentFile=/etc/ck/100%%.env\n" in units["app@.service"]
+    if listen.startswith("/"):
+        assert "ListenStream=/run/100%%.sock\n" in units["app.socket"]
 
 
 @pytest.mark.parametrize("field", ["description", "working-directory", "env"])

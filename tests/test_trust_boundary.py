@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from scenario import wait_for
+from scenario import ck, wait_for
 
 from clusterkit.container import Container
 
@@ -135,12 +135,8 @@ def _set_up_app(c: Container, preload: Path) -> None:
     c.run("chown", "-R", f"{APP_UID}:{APP_UID}", "/srv/app", check=True)
 
 
-def _ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
-    return c.run(PY, "-m", "clusterkit.cli", *args)
-
-
 def _exits(c: Container) -> list[tuple[int, int | None, str | None, bool]]:
-    lines = _ck(c, "events", "t", "--json").stdout.splitlines()
+    lines = ck(c, "events", "t", "--json", check=False).stdout.splitlines()
     return [
         (e["worker"], e["code"], e["signal"], e["exited_after_disconnect"])
         for e in map(json.loads, lines)
@@ -188,7 +184,7 @@ def test_planted_code_never_runs_as_root_and_exits_are_reported(
     c.systemctl("kill", "-s", "KILL", "t@0.service")
     wait_for("worker 0's exit", lambda: _exits(c) == [(0, None, "SIGKILL", False)])
     c.systemctl("stop", "t@1.service")
-    assert _ck(c, "fork", "t", "--env", "PYTHONPATH=/srv/app/pythonpath2").returncode == 0
+    ck(c, "fork", "t", "--env", "PYTHONPATH=/srv/app/pythonpath2")
     c.systemctl("kill", "-s", "KILL", "t@1.service")
     wait_for("three exits", lambda: len(_exits(c)) == 3)
     assert _exits(c) == [

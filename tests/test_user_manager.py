@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import scenario
 from scenario import wait_for
 
 from clusterkit.container import Container
@@ -32,8 +33,9 @@ def user_container(make_container: Callable[..., Container]) -> Container:
     return c
 
 
-def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
-    return c.run(*AS_ALICE, PY, "-m", "clusterkit.cli", *args, env=USER_ENV)
+def ck_as_alice(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
+    """``clusterkit ARGS`` as alice, in her session's environment (the caller checks the exit)."""
+    return scenario.ck(c, *args, check=False, prefix=AS_ALICE, env=USER_ENV)
 
 
 def test_user_units_install_serve_and_report_exits(user_container: Container, tmp_path: Path):
@@ -69,7 +71,7 @@ def test_user_units_install_serve_and_report_exits(user_container: Container, tm
     c.run("chown", "-R", f"{UID}:{UID}", f"{HOME}/units", check=True)
 
     # System units refuse --user; user units install into ~/.config/systemd/user.
-    r = ck(c, "install", "mine", "--from", f"{HOME}/units", "--user", "--now")
+    r = ck_as_alice(c, "install", "mine", "--from", f"{HOME}/units", "--user", "--now")
     assert r.returncode == 0, r.stdout + r.stderr
     installed = Path(f"/proc/{c.pid}/root{HOME}/.config/systemd/user/mine@.service")
     assert installed.exists()
@@ -81,14 +83,14 @@ def test_user_units_install_serve_and_report_exits(user_container: Container, tm
             return False
 
     wait_for("the user cluster to serve", serving)
-    status = json.loads(ck(c, "status", "mine", "--json", "--user").stdout)
+    status = json.loads(ck_as_alice(c, "status", "mine", "--json", "--user").stdout)
     assert sorted(w["id"] for w in status) == [0, 1]
     victim = next(w for w in status if w["id"] == 1)["pid"]
 
-    assert ck(c, "kill", "mine", "1", "--signal", "SIGKILL", "--user").returncode == 0
+    assert ck_as_alice(c, "kill", "mine", "1", "--signal", "SIGKILL", "--user").returncode == 0
 
     def exit_seen() -> bool:
-        lines = ck(c, "events", "mine", "--json", "--user").stdout.splitlines()
+        lines = ck_as_alice(c, "events", "mine", "--json", "--user").stdout.splitlines()
         return any(
             e["event"] == "exit"
             and e["worker"] == 1
@@ -103,10 +105,10 @@ def test_user_units_install_serve_and_report_exits(user_container: Container, tm
         "worker 1 back",
         lambda: any(
             w["id"] == 1 and w["pid"] not in (None, victim) and w["state"] == "listening"
-            for w in json.loads(ck(c, "status", "mine", "--json", "--user").stdout)
+            for w in json.loads(ck_as_alice(c, "status", "mine", "--json", "--user").stdout)
         ),
     )
-    assert ck(c, "uninstall", "mine", "--user").returncode == 0
+    assert ck_as_alice(c, "uninstall", "mine", "--user").returncode == 0
     assert not installed.exists()
 
 
@@ -134,7 +136,7 @@ def test_system_units_are_refused_by_a_user_manager(user_container: Container, t
     for f in out.iterdir():
         c.write_file(f"{HOME}/units/{f.name}", f.read_text())
     c.run("chown", "-R", f"{UID}:{UID}", f"{HOME}/units", check=True)
-    r = ck(c, "install", "sys", "--from", f"{HOME}/units", "--user")
+    r = ck_as_alice(c, "install", "sys", "--from", f"{HOME}/units", "--user")
     assert r.returncode == 2
     assert "--manager user" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
