@@ -90,7 +90,7 @@ class Spec:
     env: tuple[tuple[str, str], ...] = ()
     env_file: str | None = None  # EnvironmentFile= for secrets: root-owned, mode 0600
     restart: str = "always"
-    restart_sec: float = 1.0
+    restart_sec: float = 0.0
     stop_timeout_sec: float = 30.0
     watchdog_sec: float = 0.0  # 0: no watchdog
     cpu_affinity: bool = False
