@@ -214,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         "--latency [-H 'Connection: close'] http://127.0.0.1:3000/",
     )
     os.makedirs(a.out, exist_ok=True)
+    text = json.dumps({"meta": meta, "runs": runs}, indent=1, default=str)
+    checkout = os.path.dirname(ROOT)  # no absolute path of this machine: the checkout is `.`
+    text = text.replace(checkout + "/", "").replace(checkout, ".")
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "runs": runs}, f, indent=1, default=str)
+        f.write(text + "\n")
     report.write(a.out, meta, runs)
     log(f"wrote {os.path.join(a.out, 'RESULTS.md')}")
     return 0
