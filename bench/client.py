@@ -1,4 +1,5 @@
-"""The harness's own HTTP clients (plain sockets, threads): availability and per-worker counts.
+"""The harness's loads (threads on bench/http1.py, the HTTP client the tests use too):
+availability, latency of every request, and per-worker counts.
 
 Which worker served a connection is found without touching the servers: the client looks up the
 server side of its own TCP connection with sock_diag (NETLINK_SOCK_DIAG, exact 4-tuple lookup),
@@ -13,8 +14,6 @@ thread), so the same code reaches a server in a systemd-nspawn container with a 
 
 from __future__ import annotations
 
-import ctypes
-import os
 import socket
 import struct
 import threading
@@ -22,23 +21,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from bench import procfs
+from bench import http1, procfs
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def enter_netns(pid: int | None) -> None:
-    """Move the calling thread into the network namespace of pid (no-op for None)."""
-    if pid is None:
-        return
-    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns(net of {pid}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
+enter_netns = http1.join_netns
+run_in_netns = http1.run_in_netns
 
 
 # --- sock_diag: inode of the server side of a connection -------------------------------------
@@ -98,85 +84,12 @@ def owner_pid(inode: int, candidates: list[int]) -> int | None:
 # --- HTTP ----------------------------------------------------------------------------------
 
 
-class Failure(Exception):
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
-def _request_bytes(host: str, close: bool) -> bytes:
-    conn = "Connection: close\r\n" if close else ""
-    return f"GET / HTTP/1.1\r\nHost: {host}\r\n{conn}\r\n".encode()
-
-
-def read_response(sock: socket.socket, buf: bytearray) -> tuple[int, bool]:
-    """Read one response from sock (buf: bytes already read). Returns (status, server_closes)."""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise Failure("eof")
-        buf += chunk
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    try:
-        status = int(lines[0].split()[1])
-    except (IndexError, ValueError):
-        raise Failure("bad_response") from None
-    headers = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(b":")
-        headers[k.strip().lower()] = v.strip().lower()
-    closes = headers.get(b"connection") == b"close" or lines[0].startswith(b"HTTP/1.0")
-    body = bytearray(rest)
-    if b"content-length" in headers:
-        need = int(headers[b"content-length"])
-        while len(body) < need:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise Failure("eof")
-            body += chunk
-        del buf[:]
-        buf += body[need:]
-    elif headers.get(b"transfer-encoding") == b"chunked":
-        while not body.endswith(b"0\r\n\r\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise Failure("eof")
-            body += chunk
-        del buf[:]
-    else:  # delimited by close
-        while sock.recv(65536):
-            pass
-        closes = True
-        del buf[:]
-    return status, closes
-
-
-def _classify(exc: BaseException) -> str:
-    if isinstance(exc, Failure):
-        return exc.kind
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, ConnectionResetError | BrokenPipeError):
-        return "reset"
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return "timeout"
-    return type(exc).__name__
-
-
-class Conn:
-    """One client connection; knows which worker pid accepted it when attributed."""
+class Conn(http1.Conn):
+    """A :class:`bench.http1.Conn` that knows which worker pid accepted it once attributed."""
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.host, self.port = host, port
-        self.buf = bytearray()
-        self.requests = 0
+        super().__init__(host, port, timeout)
         self.pid: int | None = None
-
-    def close(self) -> None:
-        self.sock.close()
 
     def attribute(self, diag: SockDiag, workers: Callable[[], list[int]], timeout: float) -> None:
         """Find the worker that accepted this connection (call before completing a request)."""
@@ -191,29 +104,35 @@ class Conn:
                     return
             time.sleep(0.0005)
 
-    def request(
+    def get(
         self,
         close: bool,
         attribute: tuple[SockDiag, Callable[[], list[int]]] | None = None,
         attr_timeout: float = 2.0,
     ) -> tuple[int, bool]:
-        req = _request_bytes(self.host, close)
+        """One GET /: (status, server closes). With ``attribute``, the request's final CRLF is
+        sent only once the worker that accepted the connection is known."""
+        req = http1.request_bytes(self.host, "/", keepalive=not close)
         if attribute and self.pid is None:
-            self.sock.sendall(req[:-2])
+            self.send(req[:-2])
             self.attribute(*attribute, attr_timeout)
-            self.sock.sendall(req[-2:])
+            self.send(req[-2:])
         else:
-            self.sock.sendall(req)
+            self.send(req)
         reused = self.requests > 0
-        self.requests += 1
         try:
-            return read_response(self.sock, self.buf)
-        except (OSError, Failure) as e:
+            status, _, _, keeps = self.read_response()
+            return status, not keeps
+        except (OSError, EOFError, http1.BadResponse) as e:
             # on a reused keep-alive connection with no byte of response: either the server
             # closed the idle connection as we reused it, or the worker died with the request;
             # HTTP clients retry such a GET on a new connection
             e.reused_no_response = reused and not self.buf  # type: ignore[attr-defined]
             raise
+
+
+FAILURES = (OSError, EOFError, http1.BadResponse)
+_classify = http1.classify
 
 
 def attributed_request(
@@ -225,15 +144,19 @@ def attributed_request(
     except OSError as e:
         return None, _classify(e)
     try:
-        status, _ = c.request(close=True, attribute=(diag, workers), attr_timeout=timeout)
-        return c.pid, None if 200 <= status < 300 else "non2xx"
-    except (OSError, Failure) as e:
+        status, _ = c.get(close=True, attribute=(diag, workers), attr_timeout=timeout)
+        return c.pid, None if 200 <= status < 300 else http1.NON_2XX
+    except FAILURES as e:
         return c.pid, _classify(e)
     finally:
         c.close()
 
 
 # --- loads -----------------------------------------------------------------------------------
+
+
+#: a request that took longer than this (seconds) is counted as slow
+SLOW = 0.5
 
 
 class Load:
@@ -272,6 +195,8 @@ class Load:
         self.per_worker: Counter[int] = Counter()
         self.unattributed = 0
         self.reused_no_response = 0  # failures on a reused keep-alive connection, no byte back
+        self.max_latency = 0.0  # the slowest request, failed or not (seconds)
+        self.slow: Counter[str] = Counter()  # requests slower than SLOW, by outcome
         self.errors: list[BaseException] = []
         self.threads = [
             threading.Thread(target=self._run, args=(False,), daemon=True)
@@ -312,17 +237,18 @@ class Load:
                     break
                 kind = None
                 pid = None
+                sent = time.monotonic()
                 try:
                     if conn is None:
                         conn = Conn(self.host, self.port, self.timeout)
-                    status, closes = conn.request(close, attribute, self.timeout)
+                    status, closes = conn.get(close, attribute, self.timeout)
                     pid = conn.pid
                     if not 200 <= status < 300:
-                        kind = "non2xx"
+                        kind = http1.NON_2XX
                     if closes or close:
                         conn.close()
                         conn = None
-                except (OSError, Failure) as e:
+                except FAILURES as e:
                     kind = _classify(e)
                     if getattr(e, "reused_no_response", False):
                         with self.lock:
@@ -330,7 +256,11 @@ class Load:
                     if conn is not None:
                         conn.close()
                         conn = None
+                took = time.monotonic() - sent
                 with self.lock:
+                    self.max_latency = max(self.max_latency, took)
+                    if took > SLOW:
+                        self.slow[kind or http1.OK] += 1
                     if kind is None:
                         self.ok += 1
                         if self.workers is not None:
@@ -340,7 +270,7 @@ class Load:
                                 self.per_worker[pid] += 1
                     else:
                         self.failures[kind] += 1
-                if kind == "refused":
+                if kind == http1.REFUSED:
                     time.sleep(0.001)  # the port is closed: do not spin
             if conn is not None:
                 conn.close()
@@ -348,22 +278,3 @@ class Load:
                 diag.close()
         except BaseException as e:  # noqa: BLE001 - reported by stop()
             self.errors.append(e)
-
-
-def run_in_netns(netns_pid: int | None, fn: Callable[[], object]) -> object:
-    """Run fn in a fresh thread that joined netns_pid's network namespace; return its result."""
-    box: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            enter_netns(netns_pid)
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box.get("result")

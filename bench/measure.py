@@ -14,6 +14,8 @@ from bench.systems.base import NotSupported, System
 
 WRK_THREADS = 2
 WRK_CONNECTIONS = 64
+#: a `taskset -c CPUS` prefix for wrk, set by run.py where the machine has CPUs to spare
+PIN_LOAD: list[str] = []
 
 
 def wrk_argv(system: System, seconds: float, close: bool, connections: int = WRK_CONNECTIONS):
@@ -26,7 +28,7 @@ def wrk_argv(system: System, seconds: float, close: bool, connections: int = WRK
     ]
     if close:
         argv += ["-H", "Connection: close"]
-    return [*system.load_prefix(), *argv, f"http://{system.host}:{system.port}/"]
+    return [*system.load_prefix(), *PIN_LOAD, *argv, f"http://{system.host}:{system.port}/"]
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -166,6 +168,10 @@ def availability(system: System, action: Callable[[], object], settle: float = 1
         # (a client library would typically retry these GETs on a new connection)
         "reused_no_response": load.reused_no_response,
         "ok": load.ok,
+        # the slowest request during the whole load (the action included), and how many took
+        # longer than bench.client.SLOW, by outcome
+        "max_latency_ms": load.max_latency * 1000,
+        "slow": dict(load.slow),
         "action_s": action_s,
     }
 

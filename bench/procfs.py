@@ -51,6 +51,12 @@ def starttime(pid: int) -> int | None:
     return int(f[19]) if f else None
 
 
+def ppid(pid: int) -> int | None:
+    """Parent pid (field 4), as seen from here (host pids for a container's processes)."""
+    f = stat_fields(pid)
+    return int(f[1]) if f else None
+
+
 def alive(pid: int, start: int | None = None) -> bool:
     f = stat_fields(pid)
     if f is None or f[0] in ("Z", "X"):

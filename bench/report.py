@@ -10,7 +10,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench.client import SLOW
 from bench.systems import BASELINE
+
+SLOW_MS = SLOW * 1000
 
 
 def _get(*path: str) -> Callable[[dict], float | None]:
@@ -160,8 +163,8 @@ def table(fig: Figure, runs: dict[str, list[dict]]) -> list[str]:
     if fig.ratio:
         head += f" ratio to {BASELINE} |"
         sep += "---:|"
-    head += " runs |"
-    sep += "---|"
+    head += " spread (max-min)/median | runs |"
+    sep += "---:|---|"
     lines = [head, sep]
     for name, rs in runs.items():
         vals = [fig.get(r) for r in rs]
@@ -170,6 +173,9 @@ def table(fig: Figure, runs: dict[str, list[dict]]) -> list[str]:
         row = f"| {name} | {cell} |"
         if fig.ratio:
             row += f" {m / base:.2f}× |" if m is not None and base else " – |"
+        got = [v for v in vals if v is not None]
+        spread = (max(got) - min(got)) / abs(m) if len(got) > 1 and m else None
+        row += f" {spread:.0%} |" if spread is not None else " – |"
         row += " " + ", ".join(fig.fmt.format(v) if v is not None else "–" for v in vals) + " |"
         lines.append(row)
     return lines
@@ -199,10 +205,14 @@ def failure_details(key: str, runs: dict[str, list[dict]]) -> list[str]:
             if a.get("failed") is None:
                 continue
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(a.get("failures", {}).items()))
+            slow = ", ".join(f"{k} {v}" for k, v in sorted(a.get("slow", {}).items()))
+            worst = a.get("max_latency_ms")
             parts.append(
                 f"{a['ok']:,} ok, {kinds or 'no failures'}; "
                 f"of the failures {a.get('reused_no_response', 0)} on a reused keep-alive "
                 "connection with no byte of response; "
+                + (f"slowest request {worst:,.0f} ms; " if worst is not None else "")
+                + f"slower than {SLOW_MS:g} ms: {slow or 'none'}; "
                 f"action {a['action_s']:.2f}s"
             )
         if parts:
@@ -282,35 +292,79 @@ def machine_meta() -> dict:
     }
 
 
-#: Why clusterkit misses some targets of issue 5 (found with bench/systems/clusterkit.py on a
-#: 2-CPU machine shared with other jobs; re-check when clusterkit's drain or units change).
+#: How clusterkit is run: method only. Every figure in RESULTS.md comes from the run's own data.
 CLUSTERKIT_NOTES = [
-    "## clusterkit: how it is run and where it falls short",
+    "## clusterkit: how it is run",
     "",
     "- Each clusterkit start boots systemd in a systemd-nspawn container with a private network "
     "(boot time in the system's description, not in the start figure); wrk and the Python client "
     "join its network namespace, pids are host pids. Memory counts the workers and the "
     "container's PID 1 (systemd, the primary); journald, dbus-daemon and logind also run there "
     "and are listed apart under the memory table (on a server they run anyway).",
-    "- Rolling reload / restart of all workers: 0 failed requests. An earlier drain closed idle "
-    "keep-alive connections at once on SIGTERM, and a client sending its next request at that "
-    "moment got a reset or an EOF (4-7 failures per reload); the drain now gives an idle "
-    "connection `fresh_grace` (1 s) to send one more request, answered with `Connection: "
-    "close` (`clusterkit/httpserver.py`, covered by "
-    "`tests/test_serve.py::test_keepalive_connection_idle_at_sigterm_gets_one_more_request`).",
-    "- Fairness: the kernel spreads connections, not requests. With a new connection per "
-    "request both modes split about 50/50. With 8 long keep-alive connections, reuseport hashes "
-    "each connection's 4-tuple once, so the split is whatever the hash gives: 4/4 only about "
-    "27% of the time (C(8,4)/2^8), hence a busiest share of 58-69% in these runs (target 52%: "
-    "missed). The shared socket lets the idle worker accept first and came out even here, but "
-    "has given one worker most keep-alive connections in earlier runs (DESIGN.md). Node's "
-    "round-robin deals connections in turn. With many short-lived connections the skew "
-    "disappears; with a few long ones, prefer `--scheduling shared`.",
-    "- Respawn: the units' default `RestartSec=1s` (not tuned down here). After a SIGKILL: the "
-    "exit reporter (ExecStopPost, ~0.05 s), RestartSec, then Python start-up, imports and "
-    "READY=1 (~0.12-0.14 s). With `clusterkit generate --restart-sec 0.1` respawn measured "
-    "0.25-0.47 s instead of 1.26-1.34 s.",
+    "- The units are the defaults `clusterkit generate` writes: `RestartSec=0` and the "
+    "crash-loop back-off (no extra wait after an isolated crash). A respawn is: PID 1 notices "
+    "the exit, runs the two `ExecStopPost=` commands (exit reporter, back-off), starts the "
+    "worker, which imports Python and clusterkit and sends READY=1; gunicorn forks an "
+    "already-imported worker instead, which no systemd unit can do.",
+    "- Rows that change only the process model: `uvicorn`, `gunicorn-uvicorn` and "
+    "`clusterkit-asgi` serve the same ASGI app with uvicorn's httptools protocol and uvloop; "
+    "`gunicorn`, `clusterkit-gunicorn` (stock gunicorn, one sync worker per unit) and "
+    "`clusterkit-wsgi` (waitress) serve the same WSGI app. `clusterkit-shared`/`-reuseport` "
+    "run clusterkit's own `serve_asyncio`, the seed comparison with Node.",
+    "- `clusterkit-gunicorn`: the SIGKILL hits gunicorn's sync worker, and the gunicorn master "
+    "in the same unit (its MainPID) forks a new one; systemd restarts nothing, so its respawn "
+    "figure is gunicorn's, not the units'.",
+    "- Respawn is measured from the client: SIGKILL, then requests on new connections until "
+    "one is served by a new worker pid. `tests/test_respawn.py` measures it from PID 1's "
+    "journal records instead (exit -> start job -> serving -> READY=1).",
 ]
+
+
+def _ratio(runs: dict[str, list[dict]], fig_key: str, a: str, b: str) -> float | None:
+    fig = next(f for f in FIGURES if f.key == fig_key)
+    ma = median([fig.get(r) for r in runs.get(a, [])])
+    mb = median([fig.get(r) for r in runs.get(b, [])])
+    return ma / mb if ma is not None and mb else None
+
+
+def targets(runs: dict[str, list[dict]]) -> list[str]:
+    """Issue 9's targets, each checked against this run's medians."""
+    lines = ["## Targets (issue 9), checked on this run", ""]
+    lines += ["| target | this run | met |", "|---|---:|---|"]
+
+    def row(what: str, value: float | None, ok: bool | None, fmt: str = "{:.2f}×") -> None:
+        shown = fmt.format(value) if value is not None else "not measured"
+        verdict = "–" if ok is None else ("yes" if ok else "**no**")
+        lines.append(f"| {what} | {shown} | {verdict} |")
+
+    for mode in ("shared", "reuseport"):
+        name = f"clusterkit-{mode}"
+        if name not in runs:
+            continue
+        r = _ratio(runs, "ka_rps", name, BASELINE)
+        row(f"{name} (serve_asyncio) keep-alive ≥ 2.0× Node cluster", r, r and r >= 2.0)
+        r = _ratio(runs, "nc_rps", name, BASELINE)
+        row(f"{name} new connection ≥ 2.5× Node cluster", r, r and r >= 2.5)
+        r = _ratio(runs, "memory", name, BASELINE)
+        row(f"{name} memory ≤ 0.4× Node cluster", r, r is not None and r <= 0.4)
+    for kind in ("ka_rps", "nc_rps"):
+        r = _ratio(runs, kind, "clusterkit-asgi", "uvicorn")
+        label = "keep-alive" if kind == "ka_rps" else "new connection"
+        row(f"clusterkit-asgi ≥ 1.0× uvicorn --workers ({label})", r, r and r >= 1.0)
+    for name, rs in runs.items():
+        if not name.startswith("clusterkit"):
+            continue
+        for key, what in (("avail_reload", "rolling reload"), ("avail_restart", "restart-all")):
+            failed = [(r.get(key) or {}).get("failed") for r in rs]
+            worst = max((f for f in failed if f is not None), default=None)
+            row(f"{name}: 0 failed requests on {what} (worst run)", worst, worst == 0, "{:g}")
+    fig = next(f for f in FIGURES if f.key == "respawn")
+    for name in runs:
+        m = median([fig.get(r) for r in runs[name]])
+        # clusterkit-gunicorn: gunicorn's own master re-forks the killed worker, not systemd
+        if name.startswith("clusterkit") and name != "clusterkit-gunicorn" and m is not None:
+            row(f"{name}: respawn after SIGKILL ≤ 0.3 s", m, m <= 0.3, "{:.3f} s")
+    return lines
 
 
 def write(out: str, meta: dict, runs: dict[str, list[dict]]) -> None:
@@ -324,7 +378,10 @@ def write(out: str, meta: dict, runs: dict[str, list[dict]]) -> None:
         "",
         f"- date: {meta['date']}",
         f"- machine: {meta['cpu']}, {meta['cpus']} CPUs, {meta['memory']}, {meta['distro']}, "
-        f"Linux {meta['kernel']}; load average at the end {' '.join(meta['load_avg_at_end'])}",
+        f"Linux {meta['kernel']}; load average (1, 5, 15 min) before the run "
+        f"{' '.join(meta.get('load_avg_at_start', ['?']))}, at the end "
+        f"{' '.join(meta['load_avg_at_end'])}",
+        f"- CPU pinning: {meta.get('pinning', 'none')}",
         f"- versions: Python {meta['python']}, "
         + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
         + f", {meta['wrk_version']}",
@@ -335,6 +392,8 @@ def write(out: str, meta: dict, runs: dict[str, list[dict]]) -> None:
         "- see [README.md](README.md) for what each figure means and how it is measured.",
         "",
         "![ratios to Node cluster](results.png)",
+        "",
+        *targets(runs),
         "",
         "## Systems and exact commands",
         "",
@@ -370,8 +429,9 @@ def write(out: str, meta: dict, runs: dict[str, list[dict]]) -> None:
         "",
         "## Notes",
         "",
-        "- wrk runs on the same CPUs as the servers; with 2 CPUs it takes about one of them, so "
-        "absolute throughput and the N/1-worker scaling are bounded by the load generator too.",
+        "- Where wrk is not pinned apart (see CPU pinning above) it runs on the same CPUs as the "
+        "servers and takes a share of them, so absolute throughput and the N/1-worker scaling "
+        "are bounded by the load generator too.",
         "- gunicorn's default sync worker closes the connection after every response: its "
         "keep-alive figures are new-connection figures.",
         "- The seed's `cluster.js` only logs a worker's death: no respawn, no reload; its "
@@ -390,5 +450,9 @@ def write(out: str, meta: dict, runs: dict[str, list[dict]]) -> None:
     ]
     if errors:
         md += ["", "## Measurement errors", "", *errors]
+    text = "\n".join(md) + "\n"
+    # no absolute path of this machine: the checkout is `.`
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = text.replace(root + "/", "").replace(root, ".")
     with open(os.path.join(out, "RESULTS.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+        f.write(text)

@@ -159,6 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     if BASELINE not in names:
         names.insert(0, BASELINE)  # every figure is a ratio to it
 
+    load_at_start = open("/proc/loadavg").read().split()[:3]
+    cpus = os.cpu_count() or 1
+    if cpus >= a.workers + 2:  # wrk's 2 threads get CPUs of their own
+        spare = ",".join(str(c) for c in range(a.workers, cpus))
+        measure.PIN_LOAD[:] = ["taskset", "-c", spare]
+        pinning = (
+            f"wrk pinned to CPUs {spare} (`taskset`); the servers' {a.workers} workers are not "
+            "pinned, but have the other CPUs free of wrk only as far as the scheduler keeps them so"
+        )
+    else:
+        pinning = (
+            f"none: {cpus} CPUs for {a.workers} workers and wrk's {measure.WRK_THREADS} threads; "
+            "pinning wrk apart would take a CPU from the servers, so wrk and the servers share "
+            "every CPU"
+        )
+
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     runs: dict[str, list[dict]] = {n: [] for n in names}
@@ -191,12 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         duration=a.duration,
         fair_seconds=fair_seconds,
         workers=a.workers,
-        wrk=f"wrk -t{measure.WRK_THREADS} -c{measure.WRK_CONNECTIONS} -d{round(a.duration)}s "
+        load_avg_at_start=load_at_start,
+        pinning=pinning,
+        wrk=" ".join(measure.PIN_LOAD + ["wrk"])
+        + f" -t{measure.WRK_THREADS} -c{measure.WRK_CONNECTIONS} -d{round(a.duration)}s "
         "--latency [-H 'Connection: close'] http://127.0.0.1:3000/",
     )
     os.makedirs(a.out, exist_ok=True)
+    text = json.dumps({"meta": meta, "runs": runs}, indent=1, default=str)
+    checkout = os.path.dirname(ROOT)  # no absolute path of this machine: the checkout is `.`
+    text = text.replace(checkout + "/", "").replace(checkout, ".")
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "runs": runs}, f, indent=1, default=str)
+        f.write(text + "\n")
     report.write(a.out, meta, runs)
     log(f"wrote {os.path.join(a.out, 'RESULTS.md')}")
     return 0

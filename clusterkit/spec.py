@@ -90,7 +90,7 @@ class Spec:
     env: tuple[tuple[str, str], ...] = ()
     env_file: str | None = None  # EnvironmentFile= for secrets: root-owned, mode 0600
     restart: str = "always"
-    restart_sec: float = 1.0
+    restart_sec: float = 0.0  # at once; templates/service.j2 backs off a crash loop
     drain_timeout: float = 30.0  # a stopping worker finishes in-flight requests
     watchdog_sec: float = 0.0  # 0: no watchdog
     cpu_affinity: bool = False
@@ -251,7 +251,12 @@ def _options() -> tuple[Option, ...]:
             "restart", "restart", _choice(RESTART_POLICIES), "Restart= policy", metavar="POLICY"
         ),
         Option(
-            "restart-sec", "restart_sec", _seconds(minimum=0.0), "RestartSec=", metavar="SECONDS"
+            "restart-sec",
+            "restart_sec",
+            _seconds(minimum=0.0),
+            "RestartSec=: the pause before a worker restarts",
+            metavar="SECONDS",
+            default="0: at once; a crash loop backs off to 1, 2, then 4 s",
         ),
         Option(
             "drain-timeout",

@@ -19,10 +19,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +34,12 @@ from typing import TypeVar
 import pytest
 
 from clusterkit.container import Container
+
+try:
+    from bench import http1
+except ImportError:  # clusterkit installed from a wheel: the checkout's bench/ sits next to tests/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench import http1
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "tests" / "apps"
@@ -275,14 +279,18 @@ def has_journal_open(pid: int) -> bool:
 
 # -- load ---------------------------------------------------------------------------------
 
+# the HTTP client and its outcome names are the benchmark's (bench/http1.py): one implementation
 OK, REFUSED, RESET, TIMEOUT, NON_2XX, ERROR = (
-    "ok",
-    "refused",
-    "reset",
-    "timeout",
-    "non-2xx",
-    "error",
+    http1.OK,
+    http1.REFUSED,
+    http1.RESET,
+    http1.TIMEOUT,
+    http1.NON_2XX,
+    http1.ERROR,
 )
+join_netns = http1.join_netns
+_Conn = http1.Conn
+_classify = http1.classify
 
 
 @dataclass(frozen=True)
@@ -300,95 +308,6 @@ class Sample:
     @property
     def ok(self) -> bool:
         return self.outcome == OK
-
-
-_CLONE_NEWNET = 0x40000000
-
-
-def join_netns(pid: int) -> None:
-    """Move the calling *thread* into the network namespace of process ``pid``."""
-    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if hasattr(os, "setns"):  # Python 3.12+
-            os.setns(fd, _CLONE_NEWNET)
-        elif ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
-
-
-class _Conn:
-    """A minimal HTTP/1.1 client connection: exact outcomes, no retries, no pooling."""
-
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.buf = b""
-
-    def request(
-        self, host: str, path: str, keepalive: bool
-    ) -> tuple[int, dict[str, str], bytes, bool]:
-        """Send one GET, read the whole response: (status, headers, body, server keeps it open)."""
-        conn = "keep-alive" if keepalive else "close"
-        self.sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {conn}\r\n\r\n".encode()
-        )
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {
-            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
-        }
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            body = self._chunked()
-        elif "content-length" in headers:
-            length = int(headers["content-length"])
-            while len(self.buf) < length:
-                self._fill()
-            body, self.buf = self.buf[:length], self.buf[length:]
-        else:  # read to EOF
-            try:
-                while True:
-                    self._fill()
-            except EOFError:
-                body, self.buf = self.buf, b""
-            return status, headers, body, False
-        return status, headers, body, headers.get("connection", "").lower() != "close"
-
-    def _chunked(self) -> bytes:
-        """Read a chunked body (trailers ignored)."""
-        body = b""
-        while True:
-            while b"\r\n" not in self.buf:
-                self._fill()
-            size_line, _, self.buf = self.buf.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            while len(self.buf) < size + 2:
-                self._fill()
-            body, self.buf = body + self.buf[:size], self.buf[size + 2 :]
-            if size == 0:
-                return body
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("connection closed before the response was complete")
-        self.buf += data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _classify(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return REFUSED
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, EOFError)):
-        return RESET
-    if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError since 3.10
-        return TIMEOUT
-    return ERROR
 
 
 def _one(conn: _Conn, host: str, path: str, keepalive: bool, sent: float) -> tuple[Sample, bool]:

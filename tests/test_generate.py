@@ -254,7 +254,7 @@ def test_hand_edited_unit_is_not_overwritten(tmp_path: Path) -> None:
     assert generate(out, *args).returncode == 0
     service = out / "app@.service"
     assert unitfiles.state(service) == "clusterkit"
-    edited = service.read_text().replace("RestartSec=1s", "RestartSec=5s")
+    edited = service.read_text().replace("KillMode=mixed", "KillMode=control-group")
     service.write_text(edited)
     assert unitfiles.state(service) == "edited"
     r = generate(out, *args, "--workers", "3")
@@ -263,7 +263,7 @@ def test_hand_edited_unit_is_not_overwritten(tmp_path: Path) -> None:
     assert "app@2" not in (out / "app.target").read_text()  # nothing else written either
     r = generate(out, *args, "--workers", "3", "--force")
     assert r.returncode == 0
-    assert "RestartSec=1s" in service.read_text() and unitfiles.state(service) == "clusterkit"
+    assert "KillMode=mixed" in service.read_text() and unitfiles.state(service) == "clusterkit"
 
 
 def test_regenerating_is_idempotent_and_removes_stale_units(tmp_path: Path) -> None:

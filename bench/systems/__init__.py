@@ -11,7 +11,7 @@ from collections.abc import Callable
 from bench.systems.base import System
 from bench.systems.clusterkit import Clusterkit
 from bench.systems.nodejs import NodeCluster, Pm2
-from bench.systems.pythonweb import Gunicorn, Uvicorn
+from bench.systems.pythonweb import Gunicorn, GunicornUvicorn, Uvicorn
 
 BASELINE = "node-cluster-rr"
 
@@ -20,7 +20,13 @@ SYSTEMS: dict[str, Callable[[], System]] = {
     "node-cluster-none": lambda: NodeCluster("none"),
     "pm2": Pm2,
     "gunicorn": Gunicorn,
-    "uvicorn": Uvicorn,
     "clusterkit-shared": lambda: Clusterkit("shared"),
     "clusterkit-reuseport": lambda: Clusterkit("reuseport"),
+    # the server fixed, only the process model changes: ASGI (uvicorn, httptools) ...
+    "uvicorn": Uvicorn,
+    "gunicorn-uvicorn": GunicornUvicorn,
+    "clusterkit-asgi": lambda: Clusterkit("shared", kind="asgi"),
+    # ... and WSGI
+    "clusterkit-wsgi": lambda: Clusterkit("shared", kind="wsgi"),
+    "clusterkit-gunicorn": lambda: Clusterkit("shared", kind="gunicorn"),
 }

@@ -27,9 +27,29 @@ from pathlib import Path
 from bench import procfs
 from bench.systems.base import REGISTRY, WORK, System
 
-HELLO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python", "clusterkit_hello.py")
+APP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python")
+HELLO = os.path.join(APP_DIR, "clusterkit_hello.py")
 PY = sys.executable  # the checkout's venv, bound at the same path inside the container
 CLUSTERKIT = os.path.join(os.path.dirname(PY), "clusterkit")
+GUNICORN = os.path.join(os.path.dirname(PY), "gunicorn")
+#: what the workers run, by kind: (worker script or None, description)
+KINDS = {
+    "asyncio": (HELLO, "workers on `serve_asyncio` (uvloop + httptools)"),
+    "asgi": (
+        os.path.join(APP_DIR, "clusterkit_asgi.py"),
+        'workers on `serve_asgi` (uvicorn, `http="httptools"`, uvloop), the ASGI app '
+        "`uvicorn --workers N` serves",
+    ),
+    "wsgi": (
+        os.path.join(APP_DIR, "clusterkit_wsgi.py"),
+        "workers on `serve_wsgi` (waitress), the WSGI app `gunicorn -w N` serves",
+    ),
+    "gunicorn": (
+        None,
+        "each unit runs stock `gunicorn --workers 1 app:wsgi` (sync worker, `Type=notify`: "
+        "gunicorn sends READY=1), the app and server `gunicorn -w N` runs",
+    ),
+}
 UNIT_NAME = "hello"
 #: processes of the container that are not counted in memory but reported apart (by comm)
 NOT_COUNTED = ("systemd-journal", "dbus-daemon", "systemd-logind")
@@ -44,13 +64,16 @@ class Clusterkit(System):
     """
 
     def __init__(
-        self, scheduling: str, restart_sec: float | None = None, script: str = HELLO
+        self, scheduling: str, restart_sec: float | None = None, kind: str = "asyncio"
     ) -> None:
         super().__init__()
         self.scheduling = scheduling
         self.restart_sec = restart_sec
-        self.script = script  # the worker; another script only for experiments
-        self.name = f"clusterkit-{scheduling}"
+        self.kind = kind
+        self.script, self.serving = KINDS[kind]
+        self.name = f"clusterkit-{scheduling}" if kind == "asyncio" else f"clusterkit-{kind}"
+        if kind != "asyncio" and scheduling != "shared":
+            self.name += f"-{scheduling}"
         self.box = None  # clusterkit.container.Container, once booted
         self.boot_s: float | None = None
         self._cgroup_base: Path | None = None
@@ -60,13 +83,18 @@ class Clusterkit(System):
         boot = f"{self.boot_s:.2f} s" if self.boot_s is not None else "not measured"
         return (
             f"clusterkit `--scheduling {self.scheduling}` under systemd (systemd-nspawn, private "
-            "network; load generators join its network namespace), workers on `serve_asyncio` "
-            "(uvloop + httptools). Memory counts the workers + the container's PID 1 (systemd, "
+            f"network; load generators join its network namespace), {self.serving}. "
+            "Memory counts the workers + the container's PID 1 (systemd, "
             "the primary); journald, dbus-daemon and logind are reported apart. Container boot "
             f"(not part of the start time): {boot}"
         )
 
     # --- setup ---------------------------------------------------------------------------
+    def exec_line(self) -> str:
+        if self.script is None:  # stock gunicorn, one worker process per unit
+            return f"{GUNICORN} --workers 1 --chdir {APP_DIR} app:wsgi"
+        return f"{PY} {self.script}"
+
     def generate_argv(self, workers: int, out: str) -> list[str]:
         argv = [
             CLUSTERKIT,
@@ -74,7 +102,7 @@ class Clusterkit(System):
             "--name",
             UNIT_NAME,
             "--exec",
-            f"{PY} {self.script}",
+            self.exec_line(),
             "--workers",
             str(workers),
             "--listen",
@@ -154,10 +182,18 @@ class Clusterkit(System):
             return []
         out = []
         for k in range(self.workers):
-            for pid in self._unit_procs(k):
-                if procfs.cmdline(pid).endswith(self.script) and procfs.alive(pid):
+            procs = self._unit_procs(k)
+            for pid in procs:
+                if self._serves(pid, procs) and procfs.alive(pid):
                     out.append(pid)
         return out
+
+    def _serves(self, pid: int, procs: list[int]) -> bool:
+        """The worker script itself; for stock gunicorn, the arbiter's child (the sync worker
+        that accepts), not the arbiter (the unit's MainPID)."""
+        if self.script is not None:
+            return procfs.cmdline(pid).endswith(self.script)
+        return GUNICORN in procfs.cmdline(pid) and procfs.ppid(pid) in procs
 
     def _by_comm(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -227,8 +263,11 @@ class Clusterkit(System):
         self._cgroup_base = None
 
     def versions(self) -> dict[str, str]:
+        import gunicorn
         import httptools
+        import uvicorn
         import uvloop
+        import waitress
 
         import clusterkit
 
@@ -239,4 +278,9 @@ class Clusterkit(System):
             "python (clusterkit workers)": platform.python_version(),
             "uvloop": uvloop.__version__,
             "httptools": httptools.__version__,
+            **{
+                "asgi": {"uvicorn": uvicorn.__version__},
+                "wsgi": {"waitress": getattr(waitress, "__version__", "installed")},
+                "gunicorn": {"gunicorn": gunicorn.__version__},
+            }.get(self.kind, {}),
         }

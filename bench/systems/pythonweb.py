@@ -76,7 +76,7 @@ class Uvicorn(_Supervised):
 
     name = "uvicorn"
     single_process = True  # `uvicorn --workers 1` runs no supervisor
-    description = "uvicorn --workers N, ASGI hello world, uvloop + httptools"
+    description = "uvicorn --workers N --http httptools, ASGI hello world, uvloop"
 
     def argv(self, workers: int) -> list[str]:
         return [
@@ -89,6 +89,8 @@ class Uvicorn(_Supervised):
             str(self.port),
             "--app-dir",
             APP_DIR,
+            "--http",
+            "httptools",
             "--no-access-log",
             "--log-level",
             "warning",
@@ -105,3 +107,23 @@ class Uvicorn(_Supervised):
             "uvloop": uvloop.__version__,
             "httptools": httptools.__version__,
         }
+
+
+class GunicornUvicorn(Gunicorn):
+    """gunicorn's master with uvicorn's worker class (`uvicorn.workers.UvicornWorker`, loop and
+    http "auto": uvloop and httptools), the same ASGI app as `uvicorn` and `clusterkit-asgi`.
+    uvicorn 0.3x marks the module deprecated in favour of the `uvicorn-worker` package; it
+    still ships and works."""
+
+    name = "gunicorn-uvicorn"
+    description = "gunicorn -w N -k uvicorn.workers.UvicornWorker, ASGI hello world, httptools"
+
+    def argv(self, workers: int) -> list[str]:
+        argv = super().argv(workers)
+        return [*argv[:-1], "-k", "uvicorn.workers.UvicornWorker", "app:asgi"]
+
+    def versions(self) -> dict[str, str]:
+        import gunicorn
+        import uvicorn
+
+        return {"gunicorn": gunicorn.__version__, "uvicorn": uvicorn.__version__}

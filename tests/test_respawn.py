@@ -1,0 +1,165 @@
+"""Respawn (issue 9, item 2): fast after an isolated crash, paced in a crash loop.
+
+The units restart a worker at once (``RestartSec=0``) after an isolated crash,
+and a ``/bin/sh`` back-off in ``ExecStopPost=`` makes a worker that keeps failing
+wait 1 s, 2 s, then 4 s before each restart (``templates/service.j2``). These tests
+read systemd's own journal records about the worker (``_PID=1``) inside a real
+systemd 252 container. No assertion is about how fast anything was: they assert
+counts, ordering and the delays systemd and the back-off were configured with
+(a ``sleep 4`` between two starts is a lower bound, never a race), and print the
+measured respawn time.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from scenario import MODES, Cluster, deploy, load, wait_for
+
+from clusterkit.container import Container
+
+#: systemd's catalog ids: a unit starting, started (READY=1 for Type=notify), main process exited
+STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
+STARTED = "39f53479d3a045ac8e11786248231fbf"
+PROCESS_EXITED = "98e322203f7a4ed290d09fe03c09fe15"
+
+
+def pid1_records(cl: Cluster, k: int) -> list[dict[str, object]]:
+    """PID 1's journal records about worker ``k``, oldest first."""
+    return cl.c.journal(f"UNIT={cl.unit(k)}", "_PID=1")
+
+
+def when(record: dict[str, object]) -> float:
+    """The record's time in seconds (the sender's clock when it has one)."""
+    usec = record.get("_SOURCE_REALTIME_TIMESTAMP") or record["__REALTIME_TIMESTAMP"]
+    return int(str(usec)) / 1e6
+
+
+def of_kind(records: list[dict[str, object]], message_id: str) -> list[dict[str, object]]:
+    return [r for r in records if r.get("MESSAGE_ID") == message_id]
+
+
+def recorded_failures(cl: Cluster, k: int) -> int | None:
+    """How many failures of worker ``k`` the back-off counts now (None: no record at all)."""
+    r = cl.c.run("cat", f"/run/clusterkit/{cl.name}@{k}/failures")
+    return len(r.stdout.split()) if r.returncode == 0 else None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_isolated_sigkill_respawns_without_back_off(
+    container: Container, tmp_path: Path, mode: str
+) -> None:
+    """An isolated SIGKILL: restarted at once (RestartSec=0, no back-off), exactly once."""
+    c = container
+    cl = deploy(c, tmp_path, scheduling=mode)
+    show = cl.show(cl.unit(1), "RestartUSec", "StartLimitBurst", "StartLimitIntervalUSec")
+    assert show["RestartUSec"] == "0", show
+    if mode == "shared":  # never a start limit: it would fail the shared socket
+        assert show["StartLimitIntervalUSec"] == "0", show
+    else:
+        assert (show["StartLimitBurst"], show["StartLimitIntervalUSec"]) == ("5", "30s"), show
+
+    victim = cl.main_pid(1)
+    with load(cl, concurrency=2, timeout=10) as ld:
+        ld.wait_requests(50)
+        c.systemctl("kill", "-s", "KILL", cl.unit(1))
+        killed = ld.mark("kill")
+        wait_for(
+            "worker 1 back with a new pid",
+            lambda: cl.is_active(cl.unit(1)) and cl.main_pid(1) not in (0, victim),
+        )
+        ld.wait_requests(50, sent_after=ld.mark("back"))
+    report = ld.stop()
+    assert not report.failed(sent_after=killed + 5), report.summary()
+
+    assert recorded_failures(cl, 1) == 1  # one failure in 60 s: no extra wait
+    records = pid1_records(cl, 1)
+    exits = [r for r in of_kind(records, PROCESS_EXITED) if r.get("EXIT_CODE") == "killed"]
+    assert len(exits) == 1, exits
+    died = when(exits[0])
+    starts = [r for r in of_kind(records, STARTING) if when(r) >= died]
+    started = [r for r in of_kind(records, STARTED) if when(r) >= died]
+    serving = [
+        when(r)
+        for r in cl.c.journal(f"_SYSTEMD_UNIT={cl.unit(1)}")
+        if "serving on" in str(r.get("MESSAGE")) and when(r) >= died
+    ]
+    assert len(serving) == 1, serving
+    assert len(starts) == 1 and len(started) == 1, (starts, started)
+    assert when(starts[0]) <= when(started[0])
+    print(
+        f"[respawn/{mode}] SIGKILL -> start job +{when(starts[0]) - died:.3f}s, serving "
+        f"+{serving[0] - died:.3f}s, active (READY=1 and ExecStartPost done) "
+        f"+{when(started[0]) - died:.3f}s, from PID 1's 'Main process exited' record; "
+        f"{report.summary()}"
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_crash_loop_is_paced_and_never_closes_the_port(
+    container: Container, tmp_path: Path, mode: str
+) -> None:
+    """A worker that exits 1 at every start: few starts per minute, the others serve every request.
+
+    shared: the shared socket stays active throughout (no start limit) and every
+    request succeeds. reuseport: the looping worker's start limit (5 in 30 s) is
+    reached and its own socket leaves the SO_REUSEPORT group; the other socket
+    stays active, and every request sent after that succeeds.
+    """
+    c = container
+    cl = deploy(c, tmp_path, scheduling=mode)
+    window = 40.0  # seconds of crash loop to look at
+    socket_states: set[str] = set()
+
+    def watch() -> bool:
+        socket_states.add(cl.state(cl.socket_unit(0)))
+        if mode == "reuseport" and cl.state(cl.socket_unit(1)).startswith("failed"):
+            return True
+        return False
+
+    with load(cl, concurrency=4, timeout=5, max_seconds=window + 60) as ld:
+        ld.wait_requests(100)
+        c.write_file("/run/ck-crash/1", "")
+        c.systemctl("kill", "-s", "TERM", cl.unit(1))  # a clean exit; its restarts crash at start
+        looping = ld.mark("crash-loop")
+        if mode == "shared":
+            while time.monotonic() < looping + window:
+                watch()
+                time.sleep(0.5)
+        else:
+            wait_for("the looping worker's socket to close", watch, timeout=window + 20)
+        settled = ld.mark("settled")
+        ld.wait_requests(100, sent_after=settled)
+        assert cl.is_active(cl.unit(0)) and cl.is_active(cl.socket_unit(0))
+    report = ld.stop()
+
+    records = pid1_records(cl, 1)
+    # the load's clock is monotonic; the journal's is realtime: align on the first crash
+    crashes = [r for r in of_kind(records, PROCESS_EXITED) if r.get("EXIT_STATUS") == "1"]
+    assert len(crashes) >= 4, crashes
+    first = when(crashes[0])
+    starts = [when(r) for r in of_kind(records, STARTING) if when(r) >= first]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    in_window = [t for t in starts if t < first + window]
+    per_minute = len(in_window) * 60 / window
+    print(
+        f"[crash-loop/{mode}] {len(in_window)} starts in the first {window:.0f}s of the loop "
+        f"(~{per_minute:.0f}/min); gaps between starts: {[round(g, 2) for g in gaps]}; "
+        f"socket 0 states seen: {sorted(socket_states)}; {report.summary()}"
+    )
+    # 0, 0, 1, 2, then 4 s back-off: at most 5 + 40/4 starts in 40 s (without it: one per
+    # start-up, well over a hundred)
+    assert len(in_window) <= 15, gaps
+    # from the 5th failure on, every start waited the configured 4 s (a lower bound: sleep 4)
+    assert all(g >= 4 for g in gaps[4:]), gaps
+
+    assert report.workers(sent_after=looping)["0"] >= 100, report.summary()
+    assert not report.failed(sent_after=settled), report.summary()
+    # the socket never left the active state (listening, or running while a worker has it)
+    assert socket_states <= {"active/listening", "active/running"}, socket_states
+    if mode == "shared":  # the port never closed and nothing failed at all
+        assert not report.failed(), report.summary()
+    else:
+        assert cl.state(cl.unit(1)).startswith("failed"), cl.state(cl.unit(1))
