@@ -209,7 +209,7 @@ class EventReader:
         when: datetime,
         cursor: str,
     ) -> Event:
-        run = self._run(unit, invocation)
+        run = self._run(unit, invocation, when)
         succeeded = end.get("MESSAGE_ID") == report.UNIT_SUCCESS
         code, signal = report.exit_status(run.pid1_exit, run.unit_exit, succeeded)
         return Event(
@@ -226,33 +226,47 @@ class EventReader:
             service_result="success" if succeeded else _opt_str(end.get("UNIT_RESULT")),
         )
 
-    def _run(self, unit: str, invocation: str) -> _Run:
+    def _run(self, unit: str, invocation: str, ended: datetime) -> _Run:
         """What the journal holds about one run, besides its end."""
         m = self._manager
-        if self._details is None:
-            self._details = self._open()
-        r = self._details
-        r.flush_matches()
+        r = self._lookup()
         field_name, value = m.writer
         r.add_match(f"{m.invocation}={invocation}", f"{field_name}={value}")
         r.add_disjunction()
         r.add_match(f"_SYSTEMD_INVOCATION_ID={invocation}", f"PRIORITY={report.PRIORITY}")
         r.seek_head()
         run = _Run()
+        began: datetime | None = None
         for entry in r:
-            message = entry.get("MESSAGE")
             if self._by_manager(entry) and entry.get(m.unit) == unit:
+                began = began or _when(entry)
                 if entry.get("MESSAGE_ID") == STOPPING:
                     run.stop_requested = True
                 elif entry.get("MESSAGE_ID") == report.PROCESS_EXIT and (
                     entry.get("COMMAND") == "ExecStart"
                 ):
                     run.pid1_exit = (str(entry.get("EXIT_CODE")), str(entry.get("EXIT_STATUS")))
-            elif entry.get(m.sender_unit) == unit and isinstance(message, str):
-                # the unit's own lines (report.started_command/exited_command)
-                run.pid = report.parse_started(message) or run.pid
-                run.unit_exit = report.parse_exited(message) or run.unit_exit
+            elif entry.get(m.sender_unit) == unit:
+                run.add_unit_line(entry.get("MESSAGE"))
+        if run.pid is None and run.unit_exit is None and began is not None:
+            # journald may not know the run of a short-lived sender (user units
+            # especially): the unit's own lines written between the run's start and end.
+            r = self._lookup()
+            r.add_match(f"{m.sender_unit}={unit}", f"PRIORITY={report.PRIORITY}")
+            r.seek_realtime(began)
+            for entry in r:
+                when = _when(entry)
+                if when is None or when > ended:
+                    break
+                run.add_unit_line(entry.get("MESSAGE"))
         return run
+
+    def _lookup(self) -> journal.Reader:
+        """The second reader, for one run's records, with no matches yet."""
+        if self._details is None:
+            self._details = self._open()
+        self._details.flush_matches()
+        return self._details
 
     def follow(
         self, *, timeout: float | None = None, stop: Callable[[], bool] | None = None
@@ -280,6 +294,17 @@ class _Run:
     pid1_exit: tuple[str, str] | None = None  # PID 1's EXIT_CODE, EXIT_STATUS (unclean exits)
     unit_exit: tuple[str, str] | None = None  # the unit's own line
     stop_requested: bool = False
+
+    def add_unit_line(self, message: object) -> None:
+        """One of the unit's own lines (report.started_command/exited_command)."""
+        if isinstance(message, str):
+            self.pid = report.parse_started(message) or self.pid
+            self.unit_exit = report.parse_exited(message) or self.unit_exit
+
+
+def _when(entry: dict[str, object]) -> datetime | None:
+    when = entry.get("__REALTIME_TIMESTAMP")
+    return when if isinstance(when, datetime) else None
 
 
 def _opt_str(value: object) -> str | None:
