@@ -197,6 +197,8 @@ def _install_errors() -> Iterator[None]:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    import json
+
     from clusterkit import install
 
     manager = _manager(args)
@@ -207,14 +209,20 @@ def cmd_install(args: argparse.Namespace) -> int:
         raise CommandError(f"--from: no clusterkit units in {args.source}; run clusterkit generate")
     for name in names:
         with _install_errors():
-            files = install.install(args.source, name, manager, force=args.force, now=args.now)
-        print(f"installed {name}: {', '.join(files)} into {manager.unit_dir}")
+            done = install.install(args.source, name, manager, force=args.force, now=args.now)
+        changed = bool(done.written or done.removed)
+        if args.json:  # for automation (Ansible's "changed")
+            report = {"name": name, "changed": changed, **done.__dict__, "started": args.now}
+            print(json.dumps(report, default=list))
+            continue
+        files = [*done.written, *done.unchanged]
+        state = "installed" if changed else "unchanged"
+        print(f"{state} {name}: {', '.join(files)} in {manager.unit_dir}")
         if args.now:
             print(f"started {name}.target")
         else:
-            print(
-                f"start it with: systemctl{' --user' if manager.user else ''} start {name}.target"
-            )
+            user = " --user" if manager.user else ""
+            print(f"start it with: systemctl{user} start {name}.target")
     return 0
 
 
@@ -732,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory with generated units (default units/)",
     )
     p.add_argument("--now", action="store_true", help="also start NAME.target")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per cluster, with changed: true/false"
+    )
     p.add_argument("--force", action="store_true", help="overwrite installed files edited by hand")
     _add_manager_options(p)
     p.set_defaults(func=cmd_install)

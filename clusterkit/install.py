@@ -62,7 +62,7 @@ def clusters_in(directory: Path) -> list[str]:
 
 def install(
     source: Path, name: str, manager: Manager, *, force: bool = False, now: bool = False
-) -> list[str]:
+) -> unitfiles.WriteResult:
     """Install cluster ``name`` rendered afresh from its manifest in ``source``; enable it.
 
     Nothing in ``source`` is copied: the manifest is validated again and the
@@ -84,14 +84,18 @@ def install(
     generator = files.pop(f"{GENERATOR_PREFIX}{name}", None)
     stale = tuple(set(cluster_files(manager.unit_dir, name)) - set(files))
     done = unitfiles.write_all(manager.unit_dir, files, force=force, stale=stale)
-    _install_generator(manager, name, generator, force=force)
+    generated = _install_generator(manager, name, generator, force=force)
     _systemctl(manager, "daemon-reload")
     shared_socket = names.socket(name, names.SHARED)
     enable = [names.target(name)] + ([shared_socket] if shared_socket in files else [])
     _systemctl(manager, "enable", *enable)
     if now:
         _systemctl(manager, "start", names.target(name))
-    return [*done.written, *done.unchanged]
+    return unitfiles.WriteResult(
+        done.written + generated.written,
+        done.unchanged + generated.unchanged,
+        done.removed + generated.removed,
+    )
 
 
 def load_spec(source: Path, name: str) -> Spec:
@@ -159,14 +163,16 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _install_generator(manager: Manager, name: str, generator: str | None, *, force: bool) -> None:
+def _install_generator(
+    manager: Manager, name: str, generator: str | None, *, force: bool
+) -> unitfiles.WriteResult:
     """Install the generator of an "auto" cluster, or remove the one a fixed count replaces."""
     generator_name = f"{GENERATOR_PREFIX}{name}"
     if manager.generator_dir is None:
         _wants_per_cpu(manager.unit_dir, name, count=None if generator is None else _cpus())
-        return
+        return unitfiles.WriteResult((), (), ())
     new = {} if generator is None else {generator_name: generator}
-    unitfiles.write_all(
+    return unitfiles.write_all(
         manager.generator_dir,
         new,
         force=force,

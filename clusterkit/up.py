@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clusterkit import manifest, names, render
-from clusterkit.manager import Manager, ManagerError, register_up, unregister_up
+from clusterkit.manager import Manager, ManagerError, register_up, unregister_up, up_manager
 from clusterkit.spec import Listen, Spec
 
 START_TIMEOUT = 60.0
@@ -85,6 +85,29 @@ def app_binds(spec: Spec) -> list[str]:
             continue
         binds.append(str(directory))
     return binds
+
+
+HOST_UNIT_DIR = Path("/etc/systemd/system")
+
+
+def host_dropins(name: str) -> dict[str, str]:
+    """The operator's drop-ins for this cluster's units on the host (root's only).
+
+    Under `up`, `systemctl edit` has no systemd to talk to; a drop-in written
+    by hand where it would go on a server (``/etc/systemd/system/NAME@.service.d/``)
+    is copied into the container, so it works as on a real host.
+    """
+    from clusterkit import trust
+
+    found: dict[str, str] = {}
+    for unit in names.files(name):
+        directory = HOST_UNIT_DIR / f"{unit}.d"
+        if not directory.is_dir() or (trust.as_root() and trust.why_untrusted(directory)):
+            continue
+        for conf in sorted(directory.glob("*.conf")):
+            if not trust.as_root() or trust.why_untrusted(conf) is None:
+                found[f"{unit}.d/{conf.name}"] = conf.read_text(encoding="utf-8")
+    return found
 
 
 def _invisible_program(spec: Spec, binds: list[str]) -> str | None:
@@ -156,6 +179,12 @@ def up(spec: Spec, say: Say = print, binds: tuple[str, ...] = ()) -> int:
     spec, notes = loopback_only(spec)
     for note in notes:
         say(note)
+    if up_manager(spec.name) is not None:
+        say(
+            f"clusterkit up: a cluster named {spec.name} already runs under up in another "
+            "shell; stop it (Ctrl-C there) or choose another --name"
+        )
+        return 1
     busy = _unusable_address(spec)
     if busy:
         say(f"clusterkit up: --listen {busy}; free it, or choose another with --listen")
@@ -194,6 +223,11 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say, extra: tuple[str, 
             box.write_file(
                 f"/run/systemd/system-generators/{generator.name}", generator.read_text(), 0o755
             )
+        dropins = host_dropins(spec.name)
+        for path, text in dropins.items():
+            box.write_file(f"/run/systemd/system/{path}", text)
+        if dropins:
+            say(f"      with {len(dropins)} drop-in(s) from {HOST_UNIT_DIR}: {', '.join(dropins)}")
         box.install_units([f for f in files if f not in generators])
         manager = Manager(container_pid=box.pid)
         register_up(spec.name, box.pid)  # other shells find the cluster by its name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,11 @@ def test_install_enable_start_and_uninstall(container: Container, tmp_path: Path
         ),
     )
     assert container.http_get(8000)[0] == 200
+    # Installing the same set again changes nothing, and says so (for Ansible's "changed").
+    again = ck(container, "install", "web", "--from", push(container, out), "--json", check=False)
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["changed"] is False and report["written"] == [] and report["unchanged"]
 
     r = ck(container, "uninstall", "web", check=False)
     assert r.returncode == 0, r.stderr

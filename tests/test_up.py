@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from clusterkit.container import _child_named
+from clusterkit.manager import up_manager
 
 
 def free_port() -> int:
@@ -54,10 +55,20 @@ def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
         pytest.skip("systemd is PID 1 here: up would install into the host")
     port = free_port()
     before = nspawn_machines()
+    # An operator's drop-in, where it would go on a server: up applies it too.
+    dropin_dir = Path("/etc/systemd/system/hello@.service.d")
+    made_dir = not dropin_dir.exists()
+    dropin_dir.mkdir(parents=True, exist_ok=True)
+    dropin = dropin_dir / "50-up-test.conf"
+    dropin.write_text("[Service]\nEnvironment=CK_FROM_DROPIN=seen\n")
     proc, lines = start_up("--listen", str(port))
     try:
         output = "".join(lines)
         assert "[4/4] serving" in output, output
+        assert "drop-in(s) from /etc/systemd/system: hello@.service.d/50-up-test.conf" in output
+        running = up_manager("hello")
+        assert running is not None
+        assert "CK_FROM_DROPIN=seen" in running.systemctl("cat", "hello@0.service")
         ready = re.findall(r"worker (\d+) \(pid \d+\) is ready", output)
         assert sorted(map(int, ready)) == list(range(len(os.sched_getaffinity(0))))
         bodies = set()
@@ -77,6 +88,9 @@ def test_up_serves_the_example_from_every_cpu_and_stops_on_ctrl_c() -> None:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
     finally:
+        dropin.unlink()
+        if made_dir:
+            dropin_dir.rmdir()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
