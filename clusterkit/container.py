@@ -380,6 +380,12 @@ class Container:
             f"# The checkout lives under a temporary directory; see clusterkit/container.py\n"
             f"[Service]\nBindReadOnlyPaths=-{root}\n",
         )
+        # ... except where a private mount namespace breaks the service: the runtime
+        # directory user-runtime-dir@ mounts must be seen by everyone.
+        self.write_file(
+            "/run/systemd/system/user-runtime-dir@.service.d/50-clusterkit-checkout.conf",
+            "[Service]\nBindReadOnlyPaths=\n",
+        )
         self.systemctl("daemon-reload")
 
     def _check_alive(self) -> None:

@@ -89,8 +89,8 @@ def install(
     shared_socket = names.socket(name, names.SHARED)
     enable = [names.target(name)] + ([shared_socket] if shared_socket in files else [])
     _systemctl(manager, "enable", *enable)
-    if now:
-        _systemctl(manager, "start", names.target(name))
+    if now:  # not waiting for the workers: one that crash-loops would block for ever
+        _systemctl(manager, "start", "--no-block", names.target(name))
     return unitfiles.WriteResult(
         done.written + generated.written,
         done.unchanged + generated.unchanged,

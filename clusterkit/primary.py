@@ -515,14 +515,19 @@ wait = run
 
 
 def start(*, settings: Settings | None = None) -> None:
-    """Open the cluster's sockets and start its workers (``NAME.target``)."""
+    """Open the cluster's sockets, then start its workers (``NAME.target``) without waiting.
+
+    The shared socket is started and waited for, so a taken port fails here;
+    the workers are not: a target waits for every worker it wants, and a worker
+    that crash-loops would keep ``systemctl start`` waiting for ever (``status``
+    says how they do).
+    """
     s = settings or _current()
-    units = [names.target(s.name)]
-    if scheduling(s) == names.SHARED:
-        units.insert(0, names.socket(s.name, names.SHARED))
     # A worker or socket left failed (a start limit in reuseport mode) must start again.
     systemctl("reset-failed", f"{s.name}@*.service", f"{s.name}@*.socket", settings=s, check=False)
-    systemctl("start", *units, settings=s)
+    if scheduling(s) == names.SHARED:
+        systemctl("start", names.socket(s.name, names.SHARED), settings=s)
+    systemctl("start", "--no-block", names.target(s.name), settings=s)
 
 
 def stop(*, settings: Settings | None = None, timeout: float | None = None) -> None:

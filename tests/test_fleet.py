@@ -267,7 +267,7 @@ def test_fleet_table_and_haproxy_config(tmp_path: Path) -> None:
         ("a", "198.18.0.11"),
         ("b", "198.18.0.12"),
     ]
-    assert fleet.port == 8000 and fleet.backend == "web" and fleet.package == "clusterkit"
+    assert fleet.port == 8000 and fleet.backend == "web" and fleet.package == "clusterkit-systemd"
     text = haproxy_config(fleet, "*:80", "/run/haproxy/admin.sock")
     assert "option httpchk GET /healthz" in text
     assert "server a 198.18.0.11:8000 check inter 1s fall 2 rise 2 observe layer7" in text

@@ -119,7 +119,7 @@ def test_crash_loop_is_paced_and_never_closes_the_port(
             return True
         return False
 
-    with load(cl, concurrency=4, timeout=5, max_seconds=window + 60) as ld:
+    with load(cl, concurrency=4, timeout=5, max_seconds=window + 60, max_requests=1_000_000) as ld:
         ld.wait_requests(100)
         c.write_file("/run/ck-crash/1", "")
         c.systemctl("kill", "-s", "TERM", cl.unit(1))  # a clean exit; its restarts crash at start
