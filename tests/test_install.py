@@ -127,10 +127,14 @@ def test_auto_workers_follow_the_cpus_of_the_running_host(
     assert sorted(w for w in wants if w.startswith("web@")) == sorted(
         f"web@{i}.service" for i in range(cpus)
     )
-    active = container.systemctl(
-        "list-units", "--plain", "--no-legend", "--state=active", "web@*.service"
-    ).stdout
-    assert len(active.strip().splitlines()) == cpus
+
+    def active() -> int:  # install --now starts them without waiting
+        listed = container.systemctl(
+            "list-units", "--plain", "--no-legend", "--state=active", "web@*.service"
+        ).stdout
+        return len(listed.strip().splitlines())
+
+    wait_for(f"{cpus} active workers", lambda: active() == cpus)
     ck(container, "uninstall", "web")
     assert not generator.exists()
 

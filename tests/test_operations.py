@@ -241,8 +241,9 @@ def test_run_serves_an_app_only_once_it_is_imported(container: Container, tmp_pa
         capture_output=True,
     )
     c.install_units(sorted(out.iterdir()))
-    assert ck(c, "start", "t").returncode == 0  # returns once both are READY
-    assert active(c, "t@0.service") and active(c, "t@1.service")
+    assert ck(c, "start", "t").returncode == 0
+    for i in (0, 1):  # active = READY=1, which clusterkit.run sends after the import
+        wait_for(f"t@{i} active", lambda i=i: active(c, f"t@{i}.service"))
     assert c.http_get(3000, timeout=5)[0] == 200  # ready means imported: no wait here
     r = ck(c, "reload", "t")
     assert r.returncode == 0 and "reloaded 2 workers" in r.stdout
