@@ -380,12 +380,13 @@ class Container:
             f"# The checkout lives under a temporary directory; see clusterkit/container.py\n"
             f"[Service]\nBindReadOnlyPaths=-{root}\n",
         )
-        # ... except where a private mount namespace breaks the service: the runtime
-        # directory user-runtime-dir@ mounts must be seen by everyone.
-        self.write_file(
-            "/run/systemd/system/user-runtime-dir@.service.d/50-clusterkit-checkout.conf",
-            "[Service]\nBindReadOnlyPaths=\n",
-        )
+        # ... except for the user managers, which have no private /tmp and break in a
+        # mount namespace of their own (user-runtime-dir@ mounts /run/user/UID for all).
+        for unit in ("user-runtime-dir@.service", "user@.service"):
+            self.write_file(
+                f"/run/systemd/system/{unit}.d/50-clusterkit-checkout.conf",
+                "[Service]\nBindReadOnlyPaths=\n",
+            )
         self.systemctl("daemon-reload")
 
     def _check_alive(self) -> None:
