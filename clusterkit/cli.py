@@ -395,17 +395,24 @@ def _last_log_lines(settings, worker: int, invocation: str | None) -> list[str]:
         return []  # the journal is not readable here
 
 
+def _since(args: argparse.Namespace):
+    """``--since`` as a datetime (None when not given); exit 2 for anything else."""
+    from clusterkit import events
+
+    if not args.since:
+        return None
+    try:
+        return events.parse_since(args.since)
+    except ValueError as e:
+        raise CommandError(f"--since: {e}", USAGE_ERROR) from None
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     import json
 
     from clusterkit import events
 
-    since = None
-    if args.since:
-        try:
-            since = events.parse_since(args.since)
-        except ValueError as e:
-            raise CommandError(f"--since: {e}", USAGE_ERROR) from None
+    since = _since(args)
     if args.directory:  # journal files collected from elsewhere: no local cluster needed
         from clusterkit import primary
 
@@ -552,14 +559,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     import json
 
-    from clusterkit import events, logs
+    from clusterkit import logs
 
-    since = None
-    if args.since:
-        try:
-            since = events.parse_since(args.since)
-        except ValueError as e:
-            raise CommandError(f"--since: {e}", USAGE_ERROR) from None
+    since = _since(args)
     settings = _settings(args)
     reader = logs.LogReader(
         settings.name,
