@@ -237,6 +237,10 @@ def serve_asgi(
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            # uvicorn has loaded the app (and its own middleware) by now; the
+            # protocols and the lifespan read config.loaded_app after this point.
+            self._ck_closing = _CloseWhenDraining(self.config.loaded_app)
+            self.config.loaded_app = self._ck_closing
             await super().startup(sockets=sockets)
             if self.started:
                 wd = Watchdog()
@@ -248,12 +252,17 @@ def serve_asgi(
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             w.stopping("draining")
             # uvicorn closes a connection with no request in progress at once, which
-            # resets one accepted just before SIGTERM whose request is on its way:
-            # stop accepting, then give such connections fresh_grace to send it.
+            # resets a keep-alive client whose next request is on its way (and one
+            # accepted just before SIGTERM). Stop accepting; for fresh_grace, answer
+            # every request with "Connection: close", so clients leave on their own
+            # and reconnect to another worker; then let uvicorn close what is left.
             for server in self.servers:
                 server.close()
-            if self.server_state.connections:
-                await asyncio.sleep(min(fresh_grace, drain_timeout))
+            self._ck_closing.draining = True
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(fresh_grace, drain_timeout)
+            while self.server_state.connections and loop.time() < deadline:
+                await asyncio.sleep(0.02)
             await super().shutdown(sockets=sockets)
             pinger = getattr(self, "_ck_pinger", None)
             if pinger:
@@ -263,6 +272,30 @@ def serve_asgi(
         signal.signal(sig, lambda signum, frame: None)
     Server(config).run(sockets=[sock])
     log.info("worker %d stopped", w.id)
+
+
+class _CloseWhenDraining:
+    """ASGI middleware: once ``draining`` is set, every HTTP response says
+    ``Connection: close`` (uvicorn's protocols then close after it), so a keep-alive
+    client learns to reconnect instead of reusing a connection about to close."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.draining = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_closing(message: Any) -> None:
+            if self.draining and message["type"] == "http.response.start":
+                headers = [
+                    (k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"
+                ]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        return await self.app(scope, receive, send_closing)
 
 
 # -- WSGI (waitress) --------------------------------------------------------------

@@ -88,8 +88,9 @@ elif mode == "asgi":
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": body})
+    http = {"http": os.environ["CK_HTTP"]} if os.environ.get("CK_HTTP") else {}
     serve_asgi(app, address, drain_timeout=float(os.environ.get("CK_DRAIN", "10")),
-               log_level="warning")
+               log_level="warning", **http)
 elif mode == "wsgi":
     from clusterkit.serve import serve_wsgi
     def app(environ, start_response):

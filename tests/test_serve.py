@@ -124,16 +124,31 @@ def test_asyncio_keepalive_and_connection_close(fast, procs, app_script, notify_
         conn.close()
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_rolling_sigterm_under_load_loses_nothing(mode, procs, app_script, notify_socket):
+def _mode(mode: str) -> tuple[str, dict[str, str]]:
+    """The app script's mode and environment: "asgi-httptools" is serve_asgi on
+    uvicorn's httptools protocol instead of h11."""
+    if mode == "asgi-httptools":
+        return "asgi", {"CK_HTTP": "httptools"}
+    return mode, {}
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["new-connections", "keep-alive"])
+@pytest.mark.parametrize("mode", [*MODES, "asgi-httptools"])
+def test_rolling_sigterm_under_load_loses_nothing(
+    mode, keepalive, procs, app_script, notify_socket
+):
     """Shared mode as PID 1 runs it: the test holds the socket (O_NONBLOCK, as with
-    NonBlocking=yes), two workers accept on it, one gets SIGTERM under load."""
+    NonBlocking=yes), two workers accept on it, one gets SIGTERM under load. With
+    keep-alive, each client reuses its connection until the server says close."""
+    import http.client
+
+    mode, extra = _mode(mode)
     listener = socket.create_server(("127.0.0.1", 0), backlog=socket.SOMAXCONN)
     listener.setblocking(False)
     port = listener.getsockname()[1]
     workers = []
     for worker_id in (0, 1):
-        env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="http", CK_SLOW="0.05")
+        env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="http", CK_SLOW="0.05", **extra)
         env.update(unit_env(notify_socket, worker_id=worker_id))
         env.pop("WATCHDOG_USEC", None)
         argv = [PYTHON, str(app_script), mode, str(port)]
@@ -148,16 +163,27 @@ def test_rolling_sigterm_under_load_loses_nothing(mode, procs, app_script, notif
 
     def client() -> None:
         n = 0
+        # http.client reopens a connection the server closed with "Connection: close";
+        # a reused connection reset under a request is a failure.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         while not stop.is_set() and n < 2000:
             n += 1
+            path = "/slow" if n % 3 == 0 else "/"
             try:
-                status, _, body = request(port, "/slow" if n % 3 == 0 else "/")
+                if keepalive:
+                    conn.request("GET", path)
+                    resp = conn.getresponse()
+                    status, _ = resp.status, resp.read()
+                else:
+                    status, _, _ = request(port, path)
                 if status == 200:
                     ok[0] += 1
                 else:
                     failures.append(status)
             except Exception as e:  # noqa: BLE001
                 failures.append(repr(e))
+                conn.close()
+        conn.close()
 
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
@@ -179,7 +205,7 @@ def test_rolling_sigterm_under_load_loses_nothing(mode, procs, app_script, notif
 
 
 @needs_activate
-@pytest.mark.parametrize("mode", ["asyncio", "wsgi"])
+@pytest.mark.parametrize("mode", [*MODES, "asgi-httptools"])
 def test_keepalive_connection_idle_at_sigterm_gets_one_more_request(
     mode, procs, app_script, notify_socket
 ):
@@ -187,7 +213,8 @@ def test_keepalive_connection_idle_at_sigterm_gets_one_more_request(
     # the idle connection at once would reset its next request.
     import http.client
 
-    p, port = start_activated(procs, app_script, mode, notify_socket)
+    mode, extra = _mode(mode)
+    p, port = start_activated(procs, app_script, mode, notify_socket, **extra)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request("GET", "/")
