@@ -247,6 +247,17 @@ def test_keep_alive_get(server):
     assert still_serves(r)
 
 
+def test_one_date_header_in_imf_fixdate(server):
+    from email.utils import format_datetime, parsedate_to_datetime
+
+    _, resps, _ = exchange(server, get("/"))
+    dates = [v for k, v in resps[0][1] if k == "date"]
+    assert len(dates) == 1
+    sent = parsedate_to_datetime(dates[0])
+    assert format_datetime(sent, usegmt=True) == dates[0]  # the exact RFC 9110 form
+    assert abs(sent.timestamp() - time.time()) < 60
+
+
 def test_http10_and_connection_close_are_closed(server):
     for data in (
         b"GET / HTTP/1.0\r\n\r\n",
