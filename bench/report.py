@@ -303,9 +303,9 @@ CLUSTERKIT_NOTES = [
     "and are listed apart under the memory table (on a server they run anyway).",
     "- The units are the defaults `clusterkit generate` writes: `RestartSec=0` and the "
     "crash-loop back-off (no extra wait after an isolated crash). A respawn is: PID 1 notices "
-    "the exit, runs the two `ExecStopPost=` commands (exit reporter, back-off), starts the "
-    "worker, which imports Python and clusterkit and sends READY=1; gunicorn forks an "
-    "already-imported worker instead, which no systemd unit can do.",
+    "the exit, runs the one `ExecStopPost=` shell (exit line, back-off) in a fresh sandbox, "
+    "starts the worker in another, which imports Python and clusterkit and accepts; gunicorn "
+    "forks an already-imported worker instead, which no systemd unit can do.",
     "- Rows that change only the process model: `uvicorn`, `gunicorn-uvicorn` and "
     "`clusterkit-asgi` serve the same ASGI app with uvicorn's httptools protocol and uvloop; "
     "`gunicorn`, `clusterkit-gunicorn` (stock gunicorn, one sync worker per unit) and "

@@ -296,7 +296,7 @@ class _Run:
     stop_requested: bool = False
 
     def add_unit_line(self, message: object) -> None:
-        """One of the unit's own lines (report.started_command/exited_command)."""
+        """One of the unit's own lines (report.started_command/exited_shell_command)."""
         if isinstance(message, str):
             self.pid = report.parse_started(message) or self.pid
             self.unit_exit = report.parse_exited(message) or self.unit_exit

@@ -81,7 +81,8 @@ def render(spec: Spec) -> dict[str, str]:
         "fd_name": FD_NAME,
         "description": spec.description or f"clusterkit cluster {spec.name}",
         "report_started": _expanding_command(report.started_command()),
-        "report_exited": _expanding_command(report.exited_command()),
+        # inside the ExecStopPost= shell: systemd must leave its $VARs to the shell
+        "report_exited": report.exited_shell_command().replace("$", "$$"),
     }
     return {
         name: _tidy(env.get_template(template).render(context))
