@@ -141,7 +141,9 @@ AVAIL_KEEPALIVE_THREADS = 4
 AVAIL_CLOSE_THREADS = 4
 
 
-def availability(system: System, action: Callable[[], object], settle: float = 1.0) -> dict:
+def availability(
+    system: System, action: Callable[[], object], settle: float = 1.0, max_seconds: float = 10.0
+) -> dict:
     """Run the client load (4 keep-alive + 4 new-connection threads), do `action` after `settle`
     seconds, keep the load `settle` seconds after the action returned, count failures."""
     load = Load(
@@ -150,7 +152,7 @@ def availability(system: System, action: Callable[[], object], settle: float = 1
         keepalive_threads=AVAIL_KEEPALIVE_THREADS,
         close_threads=AVAIL_CLOSE_THREADS,
         netns_pid=system.netns_pid,
-        max_seconds=10.0,
+        max_seconds=max_seconds,
     ).start()
     try:
         time.sleep(settle)
@@ -183,6 +185,39 @@ def avail_kill(system: System) -> dict:
             system.wait_workers({killed})
 
     return availability(system, act)
+
+
+CRASH_LOOP_SECONDS = 30.0
+
+
+def crash_loop(system: System, seconds: float = CRASH_LOOP_SECONDS) -> dict:
+    """Worker 0 fails at every start for `seconds`, under the availability load: when systemd
+    started it (PID 1's records), the state of its socket at the end, and the requests that
+    failed meanwhile (the other workers serve). Systems without start_crash_loop: not measured."""
+    if not hasattr(system, "start_crash_loop"):
+        return {"failed": None, "note": "not measured"}
+    record: dict = {}
+
+    def act() -> None:
+        t0 = system.start_crash_loop()
+        time.sleep(seconds)
+        record.update(system.crash_loop_record(t0))
+
+    try:
+        out = availability(system, act, max_seconds=seconds + 5)
+    finally:
+        system.end_crash_loop()
+    starts = record.get("starts_s", [])
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    return {
+        **out,
+        **record,
+        "seconds": seconds,
+        "starts": len(starts),
+        "starts_per_min": len(starts) * 60 / seconds,
+        # the pace the back-off settles at: the median of the last three gaps between starts
+        "last_gap_s": statistics.median(gaps[-3:]) if gaps else None,
+    }
 
 
 def avail_reload(system: System) -> dict:

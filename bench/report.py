@@ -42,6 +42,7 @@ class Figure:
     better: str  # "higher" / "lower"
     ratio: bool = True
     fmt: str = "{:,.0f}"
+    only_measured: bool = False  # rows only for the systems it was measured on
 
 
 FIGURES = [
@@ -134,6 +135,34 @@ FIGURES = [
         fmt="{:.1f}",
     ),
     Figure(
+        "crash_starts",
+        "Crash loop: worker 0 fails at every start for 30 s, under load: its starts",
+        "starts",
+        _get("crash_loop", "starts"),
+        "lower",
+        ratio=False,
+        only_measured=True,
+    ),
+    Figure(
+        "crash_gap",
+        "Crash loop: the gap between its last starts (the back-off's pace)",
+        "s",
+        _get("crash_loop", "last_gap_s"),
+        "higher",
+        ratio=False,
+        fmt="{:.2f}",
+        only_measured=True,
+    ),
+    Figure(
+        "crash_failed",
+        "Crash loop: failed requests meanwhile (the other workers serve)",
+        "failed",
+        _get("crash_loop", "failed"),
+        "lower",
+        ratio=False,
+        only_measured=True,
+    ),
+    Figure(
         "one_rps",
         "Scaling: keep-alive throughput with 1 worker",
         "req/s",
@@ -168,6 +197,8 @@ def table(fig: Figure, runs: dict[str, list[dict]]) -> list[str]:
     lines = [head, sep]
     for name, rs in runs.items():
         vals = [fig.get(r) for r in rs]
+        if fig.only_measured and all(v is None for v in vals):
+            continue
         m = median(vals)
         cell = fig.fmt.format(m) if m is not None else _na(fig, rs)
         row = f"| {name} | {cell} |"
@@ -214,6 +245,25 @@ def failure_details(key: str, runs: dict[str, list[dict]]) -> list[str]:
                 + (f"slowest request {worst:,.0f} ms; " if worst is not None else "")
                 + f"slower than {SLOW_MS:g} ms: {slow or 'none'}; "
                 f"action {a['action_s']:.2f}s"
+            )
+        if parts:
+            lines.append(f"- {name}: " + " | ".join(parts))
+    return lines
+
+
+def crash_loop_details(runs: dict[str, list[dict]]) -> list[str]:
+    """Per run: when PID 1 started the failing worker, and the state it and its socket ended in."""
+    lines = []
+    for name, rs in runs.items():
+        parts = []
+        for r in rs:
+            c = r.get("crash_loop") or {}
+            if "starts_s" not in c:
+                continue
+            at = ", ".join(f"{t:.1f}" for t in c["starts_s"])
+            parts.append(
+                f"started at {at} s after the SIGTERM; at {c['seconds']:g} s the worker was "
+                f"{c['worker_state']}, its socket {c['socket_state']}"
             )
         if parts:
             lines.append(f"- {name}: " + " | ".join(parts))
@@ -358,6 +408,36 @@ def targets(runs: dict[str, list[dict]]) -> list[str]:
             failed = [(r.get(key) or {}).get("failed") for r in rs]
             worst = max((f for f in failed if f is not None), default=None)
             row(f"{name}: 0 failed requests on {what} (worst run)", worst, worst == 0, "{:g}")
+    for name in runs:
+        loops = [r["crash_loop"] for r in runs[name] if "starts_s" in r.get("crash_loop", {})]
+        if not loops:
+            continue
+        gap = median([c["last_gap_s"] for c in loops])
+        if name.endswith("-reuseport"):
+            # the start limit (5 in 30 s) takes the instance and its socket out of the group
+            out = sum(c["socket_state"] == "failed" for c in loops)
+            row(
+                f"{name}: crash loop: the instance's socket leaves the group within 30 s (runs)",
+                out,
+                out == len(loops),
+                f"{{:g}}/{len(loops)}",
+            )
+            continue
+        row(
+            f"{name}: crash loop paced: gap between its last starts ≥ 3 s",
+            gap,
+            gap is not None and gap >= 3,
+            "{:.2f} s",
+        )
+        up = sum(c["socket_state"] == "active" for c in loops)
+        row(
+            f"{name}: crash loop: the socket stays active (runs)",
+            up,
+            up == len(loops),
+            f"{{:g}}/{len(loops)}",
+        )
+        worst = max(c["failed"] for c in loops)
+        row(f"{name}: crash loop: 0 failed requests (worst run)", worst, worst == 0, "{:g}")
     fig = next(f for f in FIGURES if f.key == "respawn")
     for name in runs:
         m = median([fig.get(r) for r in runs[name]])
@@ -405,9 +485,16 @@ def write(out: str, meta: dict, runs: dict[str, list[dict]]) -> None:
             md.append(f"  - {op}: `{cmd}`")
     for fig in FIGURES:
         md += ["", f"## {fig.title}", "", *table(fig, runs)]
-        detail = {"kill": "avail_kill", "reload": "avail_reload", "restart": "avail_restart"}
+        detail = {
+            "kill": "avail_kill",
+            "reload": "avail_reload",
+            "restart": "avail_restart",
+            "crash_failed": "crash_loop",
+        }
         if fig.key in detail:
             md += ["", *failure_details(detail[fig.key], runs)]
+        if fig.key == "crash_starts":
+            md += ["", *crash_loop_details(runs)]
         if fig.key == "memory":
             apart = [(n, r) for n, rs in runs.items() for r in rs[:1] if "memory" in r]
             apart = [(n, r["memory"]) for n, r in apart if r["memory"].get("not_counted_mib")]

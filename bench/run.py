@@ -27,6 +27,8 @@ from bench.systems import BASELINE, SYSTEMS  # noqa: E402
 from bench.systems.base import NPROC, REGISTRY, ROOT, System  # noqa: E402
 
 RUNNING: list[System] = []
+#: the serve_asyncio rows: the crash-loop back-off is the units', whatever the server
+CRASH_LOOP_SYSTEMS = ("clusterkit-shared", "clusterkit-reuseport")
 
 
 def _interrupt(signum, frame):
@@ -106,6 +108,9 @@ def run_system(name: str, workers: int, seconds: float, fair_seconds: float) -> 
         guarded(r, "avail_reload", lambda: measure.avail_reload(system))
         healthy(system, workers)
         guarded(r, "avail_restart", lambda: measure.avail_restart(system))
+        if name in CRASH_LOOP_SYSTEMS:
+            healthy(system, workers)
+            guarded(r, "crash_loop", lambda: measure.crash_loop(system))
         r["commands"] = dict(system.commands)
         r["versions"] = system.versions()
         r["description"] = system.description

@@ -2,19 +2,21 @@
 
 Each start boots a throwaway systemd 252 (clusterkit.container: systemd-nspawn, private
 network, the checkout bound at its own path so the venv runs inside), renders the units with
-`clusterkit generate` (the defaults users get, RestartSec=1s included), installs them and runs
-`systemctl start NAME.target`. The workers are bench/systems/python/clusterkit_hello.py:
-`serve_asyncio` (uvloop + httptools), clusterkit's fastest serving path.
+`clusterkit generate` (the defaults users get: RestartSec=0 and the crash-loop back-off),
+installs them and runs `systemctl start NAME.target`. The workers are
+bench/systems/python/clusterkit_hello.py: `serve_asyncio` (uvloop + httptools), clusterkit's
+fastest serving path.
 
 Everything is measured from the host: wrk and the Python client join the container's network
 namespace (netns_pid = its PID 1), and pids are host pids. A worker's host pid is read from its
 unit's cgroup (cgroup.procs lists pids in the *reader's* pid namespace), keeping the process
-that runs the worker script (the unit's MainPID; ExecStopPost's exit reporter shares the cgroup
+that runs the worker script (the unit's MainPID; the ExecStopPost= shell shares the cgroup
 for a moment at every exit).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -253,6 +255,64 @@ class Clusterkit(System):
         self.commands["restart_all"] = f"systemctl restart '{glob}'"
         self.box.systemctl("restart", glob)
         self.wait_workers(old)
+
+    # --- crash loop ----------------------------------------------------------------------
+    CRASH_DROPIN = "/run/systemd/system/{unit}.service.d/bench-crash-loop.conf"
+
+    def start_crash_loop(self, k: int = 0) -> float:
+        """From now on worker k fails at every start (a drop-in runs /bin/false in place of
+        the worker, as a bad deploy would), then SIGTERM it: it drains and exits 0, and
+        `Restart=always` starts it again, into the loop. (Not SIGKILL: the requests a kill cuts
+        are counted under SIGKILL; what fails here is the crash loop's doing.) Returns the
+        signal's wall-clock time."""
+        unit = f"{UNIT_NAME}@{k}"
+        self.box.write_file(
+            self.CRASH_DROPIN.format(unit=unit), "[Service]\nExecStart=\nExecStart=/bin/false\n"
+        )
+        self.box.systemctl("daemon-reload")
+        self.commands["crash_loop"] = (
+            f"drop-in ExecStart=/bin/false for {unit}.service, then "
+            f"systemctl kill -s TERM --kill-whom=main {unit}.service"
+        )
+        t0 = time.time()
+        self.box.systemctl("kill", "-s", "TERM", "--kill-whom=main", f"{unit}.service")
+        return t0
+
+    def crash_loop_record(self, since: float, k: int = 0) -> dict:
+        """What PID 1 did with worker k since `since`: when it started it (its "Starting"
+        records), and the state of the worker and of its socket now."""
+        from clusterkit import names, report
+
+        unit = f"{UNIT_NAME}@{k}.service"
+        r = self.box.run(
+            "journalctl", "-o", "json", "--no-pager", f"--since=@{since:.6f}",
+            "_PID=1", f"UNIT={unit}", f"MESSAGE_ID={report.STARTING}",
+        )  # fmt: skip
+        starts = [
+            int(json.loads(line)["__REALTIME_TIMESTAMP"]) / 1e6 - since
+            for line in r.stdout.splitlines()
+        ]
+        sock = names.socket(UNIT_NAME, self.scheduling, k)
+        state = {}
+        for u in (unit, sock):
+            r = self.box.systemctl("show", "-P", "ActiveState", u)
+            state[u] = r.stdout.strip()
+        return {"starts_s": starts, "worker_state": state[unit], "socket_state": state[sock]}
+
+    def end_crash_loop(self, k: int = 0) -> None:
+        """Remove the drop-in and bring worker k back (its socket too, if the start limit
+        failed it)."""
+        unit = f"{UNIT_NAME}@{k}"
+        self.box.run("rm", "-f", self.CRASH_DROPIN.format(unit=unit))
+        self.box.systemctl("daemon-reload")
+        from clusterkit import names
+
+        sock = names.socket(UNIT_NAME, self.scheduling, k)
+        self.box.systemctl("reset-failed", f"{unit}.service", sock)
+        # start: a no-op for the shared socket, which must stay open for the other workers
+        self.box.systemctl("start", sock)
+        self.box.systemctl("restart", f"{unit}.service")
+        self.wait_workers(set())
 
     def stop(self) -> None:
         """Power the container off (idempotent; also after a failed or interrupted start)."""
