@@ -302,7 +302,7 @@ NOT_HEALTHY = 3
 
 def _why(settings, worker_id: int) -> list[str]:
     """Why a worker does not serve: systemd's state and result, its last log lines."""
-    from clusterkit import logs, names
+    from clusterkit import journals, logs, names
 
     unit = names.service(settings.name, worker_id)
     props = settings.manager.show([unit], ("ActiveState", "SubState", "Result"))[0]
@@ -310,20 +310,16 @@ def _why(settings, worker_id: int) -> list[str]:
     scheduling = settings.spec.scheduling if settings.spec else names.SHARED
     socket_unit = names.socket(settings.name, scheduling, worker_id)
     sock = settings.manager.show([socket_unit], ("ActiveState", "Result"))[0]
-    if sock["ActiveState"] != "active":  # e.g. the address is taken: systemd says so there
+    socket_down = sock["ActiveState"] != "active"
+    if socket_down:  # e.g. the address is taken: PID 1 says so in the socket's records
         why.append(f"{socket_unit} is {sock['ActiveState']} (result {sock['Result']})")
-        why += [f"| {line}" for line in _unit_log(settings, socket_unit)]
     try:
+        if socket_down:
+            why += [f"| {line}" for line in journals.manager_lines(settings.manager, socket_unit)]
         why += [f"| {line}" for line in logs.last_lines(settings.name, worker_id, settings.manager)]
     except OSError:
         pass  # no journal to read here (not root, nor in systemd-journal)
     return why
-
-
-def _unit_log(settings, unit: str, count: int = 3) -> list[str]:
-    """The last lines PID 1 logged about ``unit`` (a socket's bind error, say)."""
-    r = settings.manager.run("journalctl", "--no-pager", "-o", "cat", "-n", str(count), "-u", unit)
-    return r.stdout.splitlines()[-count:] if r.returncode == 0 else []
 
 
 def cmd_status(args: argparse.Namespace) -> int:

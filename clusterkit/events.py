@@ -17,62 +17,24 @@ Under a user's manager the same records come from the user's systemd
 
 Readers read in journal order and can resume from a cursor: start at
 ``--since`` or just after ``cursor`` and every record after it is seen once.
-Field values are converted by converters of our own: systemd-python's
-defaults turn ``EXIT_STATUS``-like fields into ints and leave what fails as bytes.
+The journal is opened, and its fields converted, by :mod:`clusterkit.journals`.
 """
 
 from __future__ import annotations
 
-import os
 import time as _time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from systemd import journal
 
-from clusterkit import names, report
+from clusterkit import journals, names, report
 from clusterkit.manager import Manager
 from clusterkit.report import RUN_ENDED, STARTED, STARTING, STOPPING
 
 EVENTS = ("fork", "online", "listening", "disconnect", "exit")
 _SYSTEMD_EVENTS = {STARTING: ("fork",), STARTED: ("online", "listening"), STOPPING: ("disconnect",)}
-
-
-@dataclass(frozen=True)
-class _Manager:
-    """The journal fields a service manager's records about a unit use."""
-
-    unit: str  # the unit a record is about
-    invocation: str  # that unit's run
-    writer: tuple[str, object]  # the trusted field and value of the manager itself
-    sender_unit: str  # the trusted unit of a record's sender
-    uid: int = 0  # the manager's user (every user's manager has an init.scope)
-
-
-_SYSTEM = _Manager("UNIT", "INVOCATION_ID", ("_PID", 1), "_SYSTEMD_UNIT")
-_USER = _Manager(
-    "USER_UNIT", "USER_INVOCATION_ID", ("_SYSTEMD_USER_UNIT", "init.scope"), "_SYSTEMD_USER_UNIT"
-)
-
-
-def _int_or_none(raw: bytes) -> int | None:
-    text = raw.decode()
-    return int(text) if text.lstrip("-").isdigit() else None
-
-
-def _utc(usec: int) -> datetime:
-    return datetime.fromtimestamp(usec / 1_000_000, UTC)
-
-
-#: Every field we read, converted the same way whatever systemd-python's defaults do.
-CONVERTERS: dict[str, Callable[[bytes], object]] = {
-    "MESSAGE_ID": bytes.decode,
-    "EXIT_STATUS": bytes.decode,
-    "_PID": _int_or_none,
-    "_UID": _int_or_none,
-    "__REALTIME_TIMESTAMP": _utc,
-}
 
 
 @dataclass(frozen=True)
@@ -141,19 +103,13 @@ class EventReader:
         self.user = manager.user
         directory = directory or manager.journal_directory
         self.cursor: str | None = cursor  # of the last record read: resume from here
-        self._manager = replace(_USER, uid=os.getuid()) if manager.user else _SYSTEM
-        if files is not None:
-            paths = list(files)
-            self._open = lambda: journal.Reader(files=paths, converters=CONVERTERS)
-        elif directory:
-            self._open = lambda: journal.Reader(path=directory, converters=CONVERTERS)
-        else:
-            self._open = lambda: journal.Reader(converters=CONVERTERS)
+        self._manager = journals.manager_fields(manager)
+        paths = list(files) if files is not None else None
+        self._open = lambda: journals.open_reader(manager, directory=directory, files=paths)
         self._reader = self._open()
         self._details: journal.Reader | None = None  # looks up one run's records
         ids = RUN_ENDED if exits_only else (*_SYSTEMD_EVENTS, *RUN_ENDED)
-        field_name, value = self._manager.writer
-        self._reader.add_match(*(f"MESSAGE_ID={i}" for i in ids), f"{field_name}={value}")
+        self._reader.add_match(*(f"MESSAGE_ID={i}" for i in ids), self._manager.match_writer())
         if cursor:
             self._reader.seek_cursor(cursor)
             # seek_cursor lands *on* the record: step onto it and skip it if it is there
@@ -183,7 +139,7 @@ class EventReader:
         when = entry.get("__REALTIME_TIMESTAMP")
         unit = entry.get(m.unit)
         worker = names.worker_id(unit, self.name)
-        if not self._by_manager(entry) or worker is None or not isinstance(when, datetime):
+        if not self._manager.wrote(entry) or worker is None or not isinstance(when, datetime):
             return []
         cursor = str(entry.get("__CURSOR", ""))
         invocation = _opt_str(entry.get(m.invocation))
@@ -194,11 +150,6 @@ class EventReader:
             return [self._exit(str(unit), worker, invocation, entry, when, cursor)]
         kinds = _SYSTEMD_EVENTS.get(str(message_id), ())
         return [Event(kind, worker, str(unit), invocation, when, cursor) for kind in kinds]
-
-    def _by_manager(self, entry: dict[str, object]) -> bool:
-        """Written by the service manager itself: trusted fields only a manager has."""
-        field_name, value = self._manager.writer
-        return entry.get(field_name) == value and entry.get("_UID") == self._manager.uid
 
     def _exit(
         self,
@@ -230,15 +181,14 @@ class EventReader:
         """What the journal holds about one run, besides its end."""
         m = self._manager
         r = self._lookup()
-        field_name, value = m.writer
-        r.add_match(f"{m.invocation}={invocation}", f"{field_name}={value}")
+        r.add_match(f"{m.invocation}={invocation}", m.match_writer())
         r.add_disjunction()
         r.add_match(f"_SYSTEMD_INVOCATION_ID={invocation}", f"PRIORITY={report.PRIORITY}")
         r.seek_head()
         run = _Run()
         began: datetime | None = None
         for entry in r:
-            if self._by_manager(entry) and entry.get(m.unit) == unit:
+            if self._manager.wrote(entry) and entry.get(m.unit) == unit:
                 began = began or _when(entry)
                 if entry.get("MESSAGE_ID") == STOPPING:
                     run.stop_requested = True

@@ -434,17 +434,14 @@ class _LogReader:
     """The workers' own journal lines (``_SYSTEMD_UNIT=NAME@K.service``) in some files."""
 
     def __init__(self, name: str, files: list[str], cursor: str | None, others: set[str]):
-        from systemd import journal
-
-        from clusterkit import names, report
-        from clusterkit.events import CONVERTERS
+        from clusterkit import journals, names, report
 
         self._worker_id = names.worker_id
         self._report = report
         self.name = name
         self.others = others
         self.cursor = cursor
-        self._reader = journal.Reader(files=files, converters=CONVERTERS)
+        self._reader = journals.open_reader(files=files)
         if cursor:
             self._reader.seek_cursor(cursor)
             self._reader.get_next()

@@ -14,10 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from systemd import journal
-
-from clusterkit import names, report
-from clusterkit.events import CONVERTERS
+from clusterkit import journals, names, report
 from clusterkit.manager import Manager
 
 
@@ -66,12 +63,7 @@ class LogReader:
     ) -> None:
         self.name = name
         self.manager = manager or Manager()
-        directory = self.manager.journal_directory
-        self._reader = (
-            journal.Reader(path=directory, converters=CONVERTERS)
-            if directory
-            else journal.Reader(converters=CONVERTERS)
-        )
+        self._reader = journals.open_reader(self.manager)
         user = self.manager.user
         self._unit_field = "_SYSTEMD_USER_UNIT" if user else "_SYSTEMD_UNIT"
         if worker is not None:

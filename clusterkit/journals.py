@@ -1,0 +1,109 @@
+"""Which journal to read, how its fields are converted, and how a manager's own records look.
+
+Exit events (:mod:`clusterkit.events`), the workers' log lines (:mod:`clusterkit.logs`)
+and the fleet's collected journals (:mod:`clusterkit.fleet`) open their readers here, so
+they read the same fields the same way. A journal is the local one, the one of the
+container ``clusterkit up`` runs (:attr:`Manager.journal_directory`), a directory of
+journals collected from other hosts, or a given list of files (one sender's, on a collector).
+
+Records a service manager writes about a unit are trusted by fields no other process
+can set: ``_PID=1`` for the system manager; for a user's manager, a sender in the user's
+``init.scope`` with the user's ``_UID``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from systemd import journal
+
+from clusterkit.manager import Manager
+
+
+def _int_or_none(raw: bytes) -> int | None:
+    text = raw.decode()
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def _utc(usec: int) -> datetime:
+    return datetime.fromtimestamp(usec / 1_000_000, UTC)
+
+
+#: Every field we read, converted the same way whatever systemd-python's defaults do
+#: (they turn ``EXIT_STATUS``-like fields into ints and leave what fails as bytes).
+CONVERTERS: dict[str, Callable[[bytes], object]] = {
+    "MESSAGE_ID": bytes.decode,
+    "EXIT_STATUS": bytes.decode,
+    "_PID": _int_or_none,
+    "_UID": _int_or_none,
+    "__REALTIME_TIMESTAMP": _utc,
+}
+
+
+def open_reader(
+    manager: Manager | None = None,
+    *,
+    directory: str | None = None,
+    files: Sequence[str] | None = None,
+) -> journal.Reader:
+    """A reader on ``files``, else ``directory``, else ``manager``'s journal (default: local)."""
+    if files is not None:
+        return journal.Reader(files=list(files), converters=CONVERTERS)
+    directory = directory or (manager.journal_directory if manager else None)
+    if directory:
+        return journal.Reader(path=directory, converters=CONVERTERS)
+    return journal.Reader(converters=CONVERTERS)
+
+
+@dataclass(frozen=True)
+class ManagerFields:
+    """The journal fields a service manager's records about a unit use."""
+
+    unit: str  # the unit a record is about
+    invocation: str  # that unit's run
+    writer: tuple[str, object]  # the trusted field and value of the manager itself
+    sender_unit: str  # the trusted unit of a record's sender
+    uid: int = 0  # the manager's user (every user's manager has an init.scope)
+
+    def wrote(self, entry: dict[str, object]) -> bool:
+        """Written by the service manager itself: trusted fields only a manager has."""
+        field_name, value = self.writer
+        return entry.get(field_name) == value and entry.get("_UID") == self.uid
+
+    def match_writer(self) -> str:
+        field_name, value = self.writer
+        return f"{field_name}={value}"
+
+
+SYSTEM = ManagerFields("UNIT", "INVOCATION_ID", ("_PID", 1), "_SYSTEMD_UNIT")
+_USER = ManagerFields(
+    "USER_UNIT", "USER_INVOCATION_ID", ("_SYSTEMD_USER_UNIT", "init.scope"), "_SYSTEMD_USER_UNIT"
+)
+
+
+def manager_fields(manager: Manager) -> ManagerFields:
+    """The fields of ``manager``'s own records: the system's, or this user's."""
+    if not manager.user:
+        return SYSTEM
+    return replace(_USER, uid=os.getuid())
+
+
+def manager_lines(manager: Manager, unit: str, count: int = 3) -> list[str]:
+    """The last ``count`` messages ``manager`` itself wrote about ``unit`` (a socket's
+    bind error, say), oldest first."""
+    fields = manager_fields(manager)
+    reader = open_reader(manager)
+    try:
+        reader.add_match(f"{fields.unit}={unit}", fields.match_writer())
+        reader.seek_tail()
+        lines: list[str] = []
+        while len(lines) < count and (entry := reader.get_previous()):
+            message = entry.get("MESSAGE")
+            if fields.wrote(entry) and isinstance(message, str):
+                lines.append(message)
+        return lines[::-1]
+    finally:
+        reader.close()
