@@ -19,11 +19,8 @@ import pytest
 from scenario import MODES, Cluster, deploy, load, wait_for
 
 from clusterkit.container import Container
-
-#: systemd's catalog ids: a unit starting, started (READY=1 for Type=notify), main process exited
-STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
-STARTED = "39f53479d3a045ac8e11786248231fbf"
-PROCESS_EXITED = "98e322203f7a4ed290d09fe03c09fe15"
+from clusterkit.report import PROCESS_EXIT as PROCESS_EXITED
+from clusterkit.report import STARTED, STARTING
 
 
 def pid1_records(cl: Cluster, k: int) -> list[dict[str, object]]:
