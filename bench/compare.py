@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -34,13 +35,18 @@ def ratio(fig: Figure, runs: dict[str, list[dict]], name: str) -> float | None:
     return m / base if m is not None and base else None
 
 
+def _command(meta: dict) -> str:
+    """The run's command, with no directory of this machine in it."""
+    return re.sub(r"(?<![\w.])/\S*/", "", meta.get("command", "?"))
+
+
 def compare(a: dict, b: dict, a_label: str, b_label: str) -> list[str]:
     ra, rb = a["runs"], b["runs"]
     lines = [
         "# Benchmark reproducibility: two full runs compared",
         "",
-        f"- run A: `{a_label}`, {a['meta'].get('date', '?')}, {a['meta'].get('command', '?')}",
-        f"- run B: `{b_label}`, {b['meta'].get('date', '?')}, {b['meta'].get('command', '?')}",
+        f"- run A: `{a_label}`, {a['meta'].get('date', '?')}, `{_command(a['meta'])}`",
+        f"- run B: `{b_label}`, {b['meta'].get('date', '?')}, `{_command(b['meta'])}`",
         f'- ratios are to `{BASELINE}` within each run; "allowed" is run A\'s spread '
         "((max-min)/median of its runs) of the system plus that of the baseline.",
         "",
