@@ -101,21 +101,15 @@ class EventReader:
         self.name = name
         manager = manager or Manager("user" if user else "system")
         self.user = manager.user
-        directory = directory or manager.journal_directory
         self.cursor: str | None = cursor  # of the last record read: resume from here
         self._manager = journals.manager_fields(manager)
-        paths = list(files) if files is not None else None
-        self._open = lambda: journals.open_reader(manager, directory=directory, files=paths)
+        self._open = lambda: journals.open_reader(manager, directory=directory, files=files)
         self._reader = self._open()
         self._details: journal.Reader | None = None  # looks up one run's records
         ids = RUN_ENDED if exits_only else (*_SYSTEMD_EVENTS, *RUN_ENDED)
         self._reader.add_match(*(f"MESSAGE_ID={i}" for i in ids), self._manager.match_writer())
         if cursor:
-            self._reader.seek_cursor(cursor)
-            # seek_cursor lands *on* the record: step onto it and skip it if it is there
-            self._reader.get_next()
-            if not self._reader.test_cursor(cursor):
-                self._reader.seek_cursor(cursor)
+            journals.seek_after(self._reader, cursor)
         elif since is not None:
             self._reader.seek_realtime(since)
         elif at_end:
@@ -126,10 +120,7 @@ class EventReader:
 
     def __iter__(self) -> Iterator[Event]:
         """The events recorded so far (from the start position), then stop."""
-        while True:
-            entry = self._reader.get_next()
-            if not entry:
-                return
+        for entry in self._reader:  # up to the end of what is written now
             self.cursor = str(entry["__CURSOR"])
             yield from self.parse(entry)
 

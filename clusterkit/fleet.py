@@ -443,16 +443,12 @@ class _LogReader:
         self.cursor = cursor
         self._reader = journals.open_reader(files=files)
         if cursor:
-            self._reader.seek_cursor(cursor)
-            self._reader.get_next()
+            journals.seek_after(self._reader, cursor)
         else:
             self._reader.seek_head()
 
     def __iter__(self) -> Iterator[dict[str, object]]:
-        while True:
-            entry = self._reader.get_next()
-            if not entry:
-                return
+        for entry in self._reader:  # up to the end of what is written now
             self.cursor = str(entry["__CURSOR"])
             worker = self._worker_id(entry.get("_SYSTEMD_UNIT"), self.name)
             if worker is None or entry.get("_HOSTNAME") in self.others:

@@ -58,6 +58,15 @@ def open_reader(
     return journal.Reader(converters=CONVERTERS)
 
 
+def seek_after(reader: journal.Reader, cursor: str) -> None:
+    """Position ``reader`` just after the record at ``cursor`` (resume a read). seek_cursor
+    lands *on* the record: step onto it, and skip it only if it is still there."""
+    reader.seek_cursor(cursor)
+    reader.get_next()
+    if not reader.test_cursor(cursor):
+        reader.seek_cursor(cursor)
+
+
 @dataclass(frozen=True)
 class ManagerFields:
     """The journal fields a service manager's records about a unit use."""

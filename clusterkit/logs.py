@@ -65,7 +65,7 @@ class LogReader:
         self.manager = manager or Manager()
         self._reader = journals.open_reader(self.manager)
         user = self.manager.user
-        self._unit_field = "_SYSTEMD_USER_UNIT" if user else "_SYSTEMD_UNIT"
+        self._unit_field = journals.manager_fields(self.manager).sender_unit
         if worker is not None:
             self._reader.add_match(f"{self._unit_field}={names.service(name, worker)}")
             if invocation is not None:  # one run of it
@@ -92,10 +92,7 @@ class LogReader:
             self._reader.seek_head()
 
     def __iter__(self) -> Iterator[LogLine]:
-        while True:
-            entry = self._reader.get_next()
-            if not entry:
-                return
+        for entry in self._reader:  # up to the end of what is written now
             line = self._line(entry)
             if line is not None:
                 yield line
