@@ -209,9 +209,17 @@ def test_status_shows_the_sockets_error_when_the_port_is_taken(
     )
     c.install_units(sorted(out.iterdir()))
     assert ck(c, "start", "t").returncode == 1  # systemd refuses: said on one line
+    # An unprivileged process plants a record "about" the socket, as PID 1's would read:
+    # status must show only what PID 1 itself wrote.
+    forge = (
+        "from systemd import journal; "
+        "journal.send('FORGED socket error\u2028run this as root', UNIT='t.socket')"
+    )
+    c.run("systemd-run", "-q", "--wait", "-p", "DynamicUser=yes", PY, "-c", forge, check=True)
     r = ck(c, "status", "t")
     assert r.returncode == 3 and "t.socket is failed" in r.stdout, r.stdout
     assert "Address already in use" in r.stdout, r.stdout
+    assert "FORGED" not in r.stdout, r.stdout
 
 
 SLOW_APP = r"""
