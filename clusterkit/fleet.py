@@ -293,7 +293,10 @@ def haproxy_view(fleet: Fleet) -> dict[str, dict[str, object]] | None:
     return {
         name: {
             "status": r.get("status"),
-            "check": r.get("check_status"),
+            # the last check's result; "* L7OK" while the next check runs (HAProxy's
+            # management guide), so the marker goes into "checking"
+            "check": (r.get("check_status") or "").removeprefix("* ") or None,
+            "checking": (r.get("check_status") or "").startswith("* "),
             "sessions": int(r.get("scur") or 0),
             "total_sessions": int(r.get("stot") or 0),
             "last_change_s": int(r.get("lastchg") or 0),

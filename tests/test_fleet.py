@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -292,6 +293,54 @@ def test_fleet_table_and_haproxy_config(tmp_path: Path) -> None:
             ("a", "198.18.0.11"),
             ("198.18.0.12", "198.18.0.12"),
         ]
+
+
+def test_status_shows_haproxy_check_without_its_in_progress_marker(tmp_path: Path) -> None:
+    """While a health check runs, HAProxy's ``show stat`` says ``* L7TOUT`` (the last
+    result, marked): ``fleet status`` reports the result and ``checking`` apart. Real
+    HAProxy on the loopback; its one server accepts and never answers."""
+    from clusterkit.fleet import haproxy_config, haproxy_view
+    from clusterkit.fleetspec import load_fleet
+
+    if shutil.which("haproxy") is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy is not installed (bash dev test installs it)")
+        pytest.skip("haproxy is not installed (bash dev test installs it)")
+    with socket.socket() as silent, socket.socket() as probe:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        probe.bind(("127.0.0.1", 0))
+        front = probe.getsockname()[1]
+        probe.close()
+        admin = tmp_path / "admin.sock"
+        config = tmp_path / "pyproject.toml"
+        config.write_text(
+            '[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\n'
+            f'listen = ["{silent.getsockname()[1]}"]\n'
+            '[tool.clusterkit.fleet]\nhosts = { a = "127.0.0.1" }\n'
+            f'collector = "127.0.0.1"\nhaproxy_socket = "{admin}"\n'
+        )
+        fleet = load_fleet(config)
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy_config(fleet, f"127.0.0.1:{front}", str(admin)))
+        proxy = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_for("HAProxy's runtime API", admin.exists, timeout=10)
+
+            def in_progress() -> dict[str, object] | None:
+                row = (haproxy_view(fleet) or {}).get("a")
+                return row if row and row["checking"] else None
+
+            row = wait_for("a health check in progress", in_progress, timeout=10, interval=0.02)
+            assert row["check"] and not str(row["check"]).startswith("*"), row
+        finally:
+            os.killpg(proxy.pid, signal.SIGKILL)
+            proxy.wait()
 
 
 # ---- the topology -------------------------------------------------------------------------
