@@ -456,13 +456,11 @@ class _LogReader:
             worker = self._worker_id(entry.get("_SYSTEMD_UNIT"), self.name)
             if worker is None or entry.get("_HOSTNAME") in self.others:
                 continue
+            if self._report.is_unit_line(entry):
+                continue  # the unit's own start/exit lines, for the exit events
             message = entry.get("MESSAGE")
             if isinstance(message, bytes):
                 message = message.decode(errors="replace")
-            if isinstance(message, str) and (
-                self._report.parse_started(message) or self._report.parse_exited(message)
-            ):
-                continue  # the unit's own start/exit lines, for the exit events
             when = entry["__REALTIME_TIMESTAMP"]
             yield {
                 "worker": worker,

@@ -105,7 +105,7 @@ class LogReader:
             return None
         if isinstance(message, bytes):
             message = message.decode("utf-8", "replace")
-        if not isinstance(message, str) or _is_exit_line(entry, message):
+        if not isinstance(message, str) or report.is_unit_line(entry):
             return None
         pid, priority = entry.get("_PID"), _priority(entry)
         return LogLine(when, worker, pid if isinstance(pid, int) else None, priority, message)
@@ -124,12 +124,6 @@ class LogReader:
 def _priority(entry: dict[str, object]) -> int | None:
     value = entry.get("PRIORITY")  # an int by systemd-python's own converter
     return value if isinstance(value, int) else None
-
-
-def _is_exit_line(entry: dict[str, object], message: str) -> bool:
-    if _priority(entry) != report.PRIORITY:
-        return False
-    return report.parse_started(message) is not None or report.parse_exited(message) is not None
 
 
 def last_lines(

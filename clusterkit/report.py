@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 import signal as _signal
+from collections.abc import Mapping
 
 # systemd's catalog ids (src/systemd/sd-messages.h), all written by PID 1
 STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # SD_MESSAGE_UNIT_STARTING
@@ -78,6 +79,20 @@ def parse_started(message: str) -> int | None:
 def parse_exited(message: str) -> tuple[str, str] | None:
     m = _EXITED.fullmatch(message)
     return (m.group(1), m.group(2)) if m else None
+
+
+def is_unit_line(entry: Mapping[str, object]) -> bool:
+    """Whether a journal entry is one of the unit's own two lines (started, exited).
+
+    Both the level (``PRIORITY=5``) and the exact form: log readers leave these
+    lines out, as events; the same text at another level is the worker's log.
+    """
+    message = entry.get("MESSAGE")
+    return (
+        entry.get("PRIORITY") == PRIORITY
+        and isinstance(message, str)
+        and (parse_started(message) is not None or parse_exited(message) is not None)
+    )
 
 
 def signal_name(status: str) -> str:

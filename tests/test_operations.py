@@ -12,42 +12,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scenario import wait_for
+from scenario import APPS, wait_for
 
 from clusterkit.container import Container
 
 PY = sys.executable
 
-# Prints a line at start; exits 3 at once, after a last word, while /run/fail-K exists.
+# Prints two lines at start (the first in the form of the unit's own exit line,
+# at the default level); exits 3 at once, after a last word, while /run/fail-K exists.
 APP = r"""
-import os, selectors, signal, sys
+import os, sys
+sys.path.insert(0, __APPS__)
 from clusterkit import cluster
+from shim_worker import serve
 
 k = cluster.worker.id
 if os.path.exists(f"/run/fail-{k}"):
     print("FATAL: lost connection to database", flush=True)
     sys.exit(3)
-stop = False
-def on_term(sig, frame):
-    global stop
-    stop = True
-signal.signal(signal.SIGTERM, on_term)
-sock = cluster.worker.listen(3000)
+print("clusterkit: exited code=exited status=0", flush=True)
 print(f"worker {k} serving", flush=True)
-sel = selectors.DefaultSelector()
-sel.register(sock, selectors.EVENT_READ)
-cluster.worker.ready()
-while not stop:
-    if sel.select(0.1):
-        try:
-            conn, _ = sock.accept()
-        except BlockingIOError:
-            continue
-        with conn:
-            conn.setblocking(True)
-            conn.recv(4096)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-"""
+
+def answer(conn):
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+serve(answer, 3000)
+""".replace("__APPS__", repr(str(APPS)))
 
 
 def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
@@ -99,7 +90,13 @@ def test_logs_show_what_workers_printed_with_their_id(container: Container, tmp_
         (0, "worker 0 serving"),
         (1, "worker 1 serving"),
     }
-    assert not any(x["message"].startswith("clusterkit: ") for x in lines)  # events, not logs
+    # The unit's own start/exit lines (PRIORITY=5) are events, not logs; the
+    # worker's line of the same form, at its default level, is its log.
+    own = [x for x in lines if x["message"].startswith("clusterkit: ")]
+    assert own and all(
+        x["message"] == "clusterkit: exited code=exited status=0" and x["priority"] == 6
+        for x in own
+    ), own
     only_one = ck(c, "logs", "t", "--worker", "1").stdout
     assert "worker 1[" in only_one and "worker 0[" not in only_one
 
@@ -123,7 +120,11 @@ def test_status_says_why_a_worker_fails_and_exits_non_zero(container: Container,
     # events --logs (what up shows): a death is followed by the worker's last words
     text = ck(c, "events", "t", "--logs").stdout
     assert "died: code 3\n    | FATAL: lost connection" in text, text
-    assert "died: signal SIGKILL\n    | worker 1 serving\n" in text, text  # that run's own
+    # that run's own lines: its line shaped like an exit line too, not the unit's own
+    assert (
+        "died: signal SIGKILL\n    | clusterkit: exited code=exited status=0\n"
+        "    | worker 1 serving\n" in text
+    ), text
     r = ck(c, "kill", "t", "0", "-s", "NOPE")
     assert r.returncode == 2 and "--signal" in r.stderr
 

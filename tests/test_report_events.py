@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from scenario import PORT, ck, deploy, has_journal_open, inner_pid, wait_for
+from scenario import APPS, PORT, ck, deploy, has_journal_open, inner_pid, wait_for
 
 from clusterkit.container import CONTAINER_PATH, Container
 
@@ -26,45 +26,32 @@ ARGS = ["a b", "100%", "$HOME", "x%iy", "50% $PATH %%"]
 # SIGTERM sets a flag checked between connections (graceful); USR1/USR2 end
 # the process with status 3/0, the test's stand-ins for a crash and a clean exit.
 WORKER = r"""
-import json, os, selectors, signal, sys
+import json, os, signal, sys
+sys.path.insert(0, __APPS__)
 from clusterkit import cluster
+from shim_worker import serve
 
-stop = False
-def on_term(sig, frame):
-    global stop
-    stop = True
-signal.signal(signal.SIGTERM, on_term)
 signal.signal(signal.SIGUSR1, lambda s, f: sys.exit(3))
 signal.signal(signal.SIGUSR2, lambda s, f: sys.exit(0))
-
 assert cluster.is_worker
-sock = cluster.worker.listen(3000)
-sel = selectors.DefaultSelector()
-sel.register(sock, selectors.EVENT_READ)
-cluster.worker.ready()
-while not stop:
-    if not sel.select(0.1):
-        continue
-    try:
-        conn, _ = sock.accept()
-    except BlockingIOError:  # another worker took it
-        continue
-    with conn:
-        conn.setblocking(True)
-        conn.settimeout(5)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        body = json.dumps({
-            "id": cluster.worker.id, "pid": os.getpid(), "argv": sys.argv[1:],
-            "greeting": os.environ.get("CK_GREETING"),
-        }).encode()
-        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-        conn.sendall(head % len(body) + body)
-"""
+
+def answer(conn):
+    conn.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    body = json.dumps({
+        "id": cluster.worker.id, "pid": os.getpid(), "argv": sys.argv[1:],
+        "greeting": os.environ.get("CK_GREETING"),
+    }).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    conn.sendall(head % len(body) + body)
+
+serve(answer, 3000)
+""".replace("__APPS__", repr(str(APPS)))
 
 
 def deploy_worker(c: Container, tmp_path: Path, *options: str, **kw: Any) -> None:

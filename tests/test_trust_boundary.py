@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from scenario import ck, wait_for
+from scenario import APPS, ck, wait_for
 
 from clusterkit.container import Container
 
@@ -51,7 +51,7 @@ __attribute__((constructor)) static void plant(void) {
 
 # The attacker: plants payloads wherever its user can write, then serves.
 WORKER = r"""
-import os, selectors, signal, sys
+import os, sys
 PAYLOAD = __PAYLOAD__
 SHIM = __SHIM__
 
@@ -76,24 +76,9 @@ for d in ("/srv/app/pythonpath", "/srv/app/pythonpath2"):
 for prog in ("systemctl", "systemd-cat", "echo", "python3", "journalctl"):
     plant(f"/srv/app/bin/{prog}", SHIM, 0o755)
 
-from clusterkit import cluster
-
-stop = False
-def on_term(sig, frame):
-    global stop
-    stop = True
-signal.signal(signal.SIGTERM, on_term)
-sock = cluster.worker.listen(3000)
-sel = selectors.DefaultSelector()
-sel.register(sock, selectors.EVENT_READ)
-cluster.worker.ready()
-while not stop:
-    if sel.select(0.1):
-        try:
-            conn, _ = sock.accept()
-        except BlockingIOError:
-            continue
-        conn.close()
+sys.path.insert(0, __APPS__)
+from shim_worker import serve
+serve(lambda conn: None, 3000)
 """
 
 
@@ -102,6 +87,7 @@ def _worker_script() -> str:
         WORKER.replace("__PAYLOAD__", repr(PAYLOAD))
         .replace("__SHIM__", repr(SHIM))
         .replace("__SITE__", repr(SITE))
+        .replace("__APPS__", repr(str(APPS)))
     )
 
 
