@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import statistics
 import subprocess
 import time
@@ -56,13 +58,36 @@ def parse_wrk(out: str) -> dict:
 
 
 def wrk(system: System, seconds: float, close: bool) -> dict:
+    """wrk's figures, plus the CPU time per request of the system (every process counted in
+    its memory) and of wrk itself, in microseconds. Unlike throughput, these do not depend
+    on how the CPUs were shared between the servers and the load generator."""
     argv = wrk_argv(system, seconds, close)
+    pids = system.pids()
+    before = {pid: (procfs.starttime(pid), procfs.cpu_ticks(pid)) for pid in pids}
+    load_before = _children_cpu_s()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 15)
+    load_s = _children_cpu_s() - load_before  # wrk (and nsenter, which waited for it)
+    # a process that ended meanwhile is left out: its last ticks cannot be read
+    ticks = sum(
+        procfs.cpu_ticks(pid) - t for pid, (start, t) in before.items() if procfs.alive(pid, start)
+    )
     if r.returncode != 0:
         raise RuntimeError(f"wrk failed: {r.stderr}")
     res = parse_wrk(r.stdout)
     res["command"] = " ".join(argv)
+    n = res["requests"]
+    res["server_cpu_us"] = ticks / _TICKS_PER_S / n * 1e6 if n else None
+    res["load_cpu_us"] = load_s / n * 1e6 if n else None
     return res
+
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's waited-for children (and theirs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def memory_mib(system: System) -> dict:

@@ -71,6 +71,31 @@ FIGURES = [
         fmt="{:.2f}",
     ),
     Figure(
+        "ka_cpu",
+        "Keep-alive: the system's CPU time per request",
+        "µs",
+        _get("keepalive", "server_cpu_us"),
+        "lower",
+        fmt="{:.1f}",
+    ),
+    Figure(
+        "nc_cpu",
+        "New connection per request: the system's CPU time per request",
+        "µs",
+        _get("newconn", "server_cpu_us"),
+        "lower",
+        fmt="{:.1f}",
+    ),
+    Figure(
+        "ka_load_cpu",
+        "Keep-alive: wrk's own CPU time per request (the load generator's share)",
+        "µs",
+        _get("keepalive", "load_cpu_us"),
+        "lower",
+        ratio=False,
+        fmt="{:.1f}",
+    ),
+    Figure(
         "fair_nc",
         "Fairness, new connection per request: busiest worker's share",
         "share",
@@ -513,7 +538,12 @@ def write(out: str, meta: dict, runs: dict[str, list[dict]]) -> None:
         "",
         "- Where wrk is not pinned apart (see CPU pinning above) it runs on the same CPUs as the "
         "servers and takes a share of them, so absolute throughput and the N/1-worker scaling "
-        "are bounded by the load generator too.",
+        "are bounded by the load generator too. The CPU time per request does not depend on how "
+        "the CPUs were shared: user + system time of every process counted in memory (for "
+        "the systems) or of wrk (the load generator), over the load, divided by the requests "
+        "served. The kernel charges loopback TCP work to whichever side is in a system call, "
+        "so part of each side's cost shows in the other's; wrk's own figure also differs by "
+        "system, with the size of the responses it parses.",
         "- gunicorn's default sync worker closes the connection after every response: its "
         "keep-alive figures are new-connection figures.",
         "- The seed's `cluster.js` only logs a worker's death: no respawn, no reload; its "
