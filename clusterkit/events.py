@@ -189,11 +189,15 @@ class EventReader:
                     run.pid1_exit = (str(entry.get("EXIT_CODE")), str(entry.get("EXIT_STATUS")))
             elif entry.get(m.sender_unit) == unit:
                 run.add_unit_line(entry.get("MESSAGE"))
-        if run.pid is None and run.unit_exit is None and began is not None:
+        if (run.pid is None or run.unit_exit is None) and began is not None:
             # journald may not know the run of a short-lived sender (user units
             # especially): the unit's own lines written between the run's start and end.
             r = self._lookup()
             r.add_match(f"{m.sender_unit}={unit}", f"PRIORITY={report.PRIORITY}")
+            by_user = m.match_user_lines(unit)
+            if by_user is not None:
+                r.add_disjunction()
+                r.add_match(*by_user, f"PRIORITY={report.PRIORITY}")
             r.seek_realtime(began)
             for entry in r:
                 when = _when(entry)

@@ -86,6 +86,20 @@ class ManagerFields:
         field_name, value = self.writer
         return f"{field_name}={value}"
 
+    def match_user_lines(self, unit: str) -> list[str] | None:
+        """Under a user's manager, the matches for lines that unit's processes wrote,
+        found by sender user and identifier (``SyslogIdentifier=%N``) instead of unit.
+
+        The fallback for a short-lived sender (the units' ``echo``) that exited before
+        journald read its cgroup: journald then records no unit at all, since a user's
+        manager, unlike the system's, does not name the unit to journald. Every unit
+        there runs as that user, so that user's records are as trusted as its units'.
+        None under the system manager: there the unit is known whatever the sender.
+        """
+        if self.uid == 0:
+            return None
+        return [f"_UID={self.uid}", f"SYSLOG_IDENTIFIER={unit.removesuffix('.service')}"]
+
 
 SYSTEM = ManagerFields("UNIT", "INVOCATION_ID", ("_PID", 1), "_SYSTEMD_UNIT")
 _USER = ManagerFields(
