@@ -14,35 +14,24 @@ not part of bench/run.py.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import time
 
-from bench import measure
+from bench import measure, procfs
 from bench import run as bench_run
 
 MODES = ("clusterkit-shared", "clusterkit-reuseport")
 
 
-def socket_fds(pid: int) -> int:
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-        except OSError:  # closed meanwhile
-            pass
-    return n
-
-
 def one_load(system, seconds: float) -> tuple[float, list[int]]:
     """(requests/s, connections held per worker midway through the load)."""
-    before = {pid: socket_fds(pid) for pid in system.worker_pids()}
+    before = {pid: len(procfs.socket_inodes(pid)) for pid in system.worker_pids()}
     load = subprocess.Popen(
         measure.wrk_argv(system, seconds, close=False), stdout=subprocess.PIPE, text=True
     )
     time.sleep(seconds / 2)
-    split = sorted((socket_fds(pid) - n for pid, n in before.items()), reverse=True)
+    split = sorted((len(procfs.socket_inodes(pid)) - n for pid, n in before.items()), reverse=True)
     out, _ = load.communicate(timeout=seconds + 15)
     if load.returncode != 0:
         raise RuntimeError(f"wrk failed with status {load.returncode}")

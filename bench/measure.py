@@ -18,6 +18,7 @@ WRK_THREADS = 2
 WRK_CONNECTIONS = 64
 #: a `taskset -c CPUS` prefix for wrk, set by run.py where the machine has CPUs to spare
 PIN_LOAD: list[str] = []
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 def wrk_argv(system: System, seconds: float, close: bool, connections: int = WRK_CONNECTIONS):
@@ -79,9 +80,6 @@ def wrk(system: System, seconds: float, close: bool) -> dict:
     res["server_cpu_us"] = ticks / _TICKS_PER_S / n * 1e6 if n else None
     res["load_cpu_us"] = load_s / n * 1e6 if n else None
     return res
-
-
-_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu_s() -> float:
