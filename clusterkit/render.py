@@ -90,6 +90,11 @@ def render(spec: Spec) -> dict[str, str]:
     }
 
 
+def hardening(spec: Spec) -> str:
+    """The sandbox lines of this spec's service, alone (bench/sandbox_cost.py times them)."""
+    return _tidy(_environment().get_template("hardening.j2").render(spec=spec))
+
+
 def _expanding_command(argv: tuple[str, ...]) -> str:
     # clusterkit's own fixed commands, whose ${VAR}s systemd must expand (so no
     # exec_arg escaping): words with a space are double-quoted, nothing else needs it.

@@ -422,17 +422,50 @@ def test_default_hardened_units_run_the_example(
 ) -> None:
     """k: the default hardened units run the example; systemd-analyze security passes."""
     c = container
+    # The attacker's best case: a kernel tunable anyone may write (nspawn's /sys is
+    # read-only, a host's is not). A tmpfs over /sys/kernel/mm holding a mode-0666 file
+    # stands in for it; only the units' sandbox can keep the worker from writing it.
+    c.run("mount", "-t", "tmpfs", "-o", "mode=0755", "planted", PLANTED_TUNABLES, check=True)
+    c.write_file(f"{PLANTED_TUNABLES}/enabled", "always\n", mode=0o666)
     cl = deploy(c, tmp_path, exec_line=f"{PY} {HELLO / 'server.py'}", scheduling=mode)
     unit_text = c.run("systemctl", "cat", cl.unit(0), check=True).stdout
     assert "ProtectSystem=strict" in unit_text and "DynamicUser=yes" in unit_text
     for k in (0, 1):
         status = c.run("cat", f"/proc/{cl.main_pid(k)}/status", check=True).stdout
         assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status, status
+        assert_kernel_tunables_out_of_reach(c, cl.main_pid(k))
     for _ in range(4):
         r = cl.get()
         assert r.ok and r.body == "hello world\n", r
     r = c.run("systemd-analyze", "security", "--offline=yes", "--threshold=20", cl.unit(0))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+
+
+PLANTED_TUNABLES = "/sys/kernel/mm"
+
+
+def assert_kernel_tunables_out_of_reach(c: Container, pid: int) -> None:
+    """What ProtectKernelTunables=yes promises, seen from the worker's own mount namespace
+    (the units get it from ReadOnlyPaths=/sys and ProcSubset=pid, see templates/hardening.j2):
+    /sys and every mount below it read-only, /proc without /proc/sys and its siblings, and a
+    write to a world-writable tunable, made as the worker's uid in its namespaces, refused."""
+    mounts = {}
+    for line in c.run("cat", f"/proc/{pid}/mountinfo", check=True).stdout.splitlines():
+        fields = line.split()
+        mounts[fields[4]] = fields[5].split(",") + fields[fields.index("-") + 3].split(",")
+    under_sys = {path: opts for path, opts in mounts.items() if path.split("/")[1] == "sys"}
+    assert "/sys" in under_sys and all("ro" in opts for opts in under_sys.values()), under_sys
+    assert "subset=pid" in mounts["/proc"], mounts["/proc"]
+    for hidden in ("sys", "sysrq-trigger", "kcore", "kallsyms"):
+        r = c.run("test", "-e", f"/proc/{pid}/root/proc/{hidden}")
+        assert r.returncode == 1, f"/proc/{hidden} is visible to worker pid {pid}"
+    uid = c.run("stat", "-c", "%u", f"/proc/{pid}", check=True).stdout.strip()
+    tunable = f"{PLANTED_TUNABLES}/enabled"
+    r = c.run(
+        "nsenter", "--all", "-t", str(pid), "-S", uid, "-G", uid,
+        "sh", "-c", f"echo never > {tunable}",
+    )  # fmt: skip
+    assert r.returncode != 0 and "Read-only file system" in r.stderr, (r.returncode, r.stderr)
 
 
 # -- worker logs ---------------------------------------------------------------------------
