@@ -30,12 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers: at least 2")
 
     system = Clusterkit("shared")
-    system.workers = args.workers
     try:
-        units = system.render(args.workers)
-        system.boot()
-        system.box.install_units(units)
-        system._cgroup_base = system._find_cgroup_base()
+        # not system.start(): it waits until each worker has answered a request, which a
+        # client cannot make happen for 128 workers behind one socket; active is enough here
+        system.install(args.workers)
         t0 = time.monotonic()
         system.box.systemctl("start", "--no-block", f"{UNIT_NAME}.target")
         names = [f"{UNIT_NAME}@{k}.service" for k in range(args.workers)]

@@ -147,14 +147,18 @@ class Clusterkit(System):
             "Container(private_network=True).start(): " + shlex.join(self.box.nspawn_argv()),
         )
 
-    def start(self, workers: int) -> float:
-        """Boot the container (not timed), install the units, then time
-        `systemctl start NAME.target` until every worker has served a request."""
+    def install(self, workers: int) -> None:
+        """Render the units for `workers`, boot the container and install them (nothing started)."""
         self.workers = workers
         units = self.render(workers)
         self.boot()
         self.box.install_units(units)
         self._cgroup_base = self._find_cgroup_base()
+
+    def start(self, workers: int) -> float:
+        """Boot the container (not timed), install the units, then time
+        `systemctl start NAME.target` until every worker has served a request."""
+        self.install(workers)
         self.commands.setdefault("start", f"systemctl start {UNIT_NAME}.target")
         t0 = time.monotonic()
         self.box.systemctl("start", f"{UNIT_NAME}.target")
