@@ -290,18 +290,20 @@ def haproxy_view(fleet: Fleet) -> dict[str, dict[str, object]] | None:
     if fleet.haproxy_socket is None:
         return None
     rows = HAProxy(fleet.haproxy_socket, fleet.backend).servers()
+    return {name: _server_view(r) for name, r in rows.items()}
+
+
+def _server_view(row: dict[str, str]) -> dict[str, object]:
+    # check_status is the last check's result; "* L7OK" while the next check runs
+    # (HAProxy's management guide), so the marker goes into "checking"
+    check = row.get("check_status") or ""
     return {
-        name: {
-            "status": r.get("status"),
-            # the last check's result; "* L7OK" while the next check runs (HAProxy's
-            # management guide), so the marker goes into "checking"
-            "check": (r.get("check_status") or "").removeprefix("* ") or None,
-            "checking": (r.get("check_status") or "").startswith("* "),
-            "sessions": int(r.get("scur") or 0),
-            "total_sessions": int(r.get("stot") or 0),
-            "last_change_s": int(r.get("lastchg") or 0),
-        }
-        for name, r in rows.items()
+        "status": row.get("status"),
+        "check": check.removeprefix("* ") or None,
+        "checking": check.startswith("* "),
+        "sessions": int(row.get("scur") or 0),
+        "total_sessions": int(row.get("stot") or 0),
+        "last_change_s": int(row.get("lastchg") or 0),
     }
 
 
