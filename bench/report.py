@@ -380,7 +380,9 @@ CLUSTERKIT_NOTES = [
     "crash-loop back-off (no extra wait after an isolated crash). A respawn is: PID 1 notices "
     "the exit, runs the one `ExecStopPost=` shell (exit line, back-off) in a fresh sandbox, "
     "starts the worker in another, which imports Python and clusterkit and accepts; gunicorn "
-    "forks an already-imported worker instead, which no systemd unit can do.",
+    "forks an already-imported worker instead, which no systemd unit can do. What setting up "
+    "a sandbox costs, setting by setting, is measured apart by `python -m bench.sandbox_cost` "
+    "(`SANDBOX.md`).",
     "- Rows that change only the process model: `uvicorn`, `gunicorn-uvicorn` and "
     "`clusterkit-asgi` serve the same ASGI app with uvicorn's httptools protocol and uvloop; "
     "`gunicorn`, `clusterkit-gunicorn` (stock gunicorn, one sync worker per unit) and "
