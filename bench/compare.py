@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.report import FIGURES, Figure, median, targets
 from bench.systems import BASELINE
+from clusterkit.unitfiles import atomic_write
 
 
 def spread(fig: Figure, rs: list[dict]) -> float | None:
@@ -108,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = "\n".join(compare(a, b, args.a.name, args.b.name)) + "\n"
     if args.out:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        atomic_write(args.out, text)
     else:
         sys.stdout.write(text)
     return 0

@@ -15,13 +15,15 @@ and the CPU time per request (the system's, from bench/measure.py) medians.
 from __future__ import annotations
 
 import argparse
+import datetime
 import statistics
 import sys
 from pathlib import Path
 
-from bench import measure
+from bench import measure, procfs
 from bench import run as bench_run
 from bench.systems import BASELINE, SYSTEMS
+from clusterkit.unitfiles import atomic_write
 
 DEFAULT_SYSTEMS = (BASELINE, "clusterkit-shared", "clusterkit-reuseport")
 LOADS = (("keep-alive", False), ("new connection per request", True))
@@ -30,14 +32,7 @@ LOADS = (("keep-alive", False), ("new connection per request", True))
 def measure_rounds(names: list[str], rounds: int, seconds: float) -> dict:
     """{load: {system: [per-round wrk results]}}."""
     out: dict = {load: {name: [] for name in names} for load, _ in LOADS}
-    systems = []
-    try:
-        # last first: bench_run.started() refuses a host port in use, and a system in a
-        # container of its own (clusterkit) is on the host until it boots
-        for name in reversed(names):
-            system, _ = bench_run.started(name, 2)
-            systems.insert(0, system)
-            measure.wrk(system, 1, close=False)  # warm-up, not recorded
+    with bench_run.all_started(names, 2) as systems:
         for i in range(rounds):
             for load, close in LOADS:
                 for system in systems:
@@ -48,9 +43,6 @@ def measure_rounds(names: list[str], rounds: int, seconds: float) -> dict:
                         file=sys.stderr,
                         flush=True,
                     )
-    finally:
-        for system in systems:
-            bench_run.stop(system)
     return out
 
 
@@ -88,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or not 1 <= args.duration <= 30 or len(set(args.systems)) < 2:
         p.error("--rounds: at least 1; --duration: 1 to 30 s; --systems: at least 2 different")
     names = list(dict.fromkeys(args.systems))
+    load_before = procfs.load_average()
     results = measure_rounds(names, args.rounds, args.duration)
     lines = table(results, names)
     print("\n".join(lines))
@@ -98,14 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Made by `python -m bench.interleaved --systems {' '.join(names)} "
             f"--rounds {args.rounds} --duration {args.duration:g}`, "
-            f"{bench_run.datetime.datetime.now(bench_run.datetime.UTC):%Y-%m-%d %H:%M} UTC, "
-            f"load average before: {' '.join(open('/proc/loadavg').read().split()[:3])}.",
+            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+            f"load average before: {' '.join(load_before)}.",
             doc,
             "",
         ]
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text("\n".join(head + lines))
-        tmp.replace(args.out)
+        atomic_write(args.out, "\n".join(head + lines))
     return 0
 
 

@@ -45,12 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or not 1 <= args.duration <= 30:
         p.error("--rounds: at least 1; --duration: 1 to 30 s")
-    systems = []
-    try:
-        for name in MODES:
-            system, _ = bench_run.started(name, 2)
-            systems.append(system)
-            measure.wrk(system, 1, close=False)  # warm-up, not recorded
+    with bench_run.all_started(list(MODES), 2) as systems:
         rps: dict[str, list[float]] = {name: [] for name in MODES}
         for i in range(args.rounds):
             for system in systems:
@@ -59,9 +54,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {i + 1} {system.name}: {r:,.0f} req/s, connections {split}")
         for name in MODES:
             print(f"{name}: median {statistics.median(rps[name]):,.0f} req/s")
-    finally:
-        for system in systems:
-            bench_run.stop(system)
     return 0
 
 

@@ -9,6 +9,12 @@ from __future__ import annotations
 import os
 
 
+def load_average() -> list[str]:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg writes them."""
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
 def children(pid: int) -> list[int]:
     """Direct children of pid (all threads' children lists), [] if pid is gone."""
     out: list[int] = []

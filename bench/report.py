@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench import procfs
 from bench.client import SLOW
 from bench.systems import BASELINE
 
@@ -363,7 +364,7 @@ def machine_meta() -> dict:
         "distro": distro,
         "python": sys.version.split()[0],
         "wrk_version": _run("wrk", "-v"),
-        "load_avg_at_end": open("/proc/loadavg").read().split()[:3],
+        "load_avg_at_end": procfs.load_average(),
     }
 
 

@@ -11,6 +11,7 @@ See bench/README.md for what is measured and how.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -19,10 +20,11 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import measure, report  # noqa: E402
+from bench import measure, procfs, report  # noqa: E402
 from bench.systems import BASELINE, SYSTEMS  # noqa: E402
 from bench.systems.base import NPROC, REGISTRY, ROOT, System  # noqa: E402
 
@@ -65,6 +67,25 @@ def stop(system: System) -> None:
     system.stop()
     if system in RUNNING:
         RUNNING.remove(system)
+
+
+@contextlib.contextmanager
+def all_started(names: list[str], workers: int) -> Iterator[list[System]]:
+    """The systems ``names``, started (and warmed up by a 1 s load) together, stopped at the end.
+
+    Started last first: started() refuses a host port in use, and a system in a container
+    of its own (clusterkit) is on the host's network until it boots.
+    """
+    systems: list[System] = []
+    try:
+        for name in reversed(names):
+            system, _ = started(name, workers)
+            systems.insert(0, system)
+            measure.wrk(system, 1, close=False)  # warm-up, not recorded
+        yield systems
+    finally:
+        for system in systems:
+            stop(system)
 
 
 def healthy(system: System, workers: int) -> System:
@@ -164,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if BASELINE not in names:
         names.insert(0, BASELINE)  # every figure is a ratio to it
 
-    load_at_start = open("/proc/loadavg").read().split()[:3]
+    load_at_start = procfs.load_average()
     cpus = os.cpu_count() or 1
     if cpus >= a.workers + 2:  # wrk's 2 threads get CPUs of their own
         spare = ",".join(str(c) for c in range(a.workers, cpus))

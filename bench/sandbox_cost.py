@@ -24,6 +24,7 @@ from pathlib import Path
 from clusterkit import render
 from clusterkit.container import Container
 from clusterkit.spec import build_spec
+from clusterkit.unitfiles import atomic_write
 
 ONESHOT = "[Service]\nType=oneshot\nExecStart=/bin/true\n"
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         doc = __doc__.split("\n\n", 2)[2].strip()
         title = "# Sandbox cost per command\n\nMade by `python -m bench.sandbox_cost`."
-        args.out.write_text(f"{title}\n{doc}\n\n{text}\n")
+        atomic_write(args.out, f"{title}\n{doc}\n\n{text}\n")
     return 0
 
 
