@@ -12,7 +12,10 @@ text/plain), a :class:`Response`, or an awaitable of either::
 Hostile clients meet :class:`Limits`: a too-long request target gets 414, too
 many or too large header fields 431, a too-large body 413 (before it is read
 when ``Content-Length`` says so), a malformed request 400, then the connection
-closes. A request's head must arrive within ``header_timeout``, a body must not
+closes. The bodies one worker holds at once are capped by ``max_body_buffer``:
+a body that would go past it gets 503 (many connections each sending a body
+just under ``max_body_size`` would otherwise grow the worker by all of them).
+A request's head must arrive within ``header_timeout``, a body must not
 stall for ``body_timeout``, an idle keep-alive connection closes after
 ``keep_alive_timeout``. Reading pauses while a pipelined request waits for the
 one before it, and while the client does not read its responses, so neither
@@ -138,6 +141,10 @@ class ConnectionSet:
         self.limits = limits or Limits()
         self.connections: set[HttpProtocol] = set()
         self.draining = False
+        #: bytes of request bodies held by all connections (capped by limits.max_body_buffer)
+        self.body_bytes = 0
+        #: bodies refused for that cap since the last tick (logged there, once per tick)
+        self.refused_for_buffer = 0
         self.date = b""
         self.now = 0.0
         self.tick()
@@ -146,6 +153,14 @@ class ConnectionSet:
         """Refresh the cached Date header and clock, close timed-out connections."""
         self.date = b"\r\nDate: " + http_date(time.time())
         self.now = now = time.monotonic()
+        if self.refused_for_buffer:
+            self.logger.warning(
+                "refused %d request body(ies) with 503: this worker held max_body_buffer "
+                "(%d bytes) of bodies; raise Limits.max_body_buffer if that is legitimate load",
+                self.refused_for_buffer,
+                self.limits.max_body_buffer,
+            )
+            self.refused_for_buffer = 0
         for conn in list(self.connections):
             if conn.deadline and now >= conn.deadline:
                 conn.timed_out()
@@ -179,6 +194,7 @@ class HttpProtocol(asyncio.Protocol):
         "headers",
         "body",
         "body_size",
+        "held",
         "head_size",
         "head_parsed",
         "in_head",
@@ -204,6 +220,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[str, str]] = []
         self.body: list[bytes] = []
         self.body_size = 0
+        self.held = 0  # body bytes counted in state.body_bytes, until their response is sent
         self.head_size = 0  # bytes received while the head is incomplete (an endless one)
         self.head_parsed = 0  # bytes of request line and fields parsed
         self.in_head = False
@@ -231,6 +248,7 @@ class HttpProtocol(asyncio.Protocol):
         self.state.connections.discard(self)
         self.transport = None
         self.deadline = 0.0
+        self._release(self.held)
 
     def data_received(self, data: bytes) -> None:
         if self.stopped or self.closing:
@@ -339,9 +357,16 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
-        self.body_size += len(body)
+        n = len(body)
+        self.body_size += n
         if self.body_size > self.limits.max_body_size:  # chunked: no Content-Length to check
             raise _Reject(413)
+        state = self.state
+        if state.body_bytes + n > self.limits.max_body_buffer:
+            state.refused_for_buffer += 1
+            raise _Reject(503)
+        state.body_bytes += n
+        self.held += n
         self.body.append(body)
         if not self.busy:
             self.deadline = self.state.now + self.limits.body_timeout
@@ -357,6 +382,8 @@ class HttpProtocol(asyncio.Protocol):
             b"".join(self.body),
             p.get_http_version(),
         )
+        if self.body:
+            self.body = []  # the joined copy is the one kept (until the response is sent)
         # HTTP/1.0 keep-alive is not offered (as uvicorn): the connection closes
         keep = p.should_keep_alive() and not self.upgrade and req.version != "1.0"
         if self.busy:
@@ -438,7 +465,15 @@ class HttpProtocol(asyncio.Protocol):
             lines.append(b"Content-Length: %d" % len(body))
         return b"\r\n".join(lines) + self.state.date, body, close
 
+    def _release(self, n: int) -> None:
+        """Give back *n* body bytes of this connection's to the worker's budget."""
+        n = min(n, self.held)  # connection_lost may have given them all back already
+        self.held -= n
+        self.state.body_bytes -= n
+
     def _respond(self, req: Request, result: Result, keep: bool) -> None:
+        if req.body:
+            self._release(len(req.body))
         transport = self.transport
         if transport is None or self.closing:
             return

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from clusterkit.limits import Limits
+
 PYTHON = sys.executable
 APP = Path(__file__).parent / "apps" / "protocol_app.py"
 TIMEOUT = 1.0  # header/body/keep-alive timeout the servers are given (CK_TIMEOUT)
@@ -600,6 +602,76 @@ def test_pipelined_flood_is_flow_controlled(asyncio_server):
     assert sent < 2_000_000
     assert asyncio_server.rss() - before < RSS_BOUND
     sock.close()
+
+
+def _send_partial_bodies(server: Server, n: int, size: int, missing: int) -> list[socket.socket]:
+    """*n* connections, each sending a POST /echo of *size* bytes but for its last *missing*,
+    all at once (non-blocking); returns them once every byte is sent or refused."""
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+    socks = []
+    for _ in range(n):
+        s = server.connect()
+        s.sendall(head)
+        s.setblocking(False)
+        socks.append(s)
+    left = {s: size - missing for s in socks}
+    chunk = b"b" * 65536
+    deadline = time.monotonic() + 20
+    while left and time.monotonic() < deadline:
+        for s in list(left):
+            try:
+                left[s] -= s.send(chunk[: left[s]])
+            except BlockingIOError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                left[s] = 0  # refused: the server answered and closed
+            if not left[s]:
+                del left[s]
+    for s in socks:
+        s.setblocking(True)
+        s.settimeout(5)
+    return socks
+
+
+def test_bodies_on_many_connections_keep_rss_bounded(asyncio_server):
+    """One client, 100 connections, each sending a body just under max_body_size and never
+    its last byte: the worker holds at most max_body_buffer of them, refuses the rest with
+    503, serves everyone else meanwhile, and gets the whole budget back afterwards."""
+    budget, one = Limits().max_body_buffer, Limits().max_body_size
+    assert budget < 100 * one
+
+    def attack():
+        socks = _send_partial_bodies(asyncio_server, 100, one, missing=1)
+        statuses, _, _ = exchange(asyncio_server, get("/", "Connection: close\r\n"))
+        return socks, statuses
+
+    growth, (socks, statuses) = _peak_rss_while(asyncio_server, attack)
+    assert statuses == [200]  # a request on another connection is served during the attack
+    # each is refused (503) when it would go past the budget, or times out (408) once stalled
+    statuses = [a[0] if a else None for a in (Reader(s).response() for s in socks)]
+    assert set(statuses) <= {503, 408} and statuses.count(503) >= 1, statuses
+    assert growth < RSS_BOUND
+    asyncio_server.wait_log("refused", "max_body_buffer")
+    for s in socks:
+        s.close()
+    time.sleep(0.5)  # the worker sees the closes (a leak of one byte would show below)
+
+    # the whole budget is free again: budget // one uploads at once, all complete, none refused
+    uploads = _send_partial_bodies(asyncio_server, budget // one, one, missing=1)
+    for s in uploads:
+        s.sendall(b"b")
+    answers = [Reader(s).response() for s in uploads]
+    assert [a[0] if a else None for a in answers] == [200] * (budget // one)
+    assert all(len(a[2]) == one for a in answers)
+    for s in uploads:
+        s.close()
+
+
+def test_body_buffer_holds_at_least_one_body():
+    assert Limits(max_body_size=64 << 20).max_body_buffer == 64 << 20
+    refused = r"max_body_buffer \(1048576\) is smaller than max_body_size"
+    with pytest.raises(ValueError, match=refused):
+        Limits(max_body_size=2 << 20, max_body_buffer=1 << 20)
 
 
 # -- serve_wsgi: the waitress settings clusterkit passes ------------------------------
