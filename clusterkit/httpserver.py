@@ -12,9 +12,11 @@ text/plain), a :class:`Response`, or an awaitable of either::
 Hostile clients meet :class:`Limits`: a too-long request target gets 414, too
 many or too large header fields 431, a too-large body 413 (before it is read
 when ``Content-Length`` says so), a malformed request 400, then the connection
-closes. The bodies one worker holds at once are capped by ``max_body_buffer``:
-a body that would go past it gets 503 (many connections each sending a body
-just under ``max_body_size`` would otherwise grow the worker by all of them).
+closes. What one worker holds of requests still arriving is capped by
+``max_request_buffer``, summed over its connections: a request that would go
+past it gets 503 (many connections each sending a head or body just under its
+limit would otherwise grow the worker by all of them). A request read whole in
+one read costs nothing here: only what stays held between reads is counted.
 A request's head must arrive within ``header_timeout``, a body must not
 stall for ``body_timeout``, an idle keep-alive connection closes after
 ``keep_alive_timeout``. Reading pauses while a pipelined request waits for the
@@ -141,9 +143,9 @@ class ConnectionSet:
         self.limits = limits or Limits()
         self.connections: set[HttpProtocol] = set()
         self.draining = False
-        #: bytes of request bodies held by all connections (capped by limits.max_body_buffer)
-        self.body_bytes = 0
-        #: bodies refused for that cap since the last tick (logged there, once per tick)
+        #: bytes of requests held by all connections (capped by limits.max_request_buffer)
+        self.held = 0
+        #: requests refused for that cap since the last tick (logged there, once per tick)
         self.refused_for_buffer = 0
         self.date = b""
         self.now = 0.0
@@ -155,10 +157,11 @@ class ConnectionSet:
         self.now = now = time.monotonic()
         if self.refused_for_buffer:
             self.logger.warning(
-                "refused %d request body(ies) with 503: this worker held max_body_buffer "
-                "(%d bytes) of bodies; raise Limits.max_body_buffer if that is legitimate load",
+                "refused %d request(s) with 503: this worker held max_request_buffer "
+                "(%d bytes) of requests arriving; raise Limits.max_request_buffer if that "
+                "is legitimate load",
                 self.refused_for_buffer,
-                self.limits.max_body_buffer,
+                self.limits.max_request_buffer,
             )
             self.refused_for_buffer = 0
         for conn in list(self.connections):
@@ -195,6 +198,7 @@ class HttpProtocol(asyncio.Protocol):
         "body",
         "body_size",
         "held",
+        "counted",
         "head_size",
         "head_parsed",
         "in_head",
@@ -220,7 +224,8 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[str, str]] = []
         self.body: list[bytes] = []
         self.body_size = 0
-        self.held = 0  # body bytes counted in state.body_bytes, until their response is sent
+        self.held = 0  # bytes counted in state.held, until the connection is idle or gone
+        self.counted = 0  # of them, the request being read
         self.head_size = 0  # bytes received while the head is incomplete (an endless one)
         self.head_parsed = 0  # bytes of request line and fields parsed
         self.in_head = False
@@ -248,7 +253,7 @@ class HttpProtocol(asyncio.Protocol):
         self.state.connections.discard(self)
         self.transport = None
         self.deadline = 0.0
-        self._release(self.held)
+        self._release()
 
     def data_received(self, data: bytes) -> None:
         if self.stopped or self.closing:
@@ -272,8 +277,11 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError:
             self._reject(400)
             return
-        if self.in_head and self.head_size > self.limits.max_head_size:
-            self._reject(431)
+        if self.in_message:  # a request spans reads: what it holds counts for the worker
+            if self.in_head and self.head_size > self.limits.max_head_size:
+                self._reject(431)
+                return
+            self._hold()
 
     def pause_writing(self) -> None:  # the client does not read: stop reading too
         self.write_paused = True
@@ -305,6 +313,7 @@ class HttpProtocol(asyncio.Protocol):
         self.in_head = True
         self.head_size = 0
         self.head_parsed = 0
+        self.counted = 0
         self.url = b""
         self.headers = []
         self.body = []
@@ -357,16 +366,9 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
-        n = len(body)
-        self.body_size += n
+        self.body_size += len(body)
         if self.body_size > self.limits.max_body_size:  # chunked: no Content-Length to check
             raise _Reject(413)
-        state = self.state
-        if state.body_bytes + n > self.limits.max_body_buffer:
-            state.refused_for_buffer += 1
-            raise _Reject(503)
-        state.body_bytes += n
-        self.held += n
         self.body.append(body)
         if not self.busy:
             self.deadline = self.state.now + self.limits.body_timeout
@@ -465,15 +467,26 @@ class HttpProtocol(asyncio.Protocol):
             lines.append(b"Content-Length: %d" % len(body))
         return b"\r\n".join(lines) + self.state.date, body, close
 
-    def _release(self, n: int) -> None:
-        """Give back *n* body bytes of this connection's to the worker's budget."""
-        n = min(n, self.held)  # connection_lost may have given them all back already
-        self.held -= n
-        self.state.body_bytes -= n
+    def _hold(self) -> None:
+        """Count what the request being read holds so far; 503 past max_request_buffer."""
+        # head_size misses the read the head began in, head_parsed a field not yet whole
+        n = max(self.head_size, self.head_parsed) + self.body_size - self.counted
+        if n <= 0:
+            return
+        state = self.state
+        self.counted += n
+        self.held += n
+        state.held += n
+        if state.held > self.limits.max_request_buffer:
+            state.refused_for_buffer += 1
+            self._reject(503)
+
+    def _release(self) -> None:
+        """Give this connection's counted bytes back to the worker's budget."""
+        self.state.held -= self.held
+        self.held = self.counted = 0
 
     def _respond(self, req: Request, result: Result, keep: bool) -> None:
-        if req.body:
-            self._release(len(req.body))
         transport = self.transport
         if transport is None or self.closing:
             return
@@ -492,12 +505,16 @@ class HttpProtocol(asyncio.Protocol):
             transport.write(head + b"\r\n\r\n" + body)
             if not self.busy and not self.in_message and not self.pending:
                 self.deadline = self.state.now + self.limits.keep_alive_timeout
+                if self.held:  # idle: nothing of it is held any more
+                    self._release()
 
     # -- refusals and closing ---------------------------------------------
     def _reject(self, status: int) -> None:
         """Refuse the request being read: answer *status* in turn, then close."""
         self._stop_reading()
         self.in_message = self.in_head = False
+        # let go of what it sent now: many refused in one loop turn must not add up
+        self.url, self.headers, self.body = b"", [], []
         if self.busy or self.pending:
             self.pending.append((status, False))
         else:

@@ -24,11 +24,11 @@ class Limits:
     max_head_size: int = 64 * 1024
     #: bytes in a request body, which is buffered whole (nginx's client_max_body_size: 1m)
     max_body_size: int = 1024 * 1024
-    #: bytes of request bodies one worker holds at once, summed over its connections; a
-    #: body that would go past it gets 503. Without it, one client sending a body just
-    #: under max_body_size on each of many connections grows the worker by all of them.
-    #: Default (None): 32 MiB, or max_body_size if that is larger.
-    max_body_buffer: int | None = None
+    #: bytes of requests (heads and bodies) one worker holds while they arrive, summed over
+    #: its connections; a request that would go past it gets 503. Without it, one client
+    #: sending a head or body just under its limit on each of many connections grows the
+    #: worker by all of them. Default (None): 16 MiB, or one largest request if larger.
+    max_request_buffer: int | None = None
     #: seconds from a request's first byte (or the connection's start) to its complete head
     header_timeout: float = 10.0
     #: seconds a request body may go without receiving a byte
@@ -37,12 +37,13 @@ class Limits:
     keep_alive_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.max_body_buffer is None:  # frozen: set through object
-            object.__setattr__(self, "max_body_buffer", max(32 * 1024 * 1024, self.max_body_size))
-        elif self.max_body_buffer < self.max_body_size:
+        largest = self.max_head_size + self.max_body_size
+        if self.max_request_buffer is None:  # frozen: set through object
+            object.__setattr__(self, "max_request_buffer", max(16 * 1024 * 1024, largest))
+        elif self.max_request_buffer < largest:
             raise ValueError(
-                f"Limits: max_body_buffer ({self.max_body_buffer}) is smaller than "
-                f"max_body_size ({self.max_body_size}); raise it too"
+                f"Limits: max_request_buffer ({self.max_request_buffer}) is smaller than one "
+                f"largest request, max_head_size + max_body_size ({largest}); raise it too"
             )
 
     @property
