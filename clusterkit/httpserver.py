@@ -17,6 +17,7 @@ closes. What one worker holds of requests still arriving is capped by
 past it gets 503 (many connections each sending a head or body just under its
 limit would otherwise grow the worker by all of them). A request read whole in
 one read costs nothing here: only what stays held between reads is counted.
+Trailer fields of a chunked body are dropped, and count as part of the head.
 A request's head must arrive within ``header_timeout``, a body must not
 stall for ``body_timeout``, an idle keep-alive connection closes after
 ``keep_alive_timeout``. Reading pauses while a pipelined request waits for the
@@ -199,7 +200,7 @@ class HttpProtocol(asyncio.Protocol):
         "body_size",
         "held",
         "counted",
-        "head_size",
+        "raw",
         "head_parsed",
         "in_head",
         "in_message",
@@ -226,7 +227,8 @@ class HttpProtocol(asyncio.Protocol):
         self.body_size = 0
         self.held = 0  # bytes counted in state.held, until the connection is idle or gone
         self.counted = 0  # of them, the request being read
-        self.head_size = 0  # bytes received while the head is incomplete (an endless one)
+        #: bytes received for the request being read, from the read after the one it began in
+        self.raw = 0
         self.head_parsed = 0  # bytes of request line and fields parsed
         self.in_head = False
         self.in_message = False
@@ -258,8 +260,8 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.stopped or self.closing:
             return
-        if self.in_head:
-            self.head_size += len(data)
+        if self.in_message:
+            self.raw += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -278,7 +280,9 @@ class HttpProtocol(asyncio.Protocol):
             self._reject(400)
             return
         if self.in_message:  # a request spans reads: what it holds counts for the worker
-            if self.in_head and self.head_size > self.limits.max_head_size:
+            # past its body, a request sends its head, chunk framing and trailer fields: an
+            # endless head or trailer field (which the parser buffers whole) ends here
+            if self.raw - self.body_size > self.limits.max_head_size + self.body_size:
                 self._reject(431)
                 return
             self._hold()
@@ -311,7 +315,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_message = True
         self.in_head = True
-        self.head_size = 0
+        self.raw = 0
         self.head_parsed = 0
         self.counted = 0
         self.url = b""
@@ -331,6 +335,8 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:  # a trailer field of a chunked body: dropped, as uvicorn does, so
+            return  # it cannot pose as a header (one a proxy in front set, say) to the app
         limits = self.limits
         if len(self.headers) >= limits.max_header_fields:
             raise _Reject(431)
@@ -469,8 +475,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def _hold(self) -> None:
         """Count what the request being read holds so far; 503 past max_request_buffer."""
-        # head_size misses the read the head began in, head_parsed a field not yet whole
-        n = max(self.head_size, self.head_parsed) + self.body_size - self.counted
+        # raw misses the read the request began in, head_parsed a field not yet whole
+        n = max(self.raw, self.head_parsed + self.body_size) - self.counted
         if n <= 0:
             return
         state = self.state

@@ -572,6 +572,27 @@ def test_endless_header_keeps_rss_bounded(server):
     assert growth < RSS_BOUND
 
 
+def test_endless_trailer_field_keeps_rss_bounded(server, patient_asyncio_server):
+    """A trailer field that never ends, after a chunked body. serve_asyncio's is the one
+    with 60 s timeouts: the body timeout must not be what ends it."""
+    target = patient_asyncio_server if server.kind == "asyncio" else server
+    prefix = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    prefix += b"5\r\nhello\r\n0\r\nX-Endless: "
+    growth, (sent, resp) = _stream(target, prefix, b"t" * MiB, 200 * MiB)
+    assert resp is None or 400 <= resp[0] < 500
+    assert sent < 200 * MiB
+    assert growth < RSS_BOUND
+
+
+def test_trailer_field_is_not_a_request_header(server):
+    """A proxy in front sets X-Forwarded-For in the head; a client must not add one after
+    the body, as a trailer field, for the app to find among the headers."""
+    data = b"POST /xff HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data += b"5\r\nhello\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    statuses, resps, _ = exchange(server, data)
+    assert statuses == [200] and resps[0][2] == b"-"
+
+
 def test_stalled_body_and_silent_connection_are_closed(asyncio_server):
     stalled = asyncio_server.connect()
     stalled.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")

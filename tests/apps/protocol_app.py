@@ -5,6 +5,7 @@
 keep-alive timeouts so the suite sees them fire. Routes, the same in both:
 
 - ``/``: ``hello``; ``/echo``: the request body; ``/slow``: ``slow`` after 0.2 s;
+- ``/xff``: the request's ``X-Forwarded-For`` header, or ``-``;
 - ``/none``: the handler returns nothing; ``/raise``: it raises;
 - ``/crlf``: it sets a header value with CR/LF in it;
 - ``/length``: it sets its own ``Content-Length``; ``/204``: No Content.
@@ -28,6 +29,8 @@ def run_asyncio() -> None:
         path = req.path
         if path == "/echo":
             return Response(req.body, headers=[("Content-Type", "application/octet-stream")])
+        if path == "/xff":
+            return req.header("x-forwarded-for", "-")
         if path == "/slow":
             await asyncio.sleep(0.2)
             return "slow"
@@ -63,6 +66,8 @@ def run_uvicorn(**options) -> None:
         headers = [(b"content-type", b"text/plain")]
         if path == "/echo":
             out = body
+        elif path == "/xff":
+            out = dict(scope["headers"]).get(b"x-forwarded-for", b"-")
         elif path == "/slow":
             await asyncio.sleep(0.2)
             out = b"slow"
