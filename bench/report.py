@@ -341,6 +341,16 @@ def _run(*argv: str) -> str:
         return "?"
 
 
+def checkout_commit() -> str:
+    """The commit the run measured, with ", uncommitted changes" when the checkout differs
+    from it in clusterkit/, bench/ or templates/ (the code that ran)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sha = _run("git", "-C", here, "rev-parse", "--short=12", "HEAD")
+    code = ("clusterkit", "bench", "templates")
+    dirty = _run("git", "-C", here, "status", "--porcelain", "--", *code)
+    return sha + (", uncommitted changes" if dirty not in ("", "?") else "")
+
+
 def machine_meta() -> dict:
     cpu = "?"
     try:
@@ -365,6 +375,7 @@ def machine_meta() -> dict:
         "python": sys.version.split()[0],
         "wrk_version": _run("wrk", "-v"),
         "load_avg_at_end": procfs.load_average(),
+        "commit": checkout_commit(),
     }
 
 
@@ -485,6 +496,7 @@ def write(out: str, meta: dict, runs: dict[str, list[dict]]) -> None:
         f"{' '.join(meta.get('load_avg_at_start', ['?']))}, at the end "
         f"{' '.join(meta['load_avg_at_end'])}",
         f"- CPU pinning: {meta.get('pinning', 'none')}",
+        f"- code: commit {meta.get('commit', '? (not recorded by this run)')}",
         f"- versions: Python {meta['python']}, "
         + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
         + f", {meta['wrk_version']}",
