@@ -395,6 +395,8 @@ class HttpProtocol(asyncio.Protocol):
         # HTTP/1.0 keep-alive is not offered (as uvicorn): the connection closes
         keep = p.should_keep_alive() and not self.upgrade and req.version != "1.0"
         if self.busy:
+            if len(self.pending) >= self.limits.max_pipelined:
+                raise _Reject(503)  # answered after the ones waiting, then the connection closes
             self.pending.append((req, keep))
             if self.transport is not None:
                 self.transport.pause_reading()

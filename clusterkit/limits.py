@@ -29,6 +29,11 @@ class Limits:
     #: sending a head or body just under its limit on each of many connections grows the
     #: worker by all of them. Default (None): 16 MiB, or one largest request if larger.
     max_request_buffer: int | None = None
+    #: requests a connection may send ahead while one is being answered (pipelining): the
+    #: parser reads a whole read's worth at once, thousands of small requests, and each
+    #: waiting one is kept; past this many the next gets 503, after those, and the
+    #: connection closes
+    max_pipelined: int = 32
     #: seconds from a request's first byte (or the connection's start) to its complete head
     header_timeout: float = 10.0
     #: seconds a request body may go without receiving a byte

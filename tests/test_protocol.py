@@ -331,6 +331,37 @@ def test_pipelined_requests_answered_in_order(server):
     assert still_serves(r)
 
 
+def test_pipelining_past_max_pipelined_is_503_then_closed(asyncio_server):
+    """The requests that fit are answered in order, the next one gets 503, the rest none."""
+    waiting = Limits().max_pipelined
+    data = get("/slow") * (waiting + 10)
+    statuses, _, r = exchange(asyncio_server, data, n=waiting + 10)
+    assert statuses == [200] * (1 + waiting) + [503]
+    assert r.closed()
+
+
+def test_pipelining_on_many_connections_keeps_rss_bounded(asyncio_server):
+    """200 connections, each sending 256 KiB of pipelined requests to a slow handler at once
+    (about 7,000 each, which the parser reads whole) and reading nothing."""
+    data = get("/slow") * (256 * 1024 // len(get("/slow")))
+
+    def attack():
+        socks = [asyncio_server.connect() for _ in range(200)]
+        for s in socks:
+            s.setblocking(False)
+            try:
+                s.send(data)
+            except BlockingIOError:
+                pass
+        time.sleep(1)  # the worker reads them all meanwhile: the peak is what is measured
+        return socks
+
+    growth, socks = _peak_rss_while(asyncio_server, attack)
+    for s in socks:
+        s.close()
+    assert growth < RSS_BOUND
+
+
 def test_refusal_behind_a_pipelined_request_comes_in_order(server):
     statuses, resps, r = exchange(server, get("/slow") + b"GET / HTTP/1.1\r\nHost x\r\n\r\n", n=3)
     assert statuses == [200, 400] and resps[0][2] == b"slow"
