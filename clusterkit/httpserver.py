@@ -354,6 +354,8 @@ class HttpProtocol(asyncio.Protocol):
             if length > limits.max_body_size:
                 raise _Reject(413)
         elif key == "host":
+            if self.has_host:  # RFC 9112, 3.2: two Host lines are a 400, never a guess
+                raise _Reject(400)
             self.has_host = True
         elif key == "expect" and val.lower() == "100-continue":
             self.expect_continue = True
@@ -392,6 +394,8 @@ class HttpProtocol(asyncio.Protocol):
         )
         if self.body:
             self.body = []  # the joined copy is the one kept (until the response is sent)
+        if req.version != "1.1" and req.version != "1.0":  # llhttp also parses 0.9, 2.0, 3.0
+            raise _Reject(505)
         # HTTP/1.0 keep-alive is not offered (as uvicorn): the connection closes
         keep = p.should_keep_alive() and not self.upgrade and req.version != "1.0"
         if self.busy:

@@ -382,6 +382,7 @@ MALFORMED = {
     "obs-fold": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
     "bare-lf": b"GET / HTTP/1.1\nHost: x\n\n",
     "space-before-colon": b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+    "two-hosts": b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
     "bad-chunk-size": (
         b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n"
     ),
@@ -397,6 +398,15 @@ def test_ambiguous_or_malformed_head_is_400_and_closed(request, server, case):
         reference_lacks(request, server, f"(h11) accepts {case}")
     statuses, _, r = exchange(server, MALFORMED[case])
     assert statuses == [400]
+    assert r.closed()
+
+
+@pytest.mark.parametrize("version", ["0.9", "2.0", "3.0"])
+def test_http_version_other_than_1x_is_refused_and_closed(request, server, version):
+    """llhttp parses 0.9 and 2.0 (505 here), refuses 3.0 itself (400); h11 answers all three."""
+    reference_lacks(request, server, f"(h11) answers an HTTP/{version} request line")
+    statuses, _, r = exchange(server, f"GET / HTTP/{version}\r\nHost: x\r\n\r\n".encode())
+    assert statuses in ([505], [400])
     assert r.closed()
 
 
