@@ -21,7 +21,8 @@ Paths:
 - :func:`serve_wsgi`: waitress, in-process, on the passed socket.
 
 Each applies the request limits and timeouts of :class:`clusterkit.limits.Limits`
-that its server has (``ASGI_LIMITS``, ``WSGI_LIMITS``; bench/SERVER.md says why).
+that its server has (``ASGI_LIMITS``, ``WSGI_LIMITS``; bench/SERVER.md says why);
+``serve_asgi`` adds the ones uvicorn lacks as middleware (:mod:`clusterkit.asgilimits`).
 
 Two adapters reach past documented API, pinned in pyproject.toml and checked
 by tests/test_server_adapters.py: ``serve_asgi`` extends ``uvicorn.Server``'s
@@ -187,17 +188,23 @@ async def _serve_asyncio(
 
 _LIMITS = Limits()
 
-#: uvicorn settings for the baseline (README, "Limits and timeouts"); any can be
-#: overridden by passing it to serve_asgi. h11, not httptools: uvicorn's httptools
-#: protocol buffers a request head without end (a 200 MiB header: +236 MiB RSS),
-#: h11 refuses one past h11_max_incomplete_event_size. uvicorn has no header-read
-#: timeout and no header count/size or body limit (the body is streamed to the app).
-ASGI_LIMITS: dict[str, Any] = {
-    "http": "h11",
-    "h11_max_incomplete_event_size": _LIMITS.max_head_size,
-    "timeout_keep_alive": _LIMITS.keep_alive_timeout,
-    "limit_concurrency": 1000,  # connections + tasks; then 503 (gunicorn's worker_connections)
-}
+
+def _asgi_settings(limits: Limits) -> dict[str, Any]:
+    """uvicorn settings for *limits* (README, "Limits and timeouts"). h11, not httptools:
+    uvicorn's httptools protocol buffers a request head without end (a 200 MiB header:
+    +236 MiB RSS), h11 refuses one past h11_max_incomplete_event_size. uvicorn has no
+    header-read timeout; the request target, header and body limits it has no setting
+    for are clusterkit.asgilimits' middleware."""
+    return {
+        "http": "h11",
+        "h11_max_incomplete_event_size": limits.max_head_size,
+        "timeout_keep_alive": limits.keep_alive_timeout,
+        "limit_concurrency": 1000,  # connections + tasks; then 503 (gunicorn's worker_connections)
+    }
+
+
+#: uvicorn settings for the default limits; any can be overridden by passing it to serve_asgi
+ASGI_LIMITS: dict[str, Any] = _asgi_settings(_LIMITS)
 
 
 def serve_asgi(
@@ -207,6 +214,7 @@ def serve_asgi(
     worker: ThisWorker | None = None,
     drain_timeout: float | None = None,
     fresh_grace: float = 1.0,
+    limits: Limits | None = None,
     **uvicorn_options: Any,
 ) -> None:
     """Serve an ASGI app with uvicorn on the worker's socket, then return after a drain.
@@ -217,10 +225,15 @@ def serve_asgi(
     harmless handler for the SIGTERM it re-raises at the end, so the exit is 0.
     Connections accepted just before SIGTERM get ``fresh_grace`` seconds to send
     their request (as in the other paths) before uvicorn closes idle ones.
-    uvicorn gets :data:`ASGI_LIMITS` unless *uvicorn_options* say otherwise.
+    uvicorn gets the settings for *limits* (default: :data:`ASGI_LIMITS`) unless
+    *uvicorn_options* say otherwise, and the app the rest of *limits*
+    (:class:`clusterkit.asgilimits.LimitedApp`).
     """
     import uvicorn
 
+    from clusterkit.asgilimits import LimitedApp
+
+    limits = limits or _LIMITS
     w = worker or worker_mod.current()
     sock = w.listen(port_or_address)
     drain_timeout = w.drain_timeout if drain_timeout is None else drain_timeout
@@ -230,7 +243,7 @@ def serve_asgi(
         "timeout_graceful_shutdown": max(0.1, drain_timeout - fresh_grace),
         "backlog": BACKLOG,
         "lifespan": "auto",
-        **ASGI_LIMITS,
+        **_asgi_settings(limits),
     }
     options.update(uvicorn_options)
     config = uvicorn.Config(app, **options)
@@ -239,7 +252,7 @@ def serve_asgi(
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             # uvicorn has loaded the app (and its own middleware) by now; the
             # protocols and the lifespan read config.loaded_app after this point.
-            self._ck_closing = _CloseWhenDraining(self.config.loaded_app)
+            self._ck_closing = _CloseWhenDraining(LimitedApp(self.config.loaded_app, limits, log))
             self.config.loaded_app = self._ck_closing
             await super().startup(sockets=sockets)
             if self.started:

@@ -1,0 +1,148 @@
+"""The limits uvicorn has no setting for, applied to an ASGI app as middleware.
+
+:func:`clusterkit.serve.serve_asgi` gives uvicorn what it can enforce itself (a
+request head still arriving, ``h11_max_incomplete_event_size``; idle keep-alive;
+``limit_concurrency``). uvicorn has no limit on the request target, the header
+fields or the body: it hands them to the app, and a body is streamed to an app
+that, as most frameworks do, reads it whole. :class:`LimitedApp` applies the rest
+of :class:`clusterkit.limits.Limits` between uvicorn and the app:
+
+- before the app runs: a request target over ``max_request_line`` gets 414, more
+  than ``max_header_fields`` header fields or one over ``max_header_field_size``
+  431, a ``Content-Length`` over ``max_body_size`` 413, an HTTP version other
+  than 1.0/1.1 (h11 answers 0.9, 2.0 and 3.0 request lines) 505;
+- while the app reads the body: past ``max_body_size``, or past
+  ``max_request_buffer`` of body bytes read by all the requests in progress in
+  this worker (an app keeps what it reads until it returns), the client gets 413
+  (503) if the app has not begun its response, and the app gets
+  ``http.disconnect`` (a client gone), so it stops and uvicorn stops reading.
+
+Every refusal says ``Connection: close``, and uvicorn then closes the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from clusterkit.limits import Limits
+
+_REASONS = {
+    503: b"Service Unavailable",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+_DISCONNECT = {"type": "http.disconnect"}
+
+
+async def _refuse(send: Any, status: int) -> None:
+    body = _REASONS.get(status, b"HTTP Version Not Supported")
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class LimitedApp:
+    """ASGI middleware: *app*, with *limits* applied to each HTTP request it gets."""
+
+    def __init__(self, app: Any, limits: Limits, logger: logging.Logger) -> None:
+        self.app = app
+        self.limits = limits
+        self.logger = logger
+        #: body bytes read by the requests in progress (capped by limits.max_request_buffer)
+        self.held = 0
+        self.refused_for_buffer = 0  # since it was last logged
+        self.logged_at = 0.0
+
+    def _note_refused_for_buffer(self) -> None:
+        """A warning at most once a second, with how many were refused since the last."""
+        self.refused_for_buffer += 1
+        now = time.monotonic()
+        if now - self.logged_at >= 1.0:
+            self.logger.warning(
+                "refused %d request(s) with 503: this worker held max_request_buffer "
+                "(%d bytes) of request bodies; raise Limits.max_request_buffer if that "
+                "is legitimate load",
+                self.refused_for_buffer,
+                self.limits.max_request_buffer,
+            )
+            self.refused_for_buffer = 0
+            self.logged_at = now
+
+    def check(self, scope: Any) -> tuple[int | None, bool]:
+        """The status that refuses this request before the app sees it (or None), and
+        whether it has a body (Content-Length other than 0, or Transfer-Encoding)."""
+        limits = self.limits
+        if scope.get("http_version") not in ("1.0", "1.1"):
+            return 505, False
+        target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        if target > limits.max_request_line:
+            return 414, False
+        headers = scope["headers"]
+        if len(headers) > limits.max_header_fields:
+            return 431, False
+        has_body = False
+        for name, value in headers:
+            if len(name) + len(value) > limits.max_header_field_size:
+                return 431, False
+            if name == b"content-length":
+                if value.isdigit() and int(value) > limits.max_body_size:
+                    return 413, False
+                has_body = has_body or value.strip(b"0") != b""
+            elif name == b"transfer-encoding":
+                has_body = True
+        return None, has_body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status, has_body = self.check(scope)
+        if status is not None:
+            return await _refuse(send, status)
+        if not has_body:  # nothing to count: the app as it is, no wrapper on its path
+            return await self.app(scope, receive, send)
+
+        limits = self.limits
+        held = 0  # of self.held, this request's
+        started = refused = False
+
+        async def receive_limited() -> Any:
+            nonlocal held, refused
+            if refused:
+                return _DISCONNECT
+            message = await receive()
+            if message["type"] == "http.request":
+                n = len(message.get("body", b""))
+                held += n
+                self.held += n
+                if held > limits.max_body_size:
+                    status = 413
+                elif self.held > limits.max_request_buffer:
+                    status = 503
+                    self._note_refused_for_buffer()
+                else:
+                    return message
+                refused = True
+                if not started:
+                    await _refuse(send, status)
+                return _DISCONNECT
+            return message
+
+        async def send_unless_refused(message: Any) -> None:
+            nonlocal started
+            if refused:  # the 413 (or the cut) was the answer; what the app says next is not
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            return await self.app(scope, receive_limited, send_unless_refused)
+        finally:
+            self.held -= held
