@@ -40,7 +40,8 @@ KINDS = {
     "asgi": (
         os.path.join(APP_DIR, "clusterkit_asgi.py"),
         'workers on `serve_asgi` (uvicorn, `http="httptools"`, uvloop), the ASGI app '
-        "`uvicorn --workers N` serves",
+        "`uvicorn --workers N` serves, behind clusterkit's request limits "
+        "(`clusterkit.asgilimits`), which `uvicorn --workers N` does not have",
     ),
     "wsgi": (
         os.path.join(APP_DIR, "clusterkit_wsgi.py"),
