@@ -343,10 +343,11 @@ def _run(*argv: str) -> str:
 
 def checkout_commit() -> str:
     """The commit the run measured, with ", uncommitted changes" when the checkout differs
-    from it in clusterkit/, bench/ or templates/ (the code that ran)."""
+    from it in the code that ran: clusterkit/, templates/, bench's Python (not the results
+    a previous run left there)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sha = _run("git", "-C", here, "rev-parse", "--short=12", "HEAD")
-    code = ("clusterkit", "bench", "templates")
+    code = ("clusterkit", "templates", "bench/*.py", "bench/systems")
     dirty = _run("git", "-C", here, "status", "--porcelain", "--", *code)
     return sha + (", uncommitted changes" if dirty not in ("", "?") else "")
 
