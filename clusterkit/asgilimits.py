@@ -23,22 +23,16 @@ Every refusal says ``Connection: close``, and uvicorn then closes the connection
 from __future__ import annotations
 
 import logging
-import time
+from http import HTTPStatus
 from typing import Any
 
-from clusterkit.limits import Limits
+from clusterkit.limits import Limits, RequestBuffer
 
-_REASONS = {
-    503: b"Service Unavailable",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-}
 _DISCONNECT = {"type": "http.disconnect"}
 
 
 async def _refuse(send: Any, status: int) -> None:
-    body = _REASONS.get(status, b"HTTP Version Not Supported")
+    body = HTTPStatus(status).phrase.encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", b"%d" % len(body)),
@@ -54,26 +48,8 @@ class LimitedApp:
     def __init__(self, app: Any, limits: Limits, logger: logging.Logger) -> None:
         self.app = app
         self.limits = limits
-        self.logger = logger
         #: body bytes read by the requests in progress (capped by limits.max_request_buffer)
-        self.held = 0
-        self.refused_for_buffer = 0  # since it was last logged
-        self.logged_at = 0.0
-
-    def _note_refused_for_buffer(self) -> None:
-        """A warning at most once a second, with how many were refused since the last."""
-        self.refused_for_buffer += 1
-        now = time.monotonic()
-        if now - self.logged_at >= 1.0:
-            self.logger.warning(
-                "refused %d request(s) with 503: this worker held max_request_buffer "
-                "(%d bytes) of request bodies; raise Limits.max_request_buffer if that "
-                "is legitimate load",
-                self.refused_for_buffer,
-                self.limits.max_request_buffer,
-            )
-            self.refused_for_buffer = 0
-            self.logged_at = now
+        self.buffer = RequestBuffer(limits, logger)
 
     def check(self, scope: Any) -> tuple[int | None, bool]:
         """The status that refuses this request before the app sees it (or None), and
@@ -108,8 +84,8 @@ class LimitedApp:
         if not has_body:  # nothing to count: the app as it is, no wrapper on its path
             return await self.app(scope, receive, send)
 
-        limits = self.limits
-        held = 0  # of self.held, this request's
+        limits, buffer = self.limits, self.buffer
+        held = 0  # of buffer.held, this request's
         started = refused = False
 
         async def receive_limited() -> Any:
@@ -120,12 +96,12 @@ class LimitedApp:
             if message["type"] == "http.request":
                 n = len(message.get("body", b""))
                 held += n
-                self.held += n
+                within = buffer.take(n)
                 if held > limits.max_body_size:
                     status = 413
-                elif self.held > limits.max_request_buffer:
+                elif not within:
                     status = 503
-                    self._note_refused_for_buffer()
+                    buffer.refused()
                 else:
                     return message
                 refused = True
@@ -145,4 +121,4 @@ class LimitedApp:
         try:
             return await self.app(scope, receive_limited, send_unless_refused)
         finally:
-            self.held -= held
+            buffer.give(held)

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
-from clusterkit.limits import Limits
+from clusterkit.limits import Limits, RequestBuffer
 
 try:  # the `fast` extra
     import httptools
@@ -145,9 +145,7 @@ class ConnectionSet:
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         #: bytes of requests held by all connections (capped by limits.max_request_buffer)
-        self.held = 0
-        #: requests refused for that cap since the last tick (logged there, once per tick)
-        self.refused_for_buffer = 0
+        self.buffer = RequestBuffer(self.limits, logger)
         self.date = b""
         self.now = 0.0
         self.tick()
@@ -156,15 +154,7 @@ class ConnectionSet:
         """Refresh the cached Date header and clock, close timed-out connections."""
         self.date = b"\r\nDate: " + http_date(time.time())
         self.now = now = time.monotonic()
-        if self.refused_for_buffer:
-            self.logger.warning(
-                "refused %d request(s) with 503: this worker held max_request_buffer "
-                "(%d bytes) of requests arriving; raise Limits.max_request_buffer if that "
-                "is legitimate load",
-                self.refused_for_buffer,
-                self.limits.max_request_buffer,
-            )
-            self.refused_for_buffer = 0
+        self.buffer.warn()
         for conn in list(self.connections):
             if conn.deadline and now >= conn.deadline:
                 conn.timed_out()
@@ -225,7 +215,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[str, str]] = []
         self.body: list[bytes] = []
         self.body_size = 0
-        self.held = 0  # bytes counted in state.held, until the connection is idle or gone
+        self.held = 0  # bytes counted in state.buffer, until the connection is idle or gone
         self.counted = 0  # of them, the request being read
         #: bytes received for the request being read, from the read after the one it began in
         self.raw = 0
@@ -485,17 +475,16 @@ class HttpProtocol(asyncio.Protocol):
         n = max(self.raw, self.head_parsed + self.body_size) - self.counted
         if n <= 0:
             return
-        state = self.state
         self.counted += n
         self.held += n
-        state.held += n
-        if state.held > self.limits.max_request_buffer:
-            state.refused_for_buffer += 1
+        buffer = self.state.buffer
+        if not buffer.take(n):
+            buffer.refused()
             self._reject(503)
 
     def _release(self) -> None:
         """Give this connection's counted bytes back to the worker's budget."""
-        self.state.held -= self.held
+        self.state.buffer.give(self.held)
         self.held = self.counted = 0
 
     def _respond(self, req: Request, result: Result, keep: bool) -> None:

@@ -1,12 +1,16 @@
 """The request limits and timeouts every clusterkit serving path applies.
 
 :func:`clusterkit.serve.serve_asyncio` enforces all of them; ``serve_asgi``
-and ``serve_wsgi`` pass the ones uvicorn and waitress have as public settings
-(see the README, "Limits and timeouts").
+passes uvicorn the ones it has as settings and applies the rest as middleware
+(:mod:`clusterkit.asgilimits`); ``serve_wsgi`` passes the ones waitress has (see
+the README, "Limits and timeouts"). :class:`RequestBuffer` is the one
+worker-wide bound, ``max_request_buffer``, that the first two share.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 
@@ -55,3 +59,45 @@ class Limits:
     def tick(self) -> float:
         """How often timeouts are checked: they fire up to this late."""
         return min(1.0, self.header_timeout / 4, self.body_timeout / 4, self.keep_alive_timeout / 4)
+
+
+class RequestBuffer:
+    """The bytes of requests one worker holds while they arrive, shared by all its
+    connections, against ``limits.max_request_buffer``; what a server refuses past it
+    is logged with a count, at once and then at most once a second (:meth:`refused`),
+    and whatever is still uncounted when the server calls :meth:`warn`."""
+
+    def __init__(self, limits: Limits, logger: logging.Logger) -> None:
+        self.cap: int = limits.max_request_buffer  # type: ignore[assignment]
+        self.logger = logger
+        self.held = 0
+        self.unlogged = 0  # refusals since the last warning
+        self.warned_at = 0.0
+
+    def take(self, n: int) -> bool:
+        """Count *n* more bytes held; False if the worker now holds more than the cap."""
+        self.held += n
+        return self.held <= self.cap
+
+    def give(self, n: int) -> None:
+        """*n* bytes are no longer held."""
+        self.held -= n
+
+    def refused(self) -> None:
+        """A request was refused (503) for the cap."""
+        self.unlogged += 1
+        if time.monotonic() - self.warned_at >= 1.0:
+            self.warn()
+
+    def warn(self) -> None:
+        """Log the refusals not logged yet, if any."""
+        if not self.unlogged:
+            return
+        self.logger.warning(
+            "refused %d request(s) with 503: this worker held max_request_buffer (%d bytes) "
+            "of requests arriving; raise Limits.max_request_buffer if that is legitimate load",
+            self.unlogged,
+            self.cap,
+        )
+        self.unlogged = 0
+        self.warned_at = time.monotonic()

@@ -242,10 +242,6 @@ def still_serves(r: Reader) -> bool:
     return resp is not None and resp[0] == 200
 
 
-def refused_and_closed(statuses: list[int], r: Reader) -> bool:
-    return len(statuses) <= 1 and all(400 <= s < 500 for s in statuses) and r.closed()
-
-
 def get(path: str, extra: str = "") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
 
