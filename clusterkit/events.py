@@ -153,7 +153,7 @@ class EventReader:
     ) -> Event:
         run = self._run(unit, invocation, when)
         succeeded = end.get("MESSAGE_ID") == report.UNIT_SUCCESS
-        code, signal = report.exit_status(run.pid1_exit, run.unit_exit, succeeded)
+        code, signal = report.exit_status(run.pid1_exit, succeeded)
         return Event(
             "exit",
             worker,
@@ -189,7 +189,7 @@ class EventReader:
                     run.pid1_exit = (str(entry.get("EXIT_CODE")), str(entry.get("EXIT_STATUS")))
             elif entry.get(m.sender_unit) == unit:
                 run.add_unit_line(entry.get("MESSAGE"))
-        if (run.pid is None or run.unit_exit is None) and began is not None:
+        if run.pid is None and began is not None:
             # journald may not know the run of a short-lived sender (user units
             # especially): the unit's own lines written between the run's start and end.
             r = self._lookup()
@@ -237,14 +237,13 @@ class EventReader:
 class _Run:
     pid: int | None = None
     pid1_exit: tuple[str, str] | None = None  # PID 1's EXIT_CODE, EXIT_STATUS (unclean exits)
-    unit_exit: tuple[str, str] | None = None  # the unit's own line
     stop_requested: bool = False
 
     def add_unit_line(self, message: object) -> None:
-        """One of the unit's own lines (report.started_command/exited_shell_command)."""
-        if isinstance(message, str):
-            self.pid = report.parse_started(message) or self.pid
-            self.unit_exit = report.parse_exited(message) or self.unit_exit
+        """The unit's own pid line (report.started_shell_command): the run's first one counts,
+        the one its command prints before exec'ing the worker."""
+        if self.pid is None and isinstance(message, str):
+            self.pid = report.parse_started(message)
 
 
 def _when(entry: dict[str, object]) -> datetime | None:

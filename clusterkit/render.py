@@ -12,10 +12,17 @@ from pathlib import Path
 
 import jinja2
 
-from clusterkit import manifest, report, unitfiles
+from clusterkit import backoff, manifest, report, unitfiles
 from clusterkit.names import files as unit_files
 from clusterkit.spec import FD_NAME, Spec
-from clusterkit.unitsyntax import env_assignment, exec_arg, exec_line, exec_program, specifiers
+from clusterkit.unitsyntax import (
+    env_assignment,
+    exec_arg,
+    exec_args,
+    exec_line,
+    exec_program,
+    specifiers,
+)
 
 GENERATOR_PREFIX = "clusterkit-"
 
@@ -47,6 +54,7 @@ def _environment() -> jinja2.Environment:
         specifiers=specifiers,
         exec_arg=exec_arg,
         exec_line=exec_line,
+        exec_args=exec_args,
         exec_program=exec_program,
         env_assignment=env_assignment,
         seconds=seconds,
@@ -80,9 +88,12 @@ def render(spec: Spec) -> dict[str, str]:
         "spec": spec,
         "fd_name": FD_NAME,
         "description": spec.description or f"clusterkit cluster {spec.name}",
-        "report_started": _expanding_command(report.started_command()),
-        # inside the ExecStopPost= shell: systemd must leave its $VARs to the shell
-        "report_exited": report.exited_shell_command().replace("$", "$$"),
+        # shell scripts in the unit: systemd must leave every $ to the shell (its
+        # %-specifiers are meant for systemd)
+        "start_script": _for_systemd(
+            f'{report.started_shell_command()}; {backoff.shell_script()}; exec "$@"'
+        ),
+        "clear_back_off": _for_systemd(backoff.clear_command()),
     }
     return {
         name: _tidy(env.get_template(template).render(context))
@@ -95,10 +106,10 @@ def hardening(spec: Spec) -> str:
     return _tidy(_environment().get_template("hardening.j2").render(spec=spec))
 
 
-def _expanding_command(argv: tuple[str, ...]) -> str:
-    # clusterkit's own fixed commands, whose ${VAR}s systemd must expand (so no
-    # exec_arg escaping): words with a space are double-quoted, nothing else needs it.
-    return " ".join(f'"{word}"' if " " in word else word for word in argv)
+def _for_systemd(script: str) -> str:
+    # one single-quoted word of a command line: no quote or backslash of its own
+    assert "'" not in script and "\\" not in script, script
+    return script.replace("$", "$$")
 
 
 def _tidy(text: str) -> str:

@@ -14,21 +14,23 @@ process can claim), with the run's ``INVOCATION_ID``:
 
 PID 1 does not say which pid the run had, nor, for a clean end, whether it
 was exit 0 or a clean signal (or a status added with ``SuccessExitStatus=``).
-Two lines in the unit add that (:func:`started_command`, :func:`exited_shell_command`):
-``echo`` runs as the worker's own user, inside its sandbox, and prints to the
-unit's standard output, which PID 1 connects to journald naming the unit, so
-the line carries trusted ``_SYSTEMD_UNIT=``/``_SYSTEMD_INVOCATION_ID=`` even
-after ``echo`` is gone. The ``<5>`` prefix gives it ``PRIORITY=5`` (notice), which
-Python's logging never uses, so readers find these lines without scanning the
-run's whole log. A worker can print such a line itself, but it gains nothing
-by it: it chooses its own exit status anyway, and PID 1's records (the run
-ended; how, when unclean; whether a stop was requested) win over the line
-(:func:`exit_status`). A worker flooding its journal can get these lines
-dropped by journald's rate limit; PID 1's records are counted against
+The pid comes from one line the worker's command prints before anything else
+(:func:`started_shell_command`, the first step of the unit's ``ExecStart=``
+shell, which then execs the worker in the same process): it runs as the
+worker's own user, inside its sandbox, and prints to the unit's standard
+output, which PID 1 connects to journald naming the unit, so the line carries
+trusted ``_SYSTEMD_UNIT=``/``_SYSTEMD_INVOCATION_ID=``. The ``<5>`` prefix gives it
+``PRIORITY=5`` (notice), which Python's logging never uses, so readers find it
+without scanning the run's whole log; the first such line of a run counts. A
+clean end is reported as exit 0: telling it apart from a clean signal would
+take a command after the exit (``ExecStopPost=``), and every command systemd
+starts in the sandbox costs a fresh mount namespace on the respawn path
+(:mod:`clusterkit.backoff`). A worker flooding its journal can get the pid
+line dropped by journald's rate limit; PID 1's records are counted against
 ``init.scope``, not the worker, so the exit event itself survives (its pid is
 then unknown).
 
-Stdlib only: :mod:`clusterkit.render` writes the commands, :mod:`clusterkit.events` reads.
+Stdlib only: :mod:`clusterkit.render` writes the command, :mod:`clusterkit.events` reads.
 """
 
 from __future__ import annotations
@@ -46,29 +48,16 @@ UNIT_SUCCESS = "7ad2d189f7e94e70a38c781354912448"  # SD_MESSAGE_UNIT_SUCCESS
 UNIT_FAILED = "d9b373ed55a64feb8242e02dbe79a49c"  # SD_MESSAGE_UNIT_FAILURE_RESULT
 RUN_ENDED = (UNIT_SUCCESS, UNIT_FAILED)
 
-#: the unit's own two lines per run: echo's output with a syslog level prefix
+#: the unit's own line per run: the worker's pid, with a syslog level prefix
 PRIORITY = 5
 _PREFIX = "clusterkit: "
 _STARTED = re.compile(_PREFIX + r"started pid=([1-9][0-9]{0,9})")
-_EXITED = re.compile(
-    _PREFIX + r"exited code=(exited|killed|dumped) status=([0-9]{1,3}|[A-Z0-9+-]{2,12})"
-)
 
 
-def started_command() -> tuple[str, ...]:
-    """``ExecStartPost=`` argv: one line with the main pid (``$MAINPID``, set for it)."""
-    return ("/usr/bin/echo", f"<{PRIORITY}>{_PREFIX}started pid=${{MAINPID}}")
-
-
-def exited_shell_command() -> str:
-    """Shell command for ``ExecStopPost=``: one line with how the main process ended.
-
-    A shell command, not an argv: it is the first step of the unit's one
-    ``ExecStopPost=`` shell (which also paces restarts), because every command
-    systemd runs in the sandbox costs a fresh mount namespace, about 0.1 s, on
-    the respawn path. ``EXIT_CODE``/``EXIT_STATUS`` are set by systemd.
-    """
-    return f'echo "<{PRIORITY}>{_PREFIX}exited code=$EXIT_CODE status=$EXIT_STATUS"'
+def started_shell_command() -> str:
+    """Shell command, first in the unit's ``ExecStart=`` shell: one line with its pid
+    (``$$``), which stays the worker's when the shell execs it."""
+    return f'echo "<{PRIORITY}>{_PREFIX}started pid=$$"'
 
 
 def parse_started(message: str) -> int | None:
@@ -76,22 +65,17 @@ def parse_started(message: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def parse_exited(message: str) -> tuple[str, str] | None:
-    m = _EXITED.fullmatch(message)
-    return (m.group(1), m.group(2)) if m else None
-
-
 def is_unit_line(entry: Mapping[str, object]) -> bool:
-    """Whether a journal entry is one of the unit's own two lines (started, exited).
+    """Whether a journal entry is the unit's own pid line.
 
-    Both the level (``PRIORITY=5``) and the exact form: log readers leave these
-    lines out, as events; the same text at another level is the worker's log.
+    Both the level (``PRIORITY=5``) and the exact form: log readers leave this
+    line out, as an event; the same text at another level is the worker's log.
     """
     message = entry.get("MESSAGE")
     return (
         entry.get("PRIORITY") == PRIORITY
         and isinstance(message, str)
-        and (parse_started(message) is not None or parse_exited(message) is not None)
+        and parse_started(message) is not None
     )
 
 
@@ -106,15 +90,14 @@ def signal_name(status: str) -> str:
 
 
 def exit_status(
-    pid1_exit: tuple[str, str] | None, unit_line: tuple[str, str] | None, succeeded: bool
+    pid1_exit: tuple[str, str] | None, succeeded: bool
 ) -> tuple[int | None, str | None]:
     """(code, signal) of a run, Node's ``exit`` arguments.
 
     ``pid1_exit`` is PID 1's (EXIT_CODE, EXIT_STATUS), written for unclean
-    exits only: it wins. Otherwise the unit's own line tells which clean exit
-    it was; without it, a successful run exited 0.
+    exits only. Without it, a successful run is reported as exit 0.
     """
-    kind, status = pid1_exit or unit_line or (("exited", "0") if succeeded else ("", ""))
+    kind, status = pid1_exit or (("exited", "0") if succeeded else ("", ""))
     if kind == "exited" and status.isascii() and status.isdigit():
         return int(status), None
     if kind in ("killed", "dumped") and status:

@@ -38,6 +38,12 @@ def exec_line(argv: tuple[str, ...]) -> str:
     return " ".join([exec_program(argv[0])] + [exec_arg(a) for a in argv[1:]])
 
 
+def exec_args(argv: tuple[str, ...]) -> str:
+    """Every word of argv as an argument (none as the program): what follows
+    ``/bin/sh -c SCRIPT NAME`` when a script runs before the command."""
+    return " ".join(exec_arg(a) for a in argv)
+
+
 def env_assignment(assignment: str) -> str:
     """A KEY=VALUE for Environment=: C-quoted, % escaped (Environment= does not expand $)."""
     return '"' + specifiers(_c_quoted(assignment)) + '"'

@@ -65,6 +65,7 @@ def run_once(container: Container, argv: list[str], env: dict[str, str]) -> dict
             "cat",
             f"_SYSTEMD_INVOCATION_ID={invocation_id}",
             "_TRANSPORT=stdout",
+            "PRIORITY=6",  # the worker's output, not the unit's own pid line (PRIORITY=5)
         ).stdout.splitlines()
         if lines:
             return json.loads(lines[0])
@@ -199,8 +200,8 @@ PLACEHOLDER = re.compile(r"/?@[A-Z][0-9]?@")
 # Where placeholders may sit. Mount dependencies follow from the paths (checked
 # as values), so they are left out of the comparison.
 VALUE_PROPERTIES = {"Description", "Environment", "WorkingDirectory", "RequiresMountsFor"}
-# The user's command. ExecStartPost=/ExecStopPost= are clusterkit's own fixed
-# lines, which systemd expands on purpose: compared with the twin's as they are.
+# The user's command, whose words follow clusterkit's own fixed shell script in
+# ExecStart= (its %-specifiers systemd expands on purpose): compared with the twin's.
 EXEC_PROPERTIES = {"ExecStart", "ExecStartEx"}
 
 
@@ -261,7 +262,9 @@ def assert_same_command(got: list, twin: list, values: dict[str, str]) -> None:
     assert len(got) == len(twin), (got, twin)
     for (path, argv, *rest), (twin_path, twin_argv, *twin_rest) in zip(got, twin, strict=True):
         assert path == simplified(str(substitute(twin_path, values)))
-        assert [worker_sees(a) for a in argv] == substitute(twin_argv, values)
+        # both as executed: clusterkit's own script has "$$" in the twin too
+        want = substitute([worker_sees(a) for a in twin_argv], values)
+        assert [worker_sees(a) for a in argv] == want
         assert rest == twin_rest
 
 

@@ -18,7 +18,7 @@ from clusterkit.container import Container
 
 PY = sys.executable
 
-# Prints two lines at start (the first in the form of the unit's own exit line,
+# Prints two lines at start (the first in the form of the unit's own pid line,
 # at the default level); exits 3 at once, after a last word, while /run/fail-K exists.
 APP = r"""
 import os, sys
@@ -30,7 +30,7 @@ k = cluster.worker.id
 if os.path.exists(f"/run/fail-{k}"):
     print("FATAL: lost connection to database", flush=True)
     sys.exit(3)
-print("clusterkit: exited code=exited status=0", flush=True)
+print("clusterkit: started pid=1", flush=True)
 print(f"worker {k} serving", flush=True)
 
 def answer(conn):
@@ -90,12 +90,11 @@ def test_logs_show_what_workers_printed_with_their_id(container: Container, tmp_
         (0, "worker 0 serving"),
         (1, "worker 1 serving"),
     }
-    # The unit's own start/exit lines (PRIORITY=5) are events, not logs; the
+    # The unit's own pid line (PRIORITY=5) is for events, not logs; the
     # worker's line of the same form, at its default level, is its log.
     own = [x for x in lines if x["message"].startswith("clusterkit: ")]
     assert own and all(
-        x["message"] == "clusterkit: exited code=exited status=0" and x["priority"] == 6
-        for x in own
+        x["message"] == "clusterkit: started pid=1" and x["priority"] == 6 for x in own
     ), own
     only_one = ck(c, "logs", "t", "--worker", "1").stdout
     assert "worker 1[" in only_one and "worker 0[" not in only_one
@@ -122,8 +121,7 @@ def test_status_says_why_a_worker_fails_and_exits_non_zero(container: Container,
     assert "died: code 3\n    | FATAL: lost connection" in text, text
     # that run's own lines: its line shaped like an exit line too, not the unit's own
     assert (
-        "died: signal SIGKILL\n    | clusterkit: exited code=exited status=0\n"
-        "    | worker 1 serving\n" in text
+        "died: signal SIGKILL\n    | clusterkit: started pid=1\n    | worker 1 serving\n" in text
     ), text
     r = ck(c, "kill", "t", "0", "-s", "NOPE")
     assert r.returncode == 2 and "--signal" in r.stderr

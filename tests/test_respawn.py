@@ -1,8 +1,9 @@
 """Respawn (issue 9, item 2): fast after an isolated crash, paced in a crash loop.
 
 The units restart a worker at once (``RestartSec=0``) after an isolated crash,
-and a ``/bin/sh`` back-off in ``ExecStopPost=`` makes a worker that keeps failing
-wait 1 s, 2 s, then 4 s before each restart (``templates/service.j2``). These tests
+and a ``/bin/sh`` back-off in front of the worker's command (``ExecStart=``,
+:mod:`clusterkit.backoff`) makes a worker that keeps failing wait 1 s, 2 s, then
+4 s before each start. These tests
 read systemd's own journal records about the worker (``_PID=1``) inside a real
 systemd 252 container. No assertion is about how fast anything was: they assert
 counts, ordering and the delays systemd and the back-off were configured with
@@ -38,9 +39,9 @@ def of_kind(records: list[dict[str, object]], message_id: str) -> list[dict[str,
     return [r for r in records if r.get("MESSAGE_ID") == message_id]
 
 
-def recorded_failures(cl: Cluster, k: int) -> int | None:
-    """How many failures of worker ``k`` the back-off counts now (None: no record at all)."""
-    r = cl.c.run("cat", f"/run/clusterkit/{cl.name}@{k}/failures")
+def recorded_runs(cl: Cluster, k: int) -> int | None:
+    """How many runs of worker ``k`` the back-off's record holds (None: no record at all)."""
+    r = cl.c.run("cat", f"/run/clusterkit/{cl.name}@{k}/starts")
     return len(r.stdout.split()) if r.returncode == 0 else None
 
 
@@ -71,7 +72,8 @@ def test_isolated_sigkill_respawns_without_back_off(
     report = ld.stop()
     assert not report.failed(sent_after=killed + 5), report.summary()
 
-    assert recorded_failures(cl, 1) == 1  # one failure in 60 s: no extra wait
+    # the killed run and this one: one earlier run, so this start did not wait
+    assert recorded_runs(cl, 1) == 2
     records = pid1_records(cl, 1)
     exits = [r for r in of_kind(records, PROCESS_EXITED) if r.get("EXIT_CODE") == "killed"]
     assert len(exits) == 1, exits
@@ -88,7 +90,7 @@ def test_isolated_sigkill_respawns_without_back_off(
     assert when(starts[0]) <= when(started[0])
     print(
         f"[respawn/{mode}] SIGKILL -> start job +{when(starts[0]) - died:.3f}s, serving "
-        f"+{serving[0] - died:.3f}s, active (READY=1 and ExecStartPost done) "
+        f"+{serving[0] - died:.3f}s, active (READY=1) "
         f"+{when(started[0]) - died:.3f}s, from PID 1's 'Main process exited' record; "
         f"{report.summary()}"
     )
@@ -160,3 +162,47 @@ def test_crash_loop_is_paced_and_never_closes_the_port(
         assert not report.failed(), report.summary()
     else:
         assert cl.state(cl.unit(1)).startswith("failed"), cl.state(cl.unit(1))
+
+
+def test_requested_restarts_do_not_count_and_the_back_off_leaves_the_worker_alone(
+    container: Container, tmp_path: Path
+) -> None:
+    """The back-off is shell code in front of the worker's command, in its sandbox.
+
+    A ``clusterkit reload`` (a requested restart) empties the record (``ExecStop=``),
+    so reloads in a row never wait; a stop removes it. The worker's own environment
+    reaches it unchanged, even with variable names the back-off uses for itself,
+    and its pid line is the pid systemd watches. A record the worker spoiled (it is
+    the worker's file: text, a command substitution, an overflowing number) is
+    skipped: the worker still starts at once and nothing in it is run.
+    """
+    c = container
+    cl = deploy(c, tmp_path, "--env", "keep=mine", "--env", "n=7", workers=1)
+    for _ in range(4):
+        cl.ck("reload", cl.name)
+        assert recorded_runs(cl, 0) == 1  # only the run now going
+
+    pid = cl.main_pid(0)
+    environ = c.run("cat", f"/proc/{pid}/environ", check=True).stdout.split("\0")
+    assert "keep=mine" in environ and "n=7" in environ, environ
+    assert not {e.split("=", 1)[0] for e in environ} & {"r", "t", "d", "now", "last"}, environ
+    wait_for(
+        "the pid line of the running worker",
+        lambda: (
+            f"clusterkit: started pid={pid}"
+            in [r.get("MESSAGE") for r in c.journal(f"_SYSTEMD_UNIT={cl.unit(0)}", "PRIORITY=5")]
+        ),
+    )
+
+    record = f"/run/clusterkit/{cl.name}@0/starts"
+    c.write_file(
+        record, "garbage\n$(touch /run/ck-pwned)\n`touch /run/ck-pwned`\n9" + "9" * 30 + "\n"
+    )
+    c.systemctl("kill", "-s", "KILL", cl.unit(0))
+    wait_for("worker 0 back", lambda: cl.is_active(cl.unit(0)) and cl.main_pid(0) not in (0, pid))
+    assert recorded_runs(cl, 0) == 1  # nothing usable was left: a first start, no wait
+    assert c.run("test", "-e", "/run/ck-pwned").returncode != 0
+    assert cl.get().ok
+
+    c.systemctl("stop", cl.unit(0))
+    assert recorded_runs(cl, 0) is None  # a stop removes the record with its directory

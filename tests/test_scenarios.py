@@ -244,7 +244,7 @@ def test_all_workers_stopped_socket_activation_serves(
     started = int(first.worker or -1)
     # shared: the socket's Service= is NAME@0; reuseport: the socket the kernel hashed it to
     assert started == 0 if mode == "shared" else started in (0, 1)
-    # active once its ExecStartPost= line is written, just after READY=1 (it may serve first)
+    # active once it has sent READY=1 (it may serve first)
     wait_for(f"worker {started} active", lambda: cl.running_ids() == [started])
 
     with load(cl, concurrency=4) as ld:

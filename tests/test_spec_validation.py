@@ -187,8 +187,10 @@ def service(**values: Any) -> str:
 def test_exec_start_quotes_every_word_and_escapes_percent_and_dollar() -> None:
     text = service(exec=["/opt/my app/100%", "$HOME", "%i", 'say "hi"', "a\\b", "end\\"])
     line = next(x for x in text.split("\n") if x.startswith("ExecStart="))
-    assert line == (
-        'ExecStart="/opt/my app/100%%" "$$HOME" "%%i" "say \\"hi\\"" "a\\\\b" "end\\\\"'
+    # the user's words follow clusterkit's start shell and its name for $0
+    assert line.startswith("ExecStart=/bin/sh -c '")
+    assert line.endswith(
+        '\' clusterkit "/opt/my app/100%%" "$$HOME" "%%i" "say \\"hi\\"" "a\\\\b" "end\\\\"'
     )
 
 
