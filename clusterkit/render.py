@@ -19,8 +19,6 @@ from clusterkit.unitsyntax import (
     env_assignment,
     exec_arg,
     exec_args,
-    exec_line,
-    exec_program,
     specifiers,
 )
 
@@ -53,9 +51,7 @@ def _environment() -> jinja2.Environment:
     env.filters.update(
         specifiers=specifiers,
         exec_arg=exec_arg,
-        exec_line=exec_line,
         exec_args=exec_args,
-        exec_program=exec_program,
         env_assignment=env_assignment,
         seconds=seconds,
         seconds_number=seconds_number,

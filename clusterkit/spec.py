@@ -49,10 +49,6 @@ _LINE_ENDS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 # invisible or line-ending, never needed in a unit.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 _CATEGORY_NAMES = {"Cs": "a surrogate", "Co": "a private-use character", "Cn": "unassigned"}
-# Characters systemd cannot carry in the program path of a command line: it
-# refuses quotes and backslashes there, and it expands "$" in argv[0] but not
-# in the path it executes.
-_PROGRAM_PATH_FORBIDDEN = "\"'\\$"
 _MAX_ID = 4294967294  # (uid_t)-1 is invalid
 _UID_16_INVALID = 65535  # (uint16_t)-1, refused by systemd too
 _PATH_MAX = 4095
@@ -495,13 +491,8 @@ def _resolve_program(key: str, program: str) -> str:
 
 
 def _program_path(key: str, path: str) -> str:
-    """An absolute program path that systemd executes and passes as argv[0] unchanged."""
-    bad = next((c for c in path if c in _PROGRAM_PATH_FORBIDDEN), None)
-    if bad is not None:
-        raise SpecError(
-            f"--{key}: program path {path!r} contains {bad!r}, which systemd cannot "
-            "carry in the program of a command line; rename or symlink it"
-        )
+    """An absolute program path, which the unit's start shell executes (``exec "$@"``) and
+    passes as argv[0] unchanged: an argument of ``ExecStart=``, quoted like the others."""
     if path.endswith("/") or ".." in path.split("/"):
         raise SpecError(f"--{key}: program path {path!r} must name a file, without '..'")
     return _check_path_length(key, path)

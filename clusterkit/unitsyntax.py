@@ -22,22 +22,6 @@ def exec_arg(arg: str) -> str:
     return '"' + specifiers(_c_quoted(arg)).replace("$", "$$") + '"'
 
 
-def exec_program(path: str) -> str:
-    """The program of a command line, quoted so spaces stay in it, % escaped.
-
-    systemd uses this word both as the path it executes and as argv[0]; it
-    refuses quotes and backslashes in it and does not undo "$$" in the path, so
-    the spec rejects those characters (a leading "/" keeps prefixes like "+"
-    from being read out of it).
-    """
-    return '"' + specifiers(path) + '"'
-
-
-def exec_line(argv: tuple[str, ...]) -> str:
-    """ExecStart= for this argv: the quoted program, then each argument."""
-    return " ".join([exec_program(argv[0])] + [exec_arg(a) for a in argv[1:]])
-
-
 def exec_args(argv: tuple[str, ...]) -> str:
     """Every word of argv as an argument (none as the program): what follows
     ``/bin/sh -c SCRIPT NAME`` when a script runs before the command."""

@@ -34,9 +34,11 @@ accepted_chars = st.characters(
 text = st.lists(st.one_of(tricky, accepted_chars), max_size=10).map("".join)
 
 
-def run_once(container: Container, argv: list[str], env: dict[str, str]) -> dict:
+def run_once(
+    container: Container, argv: list[str], env: dict[str, str], program: str = sys.executable
+) -> dict:
     # --exec as the user types it: a shell-quoted string, split like a POSIX shell.
-    exec_string = shlex.join([sys.executable, str(DUMP), *argv])
+    exec_string = shlex.join([program, str(DUMP), *argv])
     spec = build_spec(
         {},
         {
@@ -101,6 +103,14 @@ def test_percent_dollar_quotes_and_backslashes_reach_the_worker_verbatim(
     }
 
 
+def test_a_program_path_with_dollar_quotes_and_backslash_runs(container: Container) -> None:
+    """The program is an argument of the unit's start shell (exec "$@"), quoted like one."""
+    program = "/opt/ck/a$HOME \"b' %i\\c/python"
+    container.run("mkdir", "-p", program.rsplit("/", 1)[0], check=True)
+    container.run("ln", "-s", sys.executable, program, check=True)
+    assert run_once(container, ["x"], {}, program=program) == {"argv": ["x"], "env": {}}
+
+
 # ---- systemd as the oracle: what the validator accepts comes back byte for byte ----
 #
 # Each example is a batch of settings (one daemon-reload per batch keeps this
@@ -126,10 +136,10 @@ quoted_text = st.one_of(clean, clean.map(lambda w: w + "\\"))
 # no whitespace at all in a unix socket path.
 bare_text = clean.map(lambda w: w.lstrip(" ").rstrip("\\ "))
 path_text = clean.map(lambda w: "".join(c for c in w if not c.isspace()).rstrip("\\"))
-# A program path: systemd cannot carry quotes, backslashes or "$" there.
-program_text = st.tuples(clean, st.sampled_from(["", " ", "%", "%i", "日 本"]), clean).map(
-    lambda t: re.sub(r"[\"'\\$]|\.\.", "_", "".join(t)) + "x"
-)
+# A program path: an argument of the start shell, so quotes, backslashes and "$" too.
+program_text = st.tuples(
+    clean, st.sampled_from(["", " ", "%", "%i", "日 本", "$HOME", '"', "'", "\\"]), clean
+).map(lambda t: re.sub(r"\.\.", "_", "".join(t)) + "x")
 
 # Text at the edge: what systemd would mangle (a line end, a trailing backslash,
 # spaces at the ends, characters the program path cannot hold) and what Python
