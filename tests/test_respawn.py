@@ -206,3 +206,44 @@ def test_requested_restarts_do_not_count_and_the_back_off_leaves_the_worker_alon
 
     c.systemctl("stop", cl.unit(0))
     assert recorded_runs(cl, 0) is None  # a stop removes the record with its directory
+
+
+def test_an_unpaced_restart_loop_never_closes_the_shared_port(
+    container: Container, tmp_path: Path
+) -> None:
+    """A failure before the worker's command runs is not paced by the back-off.
+
+    Here an operator's drop-in replaces worker 0's ``ExecStart=`` by ``/bin/false``
+    (a failed sandbox set-up, say a ``WorkingDirectory=`` that does not exist, loops the
+    same way): systemd restarts it as fast as it can. Worker 0 is the one the shared
+    socket names, so traffic triggers it again and again; with systemd's default trigger
+    limit (20 in 2 s) the socket failed within 2 s under this load and the port closed.
+    The shared socket has no trigger limit: it stays active and worker 1 serves every
+    request.
+    """
+    c = container
+    cl = deploy(c, tmp_path, scheduling="shared")
+    c.write_file(
+        f"/run/systemd/system/{cl.unit(0)}.d/replaced.conf",
+        "[Service]\nExecStart=\nExecStart=/bin/false\n",
+    )
+    c.systemctl("daemon-reload")
+    states: set[str] = set()
+    with load(cl, concurrency=4, timeout=5, max_seconds=60, max_requests=1_000_000) as ld:
+        ld.wait_requests(100)
+        c.systemctl("kill", "-s", "TERM", "--kill-whom=main", cl.unit(0))
+        looping = ld.mark("loop")
+        wait_for(
+            "a few dozen restarts of worker 0",
+            lambda: (
+                states.add(cl.state(cl.socket_unit()))
+                or int(cl.show(cl.unit(0), "NRestarts")["NRestarts"]) >= 60
+            ),
+            timeout=40,
+        )
+        ld.wait_requests(500, sent_after=ld.mark("after"))
+        states.add(cl.state(cl.socket_unit()))
+    report = ld.stop()
+    assert states <= {"active/listening", "active/running"}, states
+    assert not report.failed(), report.summary()
+    assert report.workers(sent_after=looping)["1"] >= 500, report.summary()

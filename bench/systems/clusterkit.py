@@ -265,18 +265,19 @@ class Clusterkit(System):
     CRASH_DROPIN = "/run/systemd/system/{unit}.service.d/bench-crash-loop.conf"
 
     def start_crash_loop(self, k: int = 0) -> float:
-        """From now on worker k fails at every start (a drop-in runs /bin/false in place of
-        the worker, as a bad deploy would), then SIGTERM it: it drains and exits 0, and
+        """From now on worker k fails at every start (a drop-in points its Python at a home
+        that does not exist, as a broken deploy would: the interpreter exits 1 before the
+        worker script runs), then SIGTERM it: it drains and exits 0, and
         `Restart=always` starts it again, into the loop. (Not SIGKILL: the requests a kill cuts
         are counted under SIGKILL; what fails here is the crash loop's doing.) Returns the
         signal's wall-clock time."""
         unit = f"{UNIT_NAME}@{k}"
         self.box.write_file(
-            self.CRASH_DROPIN.format(unit=unit), "[Service]\nExecStart=\nExecStart=/bin/false\n"
+            self.CRASH_DROPIN.format(unit=unit), "[Service]\nEnvironment=PYTHONHOME=/nonexistent\n"
         )
         self.box.systemctl("daemon-reload")
         self.commands["crash_loop"] = (
-            f"drop-in ExecStart=/bin/false for {unit}.service, then "
+            f"drop-in Environment=PYTHONHOME=/nonexistent for {unit}.service, then "
             f"systemctl kill -s TERM --kill-whom=main {unit}.service"
         )
         t0 = time.time()
