@@ -459,7 +459,7 @@ class _LogReader:
             if worker is None or entry.get("_HOSTNAME") in self.others:
                 continue
             if self._report.is_unit_line(entry):
-                continue  # the unit's own start/exit lines, for the exit events
+                continue  # the unit's own pid line, for the exit events
             message = entry.get("MESSAGE")
             if isinstance(message, bytes):
                 message = message.decode(errors="replace")

@@ -4,7 +4,7 @@ Every process of ``NAME@K.service`` runs in the slice systemd makes for the
 template (``system-NAME.slice``; ``app-NAME.slice`` under a user's manager), so
 one journal match (``_SYSTEMD_SLICE``, a trusted field journald sets from the
 sender's cgroup) finds them all; the worker id comes from the trusted
-``_SYSTEMD_UNIT``. The unit's own exit lines (:mod:`clusterkit.report`) are
+``_SYSTEMD_UNIT``. The unit's own pid lines (:mod:`clusterkit.report`) are
 left out: they are events, not logs.
 """
 

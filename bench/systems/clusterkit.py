@@ -10,8 +10,8 @@ fastest serving path.
 Everything is measured from the host: wrk and the Python client join the container's network
 namespace (netns_pid = its PID 1), and pids are host pids. A worker's host pid is read from its
 unit's cgroup (cgroup.procs lists pids in the *reader's* pid namespace), keeping the process
-that runs the worker script (the unit's MainPID; the ExecStopPost= shell shares the cgroup
-for a moment at every exit).
+that runs the worker script (the unit's MainPID; the ExecStop= shell shares the cgroup
+for a moment at a requested stop).
 """
 
 from __future__ import annotations
