@@ -35,17 +35,17 @@ LONGEST_WAIT = 4
 WINDOW_CS = 6000  # 60 s, in the clock's 1/100 s
 
 
-def record_dir() -> str:
-    """The record's directory (``RuntimeDirectory=``), with systemd's specifiers:
-    %t the runtime root, %N the unit's name."""
-    return "%t/clusterkit/%N"
+#: the unit's ``RuntimeDirectory=`` (%N: the unit's name), which holds the record
+RUNTIME_DIRECTORY = "clusterkit/%N"
+#: the record, with systemd's specifiers (%t: the runtime root)
+RECORD = f"%t/{RUNTIME_DIRECTORY}/starts"
 
 
 def shell_script() -> str:
     """The back-off, as one line of POSIX ``sh`` (a subshell; systemd's ``$`` not yet escaped)."""
     waits = " ".join(f"{n}) d={s};;" for n, s in WAITS.items())
     return (
-        f'( [ -d "{record_dir()}" ] || exit 0; r="{record_dir()}/starts"; '
+        f'( [ -d "%t/{RUNTIME_DIRECTORY}" ] || exit 0; r="{RECORD}"; '
         "read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ now _ < /proc/self/stat; "
         "n=0; keep=; last=; "
         'if [ -f "$r" ]; then while read -r t; do '
@@ -61,4 +61,4 @@ def shell_script() -> str:
 
 def clear_command() -> str:
     """Shell command for ``ExecStop=``: a requested stop or restart empties the record."""
-    return f': > "{record_dir()}/starts"'
+    return f': > "{RECORD}"'

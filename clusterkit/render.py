@@ -15,12 +15,7 @@ import jinja2
 from clusterkit import backoff, manifest, report, unitfiles
 from clusterkit.names import files as unit_files
 from clusterkit.spec import FD_NAME, Spec
-from clusterkit.unitsyntax import (
-    env_assignment,
-    exec_arg,
-    exec_args,
-    specifiers,
-)
+from clusterkit.unitsyntax import env_assignment, exec_args, specifiers
 
 GENERATOR_PREFIX = "clusterkit-"
 
@@ -50,7 +45,6 @@ def _environment() -> jinja2.Environment:
     )
     env.filters.update(
         specifiers=specifiers,
-        exec_arg=exec_arg,
         exec_args=exec_args,
         env_assignment=env_assignment,
         seconds=seconds,
@@ -90,6 +84,7 @@ def render(spec: Spec) -> dict[str, str]:
             f'{report.started_shell_command()}; {backoff.shell_script()}; exec "$@"'
         ),
         "clear_back_off": _for_systemd(backoff.clear_command()),
+        "back_off_directory": backoff.RUNTIME_DIRECTORY,
     }
     return {
         name: _tidy(env.get_template(template).render(context))

@@ -256,7 +256,7 @@ def substitute(value: object, values: dict[str, str]) -> object:
 
 
 def simplified(path: str) -> str:
-    # systemd executes the program path with "//" and "/./" folded (argv[0] keeps them).
+    # systemd keeps a path with "//" and "/./" folded.
     return "/" + "/".join(p for p in path.split("/") if p not in ("", "."))
 
 
@@ -271,7 +271,7 @@ def worker_sees(word: str) -> str:
 def assert_same_command(got: list, twin: list, values: dict[str, str]) -> None:
     assert len(got) == len(twin), (got, twin)
     for (path, argv, *rest), (twin_path, twin_argv, *twin_rest) in zip(got, twin, strict=True):
-        assert path == simplified(str(substitute(twin_path, values)))
+        assert path == twin_path  # clusterkit's /bin/sh: the user's program is an argument
         # both as executed: clusterkit's own script has "$$" in the twin too
         want = substitute([worker_sees(a) for a in twin_argv], values)
         assert [worker_sees(a) for a in argv] == want
