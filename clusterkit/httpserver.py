@@ -70,16 +70,29 @@ def http_date(seconds: float) -> bytes:
 
 
 class Request:
-    __slots__ = ("method", "target", "headers", "body", "version")
+    __slots__ = ("method", "target", "raw_headers", "_headers", "body", "version")
 
-    def __init__(self, method: str, target: str, headers: list, body: bytes, version: str):
+    def __init__(
+        self, method: str, target: str, raw_headers: list, body: bytes, version: str
+    ) -> None:
         self.method = method
         #: the request target as sent, e.g. ``/path?q=1``
         self.target = target
-        #: ``[(name_lower, value), ...]`` as str (latin-1)
-        self.headers: list[tuple[str, str]] = headers
+        #: ``[(name_lower, value), ...]`` as bytes, as received
+        self.raw_headers: list[tuple[bytes, bytes]] = raw_headers
+        self._headers: list[tuple[str, str]] | None = None
         self.body = body
         self.version = version
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """``[(name_lower, value), ...]`` as str (latin-1); decoded on first use, since most
+        handlers never look (decoding every request's fields cost 10% of a hello world)."""
+        if self._headers is None:
+            self._headers = [
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers
+            ]
+        return self._headers
 
     @property
     def path(self) -> str:
@@ -114,6 +127,7 @@ Handler = Callable[[Request], Result | Awaitable[Result]]
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _PLAIN_200 = b"HTTP/1.1 200 OK\r\nContent-Type: " + TEXT.encode() + b"\r\nContent-Length: "
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 #: response headers clusterkit writes itself; an app's own are dropped (one Content-Length)
 _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "date"})
 _BAD_IN_HEADER = ("\r", "\n", "\0")
@@ -212,7 +226,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.body_size = 0
         self.held = 0  # bytes counted in state.buffer, until the connection is idle or gone
@@ -309,12 +323,10 @@ class HttpProtocol(asyncio.Protocol):
         self.head_parsed = 0
         self.counted = 0
         self.url = b""
-        self.headers = []
-        self.body = []
+        self.headers = []  # self.body is empty here: emptied when a request completes
         self.body_size = 0
         self.expect_continue = False
         self.has_host = False
-        self.upgrade = False
         if not self.busy:
             self.deadline = self.state.now + self.limits.header_timeout
 
@@ -334,29 +346,27 @@ class HttpProtocol(asyncio.Protocol):
         self.head_parsed += size + 4
         if size > limits.max_header_field_size or self.head_parsed > limits.max_head_size:
             raise _Reject(431)
-        key = name.decode("latin-1").lower()
-        val = value.decode("latin-1")
-        if key == "content-length":
+        name = name.lower()
+        if name == b"content-length":
             try:
-                length = int(val)
+                length = int(value)
             except ValueError:
                 raise _Reject(400) from None
             if length > limits.max_body_size:
                 raise _Reject(413)
-        elif key == "host":
+        elif name == b"host":
             if self.has_host:  # RFC 9112, 3.2: two Host lines are a 400, never a guess
                 raise _Reject(400)
             self.has_host = True
-        elif key == "expect" and val.lower() == "100-continue":
+        elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_continue = True
-        self.headers.append((key, val))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         if not self.has_host and self.parser.get_http_version() == "1.1":
             raise _Reject(400)  # RFC 9112, 3.2: a server MUST answer 400
-        if self.parser.should_upgrade():
-            self.upgrade = True
+        self.upgrade = self.parser.should_upgrade()
         if not self.busy:
             self.deadline = self.state.now + self.limits.body_timeout
             if self.expect_continue and not self.pending and self.transport is not None:
@@ -375,15 +385,18 @@ class HttpProtocol(asyncio.Protocol):
         self.in_message = False
         self.deadline = 0.0
         p = self.parser
+        method = p.get_method()
+        body = b""
+        if self.body:
+            body = b"".join(self.body)
+            self.body = []  # the joined copy is the one kept (until the response is sent)
         req = Request(
-            p.get_method().decode(),
+            _METHODS.get(method) or method.decode(),
             self.url.decode("latin-1"),
             self.headers,
-            b"".join(self.body),
+            body,
             p.get_http_version(),
         )
-        if self.body:
-            self.body = []  # the joined copy is the one kept (until the response is sent)
         if req.version != "1.1" and req.version != "1.0":  # llhttp also parses 0.9, 2.0, 3.0
             raise _Reject(505)
         # HTTP/1.0 keep-alive is not offered (as uvicorn): the connection closes
@@ -438,11 +451,12 @@ class HttpProtocol(asyncio.Protocol):
                 )
 
     def _head(self, req: Request, result: Result) -> tuple[bytes, bytes, bool]:
-        """The response head (without its final CRLFs), its body, and whether the app said close."""
+        """The response head (without Date and the final CRLFs), its body, and whether the app
+        said close."""
         if isinstance(result, str):
             result = result.encode()
         if isinstance(result, bytes):
-            return _PLAIN_200 + str(len(result)).encode() + self.state.date, result, False
+            return _PLAIN_200 + b"%d" % len(result), result, False
         if not isinstance(result, Response):
             raise _BadResult(f"returned {type(result).__name__}, not bytes, str or Response")
         status, body = result.status, result.body
@@ -467,7 +481,7 @@ class HttpProtocol(asyncio.Protocol):
             body = b""
         else:
             lines.append(b"Content-Length: %d" % len(body))
-        return b"\r\n".join(lines) + self.state.date, body, close
+        return b"\r\n".join(lines), body, close
 
     def _hold(self) -> None:
         """Count what the request being read holds so far; 503 past max_request_buffer."""
@@ -491,21 +505,25 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closing:
             return
-        try:
-            head, body, app_close = self._head(req, result)
-        except Exception as e:  # noqa: BLE001 - the app's mistake: 500, logged
-            self.state.logger.error("handler for %s %s %s", req.method, req.target, e)
-            head, body, app_close = self._head(req, Response(b"Internal Server Error", 500))
+        if type(result) is bytes:  # the common case, without a call
+            head, body, app_close = _PLAIN_200 + b"%d" % len(result), result, False
+        else:
+            try:
+                head, body, app_close = self._head(req, result)
+            except Exception as e:  # noqa: BLE001 - the app's mistake: 500, logged
+                self.state.logger.error("handler for %s %s %s", req.method, req.target, e)
+                head, body, app_close = self._head(req, Response(b"Internal Server Error", 500))
         if req.method == "HEAD":
             body = b""
         self.served += 1
-        if not keep or app_close or self.state.draining:
-            transport.write(head + b"\r\nConnection: close\r\n\r\n" + body)
+        state = self.state
+        if not keep or app_close or state.draining:
+            transport.write(b"".join((head, state.date, b"\r\nConnection: close\r\n\r\n", body)))
             self._close()
         else:
-            transport.write(head + b"\r\n\r\n" + body)
+            transport.write(b"".join((head, state.date, b"\r\n\r\n", body)))
             if not self.busy and not self.in_message and not self.pending:
-                self.deadline = self.state.now + self.limits.keep_alive_timeout
+                self.deadline = state.now + self.limits.keep_alive_timeout
                 if self.held:  # idle: nothing of it is held any more
                     self._release()
 

@@ -626,6 +626,12 @@ def test_endless_trailer_field_keeps_rss_bounded(server, patient_asyncio_server)
     assert growth < RSS_BOUND
 
 
+def test_a_header_field_reaches_the_app_whatever_its_case(server):
+    data = b"GET /xff HTTP/1.1\r\nHost: x\r\nX-FORWARDED-For: 192.0.2.7\r\n\r\n"
+    statuses, resps, _ = exchange(server, data)
+    assert statuses == [200] and resps[0][2] == b"192.0.2.7"
+
+
 def test_trailer_field_is_not_a_request_header(server):
     """A proxy in front sets X-Forwarded-For in the head; a client must not add one after
     the body, as a trailer field, for the app to find among the headers."""
