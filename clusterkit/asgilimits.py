@@ -23,6 +23,7 @@ Every refusal says ``Connection: close``, and uvicorn then closes the connection
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from http import HTTPStatus
 from typing import Any
 
@@ -75,15 +76,20 @@ class LimitedApp:
                 has_body = True
         return None, has_body
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
+        # Not a coroutine function: the server awaits what this returns, and a request
+        # without a body (most of them) gets the app's own coroutine, no layer of ours.
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
         status, has_body = self.check(scope)
         if status is not None:
-            return await _refuse(send, status)
+            return _refuse(send, status)
         if not has_body:  # nothing to count: the app as it is, no wrapper on its path
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
+        return self._counted(scope, receive, send)
 
+    async def _counted(self, scope: Any, receive: Any, send: Any) -> None:
+        """The app, with the body it reads counted against the limits."""
         limits, buffer = self.limits, self.buffer
         held = 0  # of buffer.held, this request's
         started = refused = False

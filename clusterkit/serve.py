@@ -55,7 +55,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from clusterkit import worker as worker_mod
@@ -288,20 +288,26 @@ def serve_asgi(
 
 
 class _CloseWhenDraining:
-    """ASGI middleware: once ``draining`` is set, every HTTP response says
-    ``Connection: close`` (uvicorn's protocols then close after it), so a keep-alive
-    client learns to reconnect instead of reusing a connection about to close."""
+    """ASGI middleware: once ``draining`` is set, every HTTP response to a request that
+    arrives from then on says ``Connection: close`` (uvicorn's protocols then close after
+    it), so a keep-alive client learns to reconnect instead of reusing a connection about
+    to close. A request already in progress is answered as it would be; its client's next
+    request, within ``fresh_grace``, gets the close."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.draining = False
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
+        # Not a coroutine function: until the drain, the app's own coroutine is what the
+        # server awaits, with no layer of ours on each request's path.
+        if self.draining and scope["type"] == "http":
+            return self._closing(scope, receive, send)
+        return self.app(scope, receive, send)
 
+    async def _closing(self, scope: Any, receive: Any, send: Any) -> None:
         async def send_closing(message: Any) -> None:
-            if self.draining and message["type"] == "http.response.start":
+            if message["type"] == "http.response.start":
                 headers = [
                     (k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"
                 ]
