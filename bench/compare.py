@@ -80,7 +80,10 @@ def compare(a: dict, b: dict, a_label: str, b_label: str) -> list[str]:
             ]
             lines += rows + [""]
     lines.insert(5, f"- {within} ratios within run A's spread, {outside} outside.")
-    ta, tb = targets(ra)[4:], targets(rb)[4:]
+    ta, tb = (
+        [row for row in targets(d["runs"], d.get("interleaved")) if row.startswith("| ")][1:]
+        for d in (a, b)
+    )
     lines += ["## Targets (issue 9) in each run", ""]
     lines += ["| target | A | met | B | met |", "|---|---:|---|---:|---|"]
     by_target = {row.split(" | ")[0]: row for row in tb}

@@ -31,6 +31,14 @@ from bench.systems.base import NPROC, REGISTRY, ROOT, System  # noqa: E402
 RUNNING: list[System] = []
 #: the serve_asyncio rows: the crash-loop back-off is the units', whatever the server
 CRASH_LOOP_SYSTEMS = ("clusterkit-shared", "clusterkit-reuseport")
+#: the throughput targets' comparisons, each measured again with the loads alternating within
+#: rounds: the systems of a group run side by side (the first on the host's port 3000, so
+#: one host-port system per group), and each round loads each of them in turn
+INTERLEAVED_GROUPS = (
+    (BASELINE, "clusterkit-shared", "clusterkit-reuseport"),
+    ("uvicorn", "clusterkit-asgi"),
+)
+INTERLEAVED_LOADS = (("keep-alive", False), ("new connection per request", True))
 
 
 def _interrupt(signum, frame):
@@ -86,6 +94,38 @@ def all_started(names: list[str], workers: int) -> Iterator[list[System]]:
     finally:
         for system in systems:
             stop(system)
+
+
+def measure_rounds(names: list[str], rounds: int, seconds: float, workers: int) -> dict:
+    """{load: {system: [per-round wrk results]}}: the systems started together, and each
+    round runs one load against each of them in turn, keep-alive then new connection."""
+    out: dict = {load: {name: [] for name in names} for load, _ in INTERLEAVED_LOADS}
+    with all_started(names, workers) as systems:
+        for i in range(rounds):
+            for load, close in INTERLEAVED_LOADS:
+                for system in systems:
+                    r = measure.wrk(system, seconds, close)
+                    out[load][system.name].append(r)
+                    log(f"  round {i + 1}/{rounds} {load} {system.name}: {r['rps']:,.0f} req/s")
+    return out
+
+
+def interleaved(names: list[str], rounds: int, seconds: float, workers: int) -> list[dict]:
+    """INTERLEAVED_GROUPS (those whose systems are all in *names*), measured in rounds."""
+    groups = []
+    for group in INTERLEAVED_GROUPS:
+        if rounds < 1 or not all(n in names for n in group):
+            continue
+        log(f"interleaved: {', '.join(group)}, {rounds} rounds")
+        try:
+            results = measure_rounds(list(group), rounds, seconds, workers)
+        except Exception as e:  # noqa: BLE001 - reported, the rest of the run is kept
+            log(f"  interleaved {group} failed: {e!r}")
+            traceback.print_exc(limit=5)
+            groups.append({"names": list(group), "error": repr(e)})
+            continue
+        groups.append({"names": list(group), "results": results})
+    return groups
 
 
 def healthy(system: System, workers: int) -> System:
@@ -159,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10, help="seconds per wrk load (<= 10)")
     p.add_argument("--workers", type=int, default=NPROC, help="workers (default: CPU count)")
     p.add_argument("--only", nargs="+", choices=list(SYSTEMS), help="systems to run")
-    p.add_argument("--quick", action="store_true", help="1 run, 3 s loads")
+    p.add_argument("--quick", action="store_true", help="1 run, 3 s loads, 1 interleaved round")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="rounds of interleaved loads for the throughput targets (0: none)",
+    )
     p.add_argument(
         "--out",
         help="directory for RESULTS.md/results.png/json (default: bench/ for a full run of "
@@ -169,16 +215,18 @@ def main(argv: list[str] | None = None) -> int:
         "--report-only", metavar="JSON", help="rewrite RESULTS.md/results.png from a results.json"
     )
     a = p.parse_args(argv)
-    full = not (a.quick or a.only) and a.runs >= 3 and a.duration >= 10
+    full = not (a.quick or a.only) and a.runs >= 3 and a.duration >= 10 and a.rounds >= 5
     a.out = a.out or (ROOT if full or a.report_only else os.path.join(ROOT, "work", "partial"))
     os.makedirs(a.out, exist_ok=True)
     if a.report_only:
         with open(a.report_only) as f:
             data = json.load(f)
-        report.write(a.out, data["meta"], data["runs"])
+        report.write(a.out, data["meta"], data["runs"], data.get("interleaved", []))
         return 0
+    if a.runs < 1 or a.rounds < 0 or a.duration < 1:
+        p.error("--runs: at least 1; --rounds: 0 or more; --duration: at least 1 s")
     if a.quick:
-        a.runs, a.duration = 1, 3
+        a.runs, a.duration, a.rounds = 1, 3, min(a.rounds, 1)
     a.duration = min(a.duration, 10)
     fair_seconds = min(a.duration, 5)
     names = a.only or list(SYSTEMS)
@@ -204,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     runs: dict[str, list[dict]] = {n: [] for n in names}
+    groups: list[dict] = []
     began = datetime.datetime.now(datetime.UTC)
     try:
         for i in range(a.runs):  # systems interleaved, so slow drift hits all of them alike
@@ -215,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  {name} failed: {e!r}")
                     traceback.print_exc(limit=5)
                     runs[name].append({"run": {"error": repr(e)}})
+        groups = interleaved(names, a.rounds, a.duration, a.workers)
     except KeyboardInterrupt:
         log("interrupted: stopping everything started")
         return 130
@@ -230,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         date=began.strftime("%Y-%m-%d %H:%M UTC"),
         command=" ".join([".venv/bin/python", "bench/run.py", *(argv or sys.argv[1:])]),
         runs=a.runs,
+        rounds=a.rounds,
         duration=a.duration,
         fair_seconds=fair_seconds,
         workers=a.workers,
@@ -240,12 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         "--latency [-H 'Connection: close'] http://127.0.0.1:3000/",
     )
     os.makedirs(a.out, exist_ok=True)
-    text = json.dumps({"meta": meta, "runs": runs}, indent=1, default=str)
+    data = {"meta": meta, "runs": runs, "interleaved": groups}
+    text = json.dumps(data, indent=1, default=str)
     checkout = os.path.dirname(ROOT)  # no absolute path of this machine: the checkout is `.`
     text = text.replace(checkout + "/", "").replace(checkout, ".")
     with open(os.path.join(a.out, "results.json"), "w") as f:
         f.write(text + "\n")
-    report.write(a.out, meta, runs)
+    report.write(a.out, meta, runs, groups)
     log(f"wrote {os.path.join(a.out, 'RESULTS.md')}")
     return 0
 
