@@ -29,6 +29,8 @@ PYTHON = sys.executable
 APP = Path(__file__).parent / "apps" / "protocol_app.py"
 TIMEOUT = 1.0  # header/body/keep-alive timeout the servers are given (CK_TIMEOUT)
 RSS_BOUND = 64 * 1024 * 1024  # growth allowed while a client streams without end
+CHUNKED_POST = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+SIZED_POST = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"  # % the body's size
 MiB = 1024 * 1024
 
 _EXEC_WITH_FD3 = (
@@ -318,10 +320,7 @@ def test_upgrade_gets_one_ordinary_answer(server):
 
 
 def test_chunked_request_body(server):
-    data = (
-        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-    )
+    data = CHUNKED_POST + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     statuses, resps, r = exchange(server, data)
     assert statuses == [200] and resps[0][2] == b"hello world"
     assert still_serves(r)
@@ -448,7 +447,7 @@ def test_too_large_header_field(server):
 
 def test_too_large_body_is_413_before_it_is_read(server):
     sock = server.connect()
-    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+    sock.sendall(SIZED_POST % 100000000)
     r = Reader(sock)
     resp = r.response()
     assert resp is not None and resp[0] == 413
@@ -459,7 +458,7 @@ def test_too_large_chunked_body_is_413(server):
     """A body with no Content-Length, streamed past max_body_size: 413 before it is all read
     (serve_asgi: the app has read 1 MiB of it, then gets http.disconnect)."""
     sock = server.connect()
-    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    sock.sendall(CHUNKED_POST)
     chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"z" * 64 * 1024)
     r = Reader(sock)
     try:
@@ -598,7 +597,7 @@ def _stream(server: Server, prefix: bytes, filler: bytes, limit: int):
 
 
 def test_endless_body_keeps_rss_bounded(asyncio_server):
-    prefix = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    prefix = CHUNKED_POST
     filler = b"%x\r\n%s\r\n" % (MiB, b"b" * MiB)
     growth, (sent, resp) = _stream(asyncio_server, prefix, filler, 400 * MiB)
     assert resp is not None and resp[0] == 413
@@ -618,7 +617,7 @@ def test_endless_trailer_field_keeps_rss_bounded(server, patient_asyncio_server)
     """A trailer field that never ends, after a chunked body. serve_asyncio's is the one
     with 60 s timeouts: the body timeout must not be what ends it."""
     target = patient_asyncio_server if server.kind == "asyncio" else server
-    prefix = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    prefix = CHUNKED_POST
     prefix += b"5\r\nhello\r\n0\r\nX-Endless: "
     growth, (sent, resp) = _stream(target, prefix, b"t" * MiB, 200 * MiB)
     assert resp is None or 400 <= resp[0] < 500
@@ -735,7 +734,7 @@ def _uploads_at_once(server: Server, n: int, size: int) -> list[int | None]:
     """*n* uploads of *size* bytes, each held one byte short until all are sent: statuses."""
     uploads = [server.connect() for _ in range(n)]
     try:
-        _send_all(uploads, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        _send_all(uploads, SIZED_POST % size)
         _send_all(uploads, b"b" * (size - 1))
         refused = _answered(uploads, within=0.2)
         if refused:
@@ -768,7 +767,7 @@ def test_bodies_on_many_connections_keep_rss_bounded(patient_server):
     server = patient_server
     budget, one = Limits().max_request_buffer, Limits().max_body_size
     assert budget < 100 * one
-    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % one
+    head = SIZED_POST % one
     growth, socks, answers, statuses = _hold_many(server, 100, head + b"b" * (one - 1))
     assert statuses == [200]  # a request on another connection is served during the attack
     assert set(answers.values()) == {503}
@@ -813,7 +812,7 @@ def test_request_buffer_holds_at_least_one_largest_request():
 def test_wsgi_refuses_large_head_and_body(wsgi_server):
     statuses, _, r = exchange(wsgi_server, get("/", "X-Big: " + "v" * 100_000 + "\r\n"))
     assert statuses == [431] and r.closed()
-    data = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n"
+    data = SIZED_POST % 100000000
     statuses, _, r = exchange(wsgi_server, data)
     assert statuses == [413] and r.closed()
     statuses, resps, r = exchange(wsgi_server, post("/echo", b"small"))
