@@ -213,7 +213,6 @@ class HttpProtocol(asyncio.Protocol):
         "upgrade",
         "busy",
         "pending",
-        "served",
         "closing",
         "stopped",
         "deadline",
@@ -241,7 +240,6 @@ class HttpProtocol(asyncio.Protocol):
         self.upgrade = False
         self.busy = False
         self.pending: deque[tuple[Request | int, bool]] = deque()
-        self.served = 0
         self.closing = False
         self.stopped = False  # no more requests are parsed (an error or an upgrade)
         #: monotonic time at which the connection times out; 0: no timeout running
@@ -340,11 +338,13 @@ class HttpProtocol(asyncio.Protocol):
         if not self.in_head:  # a trailer field of a chunked body: dropped, as uvicorn does, so
             return  # it cannot pose as a header (one a proxy in front set, say) to the app
         limits = self.limits
-        if len(self.headers) >= limits.max_header_fields:
-            raise _Reject(431)
         size = len(name) + len(value)
         self.head_parsed += size + 4
-        if size > limits.max_header_field_size or self.head_parsed > limits.max_head_size:
+        if (
+            size > limits.max_header_field_size
+            or self.head_parsed > limits.max_head_size
+            or len(self.headers) >= limits.max_header_fields
+        ):
             raise _Reject(431)
         name = name.lower()
         if name == b"content-length":
@@ -385,6 +385,9 @@ class HttpProtocol(asyncio.Protocol):
         self.in_message = False
         self.deadline = 0.0
         p = self.parser
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":  # llhttp also parses 0.9, 2.0, 3.0
+            raise _Reject(505)
         method = p.get_method()
         body = b""
         if self.body:
@@ -395,12 +398,10 @@ class HttpProtocol(asyncio.Protocol):
             self.url.decode("latin-1"),
             self.headers,
             body,
-            p.get_http_version(),
+            version,
         )
-        if req.version != "1.1" and req.version != "1.0":  # llhttp also parses 0.9, 2.0, 3.0
-            raise _Reject(505)
         # HTTP/1.0 keep-alive is not offered (as uvicorn): the connection closes
-        keep = p.should_keep_alive() and not self.upgrade and req.version != "1.0"
+        keep = version == "1.1" and not self.upgrade and p.should_keep_alive()
         if self.busy:
             if len(self.pending) >= self.limits.max_pipelined:
                 raise _Reject(503)  # answered after the ones waiting, then the connection closes
@@ -408,19 +409,23 @@ class HttpProtocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
         else:
-            self._dispatch(req, keep)
+            self._serve(req, keep)
 
     # -- requests ----------------------------------------------------------
     def _dispatch(self, req: Request | int, keep: bool) -> None:
-        if isinstance(req, int):  # a refusal queued behind a pipelined request
+        """Answer a request that waited in ``pending``, or the refusal that waited there."""
+        if isinstance(req, int):
             self._send_error(req)
-            return
+        else:
+            self._serve(req, keep)
+
+    def _serve(self, req: Request, keep: bool) -> None:
         try:
             result = self.state.handler(req)
         except Exception:
             self.state.logger.exception("handler failed: %s %s", req.method, req.target)
             result = Response(b"Internal Server Error", 500)
-        if isinstance(result, (bytes, str, Response)):
+        if type(result) is bytes or isinstance(result, (str, Response)):
             self._respond(req, result, keep)
         elif asyncio.iscoroutine(result) or asyncio.isfuture(result):
             self.busy = True
@@ -515,7 +520,6 @@ class HttpProtocol(asyncio.Protocol):
                 head, body, app_close = self._head(req, Response(b"Internal Server Error", 500))
         if req.method == "HEAD":
             body = b""
-        self.served += 1
         state = self.state
         if not keep or app_close or state.draining:
             transport.write(b"".join((head, state.date, b"\r\nConnection: close\r\n\r\n", body)))
