@@ -37,15 +37,16 @@ WINDOW_CS = 6000  # 60 s, in the clock's 1/100 s
 
 #: the unit's ``RuntimeDirectory=`` (%N: the unit's name), which holds the record
 RUNTIME_DIRECTORY = "clusterkit/%N"
-#: the record, with systemd's specifiers (%t: the runtime root)
-RECORD = f"%t/{RUNTIME_DIRECTORY}/starts"
+#: its path and the record's, with systemd's specifiers (%t: the runtime root)
+RECORD_DIR = f"%t/{RUNTIME_DIRECTORY}"
+RECORD = f"{RECORD_DIR}/starts"
 
 
 def shell_script() -> str:
     """The back-off, as one line of POSIX ``sh`` (a subshell; systemd's ``$`` not yet escaped)."""
     waits = " ".join(f"{n}) d={s};;" for n, s in WAITS.items())
     return (
-        f'( [ -d "%t/{RUNTIME_DIRECTORY}" ] || exit 0; r="{RECORD}"; '
+        f'( [ -d "{RECORD_DIR}" ] || exit 0; r="{RECORD}"; '
         "read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ now _ < /proc/self/stat; "
         "n=0; keep=; last=; "
         'if [ -f "$r" ]; then while read -r t; do '

@@ -425,7 +425,7 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             self.state.logger.exception("handler failed: %s %s", req.method, req.target)
             result = Response(b"Internal Server Error", 500)
-        if type(result) is bytes or isinstance(result, (str, Response)):
+        if isinstance(result, (bytes, str, Response)):
             self._respond(req, result, keep)
         elif asyncio.iscoroutine(result) or asyncio.isfuture(result):
             self.busy = True
@@ -456,12 +456,8 @@ class HttpProtocol(asyncio.Protocol):
                 )
 
     def _head(self, req: Request, result: Result) -> tuple[bytes, bytes, bool]:
-        """The response head (without Date and the final CRLFs), its body, and whether the app
-        said close."""
-        if isinstance(result, str):
-            result = result.encode()
-        if isinstance(result, bytes):
-            return _PLAIN_200 + b"%d" % len(result), result, False
+        """For a result other than bytes/str: the response head (without Date and the final
+        CRLFs), its body, and whether the app said close."""
         if not isinstance(result, Response):
             raise _BadResult(f"returned {type(result).__name__}, not bytes, str or Response")
         status, body = result.status, result.body
@@ -510,7 +506,9 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closing:
             return
-        if type(result) is bytes:  # the common case, without a call
+        if isinstance(result, str):
+            result = result.encode()
+        if isinstance(result, bytes):  # text/plain, 200: the common case, without a call
             head, body, app_close = _PLAIN_200 + b"%d" % len(result), result, False
         else:
             try:
