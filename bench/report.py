@@ -417,8 +417,12 @@ def _ratio(runs: dict[str, list[dict]], fig_key: str, a: str, b: str) -> float |
     return ma / mb if ma is not None and mb else None
 
 
-#: bench/run.py's INTERLEAVED_LOADS labels, by the FIGURES key of the same load
-_LOADS = {"ka_rps": "keep-alive", "nc_rps": "new connection per request"}
+#: the loads of bench/run.py's interleaved rounds, (label, Connection: close), by the key of
+#: the FIGURES row that measures the same load
+INTERLEAVED_LOADS = {
+    "ka_rps": ("keep-alive", False),
+    "nc_rps": ("new connection per request", True),
+}
 
 
 def round_ratios(groups: list[dict], load: str, name: str, base: str) -> list[float]:
@@ -474,14 +478,16 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
         ]
     lines += ["| target | this run | met |", "|---|---:|---|"]
 
-    def row(what: str, value: float | None, ok: bool | None, fmt: str = "{:.2f}×") -> None:
-        shown = fmt.format(value) if value is not None else "not measured"
+    def line(what: str, shown: str, ok: bool | None) -> None:
         verdict = "–" if ok is None else ("yes" if ok else "**no**")
         lines.append(f"| {what} | {shown} | {verdict} |")
 
+    def row(what: str, value: float | None, ok: bool | None, fmt: str = "{:.2f}×") -> None:
+        line(what, fmt.format(value) if value is not None else "not measured", ok)
+
     def throughput(what: str, key: str, name: str, base: str, goal: float) -> None:
         of_medians = _ratio(runs, key, name, base)
-        ratios = round_ratios(groups or [], _LOADS[key], name, base)
+        ratios = round_ratios(groups or [], INTERLEAVED_LOADS[key][0], name, base)
         medians = "not measured" if of_medians is None else f"{of_medians:.2f}×"
         if ratios:
             r = median(ratios)
@@ -491,8 +497,7 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
         else:
             r = of_medians
             shown = f"{medians} (medians of runs)" if r is not None else medians
-        verdict = "–" if r is None else ("yes" if r >= goal else "**no**")
-        lines.append(f"| {what} | {shown} | {verdict} |")
+        line(what, shown, None if r is None else r >= goal)
 
     for mode in ("shared", "reuseport"):
         name = f"clusterkit-{mode}"

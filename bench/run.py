@@ -33,12 +33,12 @@ RUNNING: list[System] = []
 CRASH_LOOP_SYSTEMS = ("clusterkit-shared", "clusterkit-reuseport")
 #: the throughput targets' comparisons, each measured again with the loads alternating within
 #: rounds: the systems of a group run side by side (the first on the host's port 3000, so
-#: one host-port system per group), and each round loads each of them in turn
+#: one host-port system per group), and each round loads each of them in turn with each of
+#: report.INTERLEAVED_LOADS
 INTERLEAVED_GROUPS = (
     (BASELINE, "clusterkit-shared", "clusterkit-reuseport"),
     ("uvicorn", "clusterkit-asgi"),
 )
-INTERLEAVED_LOADS = (("keep-alive", False), ("new connection per request", True))
 
 
 def _interrupt(signum, frame):
@@ -99,10 +99,11 @@ def all_started(names: list[str], workers: int) -> Iterator[list[System]]:
 def measure_rounds(names: list[str], rounds: int, seconds: float, workers: int) -> dict:
     """{load: {system: [per-round wrk results]}}: the systems started together, and each
     round runs one load against each of them in turn, keep-alive then new connection."""
-    out: dict = {load: {name: [] for name in names} for load, _ in INTERLEAVED_LOADS}
+    loads = report.INTERLEAVED_LOADS.values()
+    out: dict = {load: {name: [] for name in names} for load, _ in loads}
     with all_started(names, workers) as systems:
         for i in range(rounds):
-            for load, close in INTERLEAVED_LOADS:
+            for load, close in loads:
                 for system in systems:
                     r = measure.wrk(system, seconds, close)
                     out[load][system.name].append(r)
