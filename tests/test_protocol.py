@@ -631,6 +631,19 @@ def test_a_header_field_reaches_the_app_whatever_its_case(server):
     assert statuses == [200] and resps[0][2] == b"192.0.2.7"
 
 
+def test_line_separators_in_a_header_value_reach_the_app_as_data(server):
+    """U+2028, NEL and a raw 0xFF in a field value (obs-text, which HTTP allows) are the
+    value's bytes: no second header, no second response; clusterkit's Request.headers gives
+    them as latin-1 str, which the app here returns (and the server sends as UTF-8)."""
+    value = b"192.0.2.7\xe2\x80\xa8Set-Cookie: pwned=1\x85\xff"
+    data = b"GET /xff HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: " + value + b"\r\n\r\n"
+    statuses, resps, r = exchange(server, data)
+    sent = value if server.kind.startswith("uvicorn") else value.decode("latin-1").encode()
+    assert statuses == [200] and resps[0][2] == sent
+    assert not any(name.lower() == "set-cookie" for name, _ in resps[0][1])
+    assert still_serves(r)
+
+
 def test_trailer_field_is_not_a_request_header(server):
     """A proxy in front sets X-Forwarded-For in the head; a client must not add one after
     the body, as a trailer field, for the app to find among the headers."""
