@@ -326,6 +326,26 @@ def test_chunked_request_body(server):
     assert still_serves(r)
 
 
+def test_requests_arriving_a_few_bytes_at_a_time_are_answered(server):
+    # serve_asyncio sets a request up at the first piece of its target: a method sent
+    # alone, or a target, field or body split over reads, must change nothing
+    sock = server.connect()
+    r = Reader(sock)
+    for data in (get("/"), post("/echo", b"split body"), get("/")):
+        for i in range(0, len(data), 3):
+            sock.sendall(data[i : i + 3])
+            time.sleep(0.002)
+        resp = r.response()
+        assert resp is not None and resp[0] == 200
+    assert resp[2] == b"hello"
+    sock.sendall(b"POST")  # the next request's method alone, then the rest
+    time.sleep(0.05)
+    sock.sendall(post("/echo", b"late")[4:])
+    resp = r.response()
+    assert resp is not None and resp[:1] == (200,) and resp[2] == b"late"
+    assert still_serves(r)
+
+
 def test_pipelined_requests_answered_in_order(server):
     data = get("/slow") + post("/echo", b"second") + get("/slow") + get("/")
     statuses, resps, r = exchange(server, data, n=4)
