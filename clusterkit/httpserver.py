@@ -18,8 +18,9 @@ past it gets 503 (many connections each sending a head or body just under its
 limit would otherwise grow the worker by all of them). A request read whole in
 one read costs nothing here: only what stays held between reads is counted.
 Trailer fields of a chunked body are dropped, and count as part of the head.
-A request's head must arrive within ``header_timeout``, a body must not
-stall for ``body_timeout``, an idle keep-alive connection closes after
+A request's head must arrive within ``header_timeout`` (counted from the first
+byte of its target: until then the connection is idle), a body must not stall
+for ``body_timeout``, an idle keep-alive connection closes after
 ``keep_alive_timeout``. Reading pauses while a pipelined request waits for the
 one before it, and while the client does not read its responses, so neither
 queue grows without bound. A handler that raises, returns something other than
