@@ -128,6 +128,9 @@ Handler = Callable[[Request], Result | Awaitable[Result]]
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _PLAIN_200 = b"HTTP/1.1 200 OK\r\nContent-Type: " + TEXT.encode() + b"\r\nContent-Length: "
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: what ends a response head after Date: keep the connection, or close it
+_END = b"\r\n\r\n"
+_END_CLOSE = b"\r\nConnection: close\r\n\r\n"
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 #: response headers clusterkit writes itself; an app's own are dropped (one Content-Length)
 _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "date"})
@@ -514,17 +517,14 @@ class HttpProtocol(asyncio.Protocol):
         if req.method == "HEAD":
             body = b""
         state = self.state
-        if not keep or app_close or state.draining:
-            transport.write(
-                b"".join((head, length, state.date, b"\r\nConnection: close\r\n\r\n", body))
-            )
+        close = not keep or app_close or state.draining
+        transport.write(b"".join((head, length, state.date, _END_CLOSE if close else _END, body)))
+        if close:
             self._close()
-        else:
-            transport.write(b"".join((head, length, state.date, b"\r\n\r\n", body)))
-            if not self.busy and not self.in_message and not self.pending:
-                self.deadline = state.now + self.limits.keep_alive_timeout
-                if self.held:  # idle: nothing of it is held any more
-                    self._release()
+        elif not self.busy and not self.in_message and not self.pending:
+            self.deadline = state.now + self.limits.keep_alive_timeout
+            if self.held:  # idle: nothing of it is held any more
+                self._release()
 
     # -- refusals and closing ---------------------------------------------
     def _reject(self, status: int) -> None:
