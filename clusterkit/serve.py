@@ -26,7 +26,8 @@ that its server has (``ASGI_LIMITS``, ``WSGI_LIMITS``; bench/SERVER.md says why)
 
 Two adapters reach past documented API, pinned in pyproject.toml and checked
 by tests/test_server_adapters.py: ``serve_asgi`` extends ``uvicorn.Server``'s
-``startup``/``shutdown`` (READY=1 and STOPPING=1 at the right moments);
+``startup``/``shutdown`` (READY=1 and STOPPING=1 at the right moments) and
+imports uvicorn without its command line (:mod:`clusterkit.uvicornimport`);
 ``serve_wsgi`` drives waitress's loop itself (``server._map``) and reads each
 channel's ``requests``, ``request`` and ``total_outbufs_len`` to drain.
 
@@ -229,9 +230,10 @@ def serve_asgi(
     *uvicorn_options* say otherwise, and the app the rest of *limits*
     (:class:`clusterkit.asgilimits.LimitedApp`).
     """
-    import uvicorn
-
     from clusterkit.asgilimits import LimitedApp
+    from clusterkit.uvicornimport import config_and_server
+
+    uvicorn_config, uvicorn_server = config_and_server()
 
     limits = limits or _LIMITS
     w = worker or worker_mod.current()
@@ -246,9 +248,9 @@ def serve_asgi(
         **_asgi_settings(limits),
     }
     options.update(uvicorn_options)
-    config = uvicorn.Config(app, **options)
+    config = uvicorn_config(app, **options)
 
-    class Server(uvicorn.Server):
+    class Server(uvicorn_server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             # uvicorn has loaded the app (and its own middleware) by now; the
             # protocols and the lifespan read config.loaded_app after this point.

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +38,43 @@ def test_waitress_has_the_loop_map_and_channel_state_serve_wsgi_reads() -> None:
             server.close()
     for attribute in ("requests", "request", "total_outbufs_len"):
         assert attribute in vars(HTTPChannel) or attribute in HTTPChannel.__init__.__code__.co_names
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_serve_asgi_imports_uvicorn_without_its_command_line_yet_the_package_stays_whole() -> None:
+    pytest.importorskip("uvicorn")
+    # a fresh interpreter: this one may have imported uvicorn already
+    done = _python(
+        "import sys\n"
+        "from clusterkit.uvicornimport import config_and_server\n"
+        "Config, Server = config_and_server()\n"
+        "assert 'click' not in sys.modules and 'uvicorn.main' not in sys.modules\n"
+        "import uvicorn\n"
+        "assert uvicorn.Config is Config and uvicorn.Server is Server\n"
+        "from uvicorn.lifespan.on import LifespanOn\n"  # imports `Config` from the package
+        "assert 'uvicorn.main' not in sys.modules\n"
+        "from uvicorn import main, run\n"  # a name only __init__ defines: it runs now
+        "assert run is sys.modules['uvicorn.main'].run and uvicorn.__version__\n"
+        "assert uvicorn.Server is Server and config_and_server() == (Config, Server)\n"
+        "try:\n"
+        "    uvicorn.no_such_name\n"
+        "except AttributeError:\n"
+        "    print('ok')\n"
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+
+
+def test_config_and_server_returns_uvicorns_own_when_uvicorn_was_imported_first() -> None:
+    pytest.importorskip("uvicorn")
+    done = _python(
+        "import uvicorn\n"
+        "from clusterkit.uvicornimport import config_and_server\n"
+        "assert config_and_server() == (uvicorn.Config, uvicorn.Server)\n"
+        "print('ok')\n"
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
