@@ -264,10 +264,15 @@ def failure_details(key: str, runs: dict[str, list[dict]]) -> list[str]:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(a.get("failures", {}).items()))
             slow = ", ".join(f"{k} {v}" for k, v in sorted(a.get("slow", {}).items()))
             worst = a.get("max_latency_ms")
-            parts.append(
-                f"{a['ok']:,} ok, {kinds or 'no failures'}; "
+            reused = (
                 f"of the failures {a.get('reused_no_response', 0)} on a reused keep-alive "
                 "connection with no byte of response; "
+                if kinds
+                else ""
+            )
+            parts.append(
+                f"{a['ok']:,} ok, {kinds or 'no failures'}; "
+                + reused
                 + (f"slowest request {worst:,.0f} ms; " if worst is not None else "")
                 + f"slower than {SLOW_MS:g} ms: {slow or 'none'}; "
                 f"action {a['action_s']:.2f}s"
