@@ -2,7 +2,7 @@
 
 ``import uvicorn`` runs ``uvicorn/__init__.py``, which imports ``uvicorn.main``:
 click and the multi-process supervisors. A clusterkit worker uses neither, and
-they cost about 25 ms of each worker (re)start, a third of uvicorn's import and
+they cost about 25 ms of each worker (re)start, two fifths of uvicorn's import and
 a tenth of a respawn. So when nothing has imported uvicorn yet,
 :func:`config_and_server` registers the package without running its
 ``__init__`` and imports only ``uvicorn.config`` and ``uvicorn.server``. The
