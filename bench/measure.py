@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import time
@@ -131,19 +132,26 @@ def fairness(system: System, seconds: float, keepalive: bool, conns: int) -> dic
     }
 
 
-def respawn_time(system: System, timeout: float = 10.0) -> dict:
-    """SIGKILL one worker (no load), then send requests on new connections until one is served
-    by a worker pid that did not exist before the kill. None if that never happens."""
+def respawn_time(system: System, timeout: float = 10.0, worker_pid: int | None = None) -> dict:
+    """SIGKILL one worker (*worker_pid*, else the system's choice; no load), then send requests
+    on new connections until one is served by a worker pid that did not exist before the kill.
+    None if that never happens."""
     if not system.respawns:
         return {"respawn_s": None}
     before = set(system.worker_pids())
     killed: list[int] = []
 
+    def kill() -> int:
+        if worker_pid is None:
+            return system.kill_one_worker()
+        os.kill(worker_pid, signal.SIGKILL)
+        return worker_pid
+
     def probe() -> float | None:
         diag = SockDiag()
         try:
             t0 = time.monotonic()
-            killed.append(system.kill_one_worker())
+            killed.append(kill())
             while time.monotonic() - t0 < timeout:
                 pid, fail = attributed_request(
                     system.host, system.port, system.worker_pids, diag, 1.0
