@@ -1,12 +1,12 @@
 """Respawn after SIGKILL, sampled many times: what bench/run.py measures once per run.
 
-    .venv/bin/python -m bench.respawn [--starts 3] [--out bench/RESPAWN.md] [--only NAME ...]
+    .venv/bin/python -m bench.respawn [--starts 4] [--out bench/RESPAWN.md] [--only NAME ...]
 
 Starts each system as bench/run.py does (2 workers; clusterkit in a container), then SIGKILLs
 each worker twice, in turn, and times every kill with the full run's probe
 (``measure.respawn_time``: requests on new connections, no load, until a worker pid that did
-not exist before the kill answers). Two runs ending on their own within 60 s is as many as
-clusterkit's crash-loop back-off lets through at once; a third would wait 1 s. The systems
+not exist before the kill answers). Two crashes of a worker within 60 s are as many as
+clusterkit's crash-loop back-off restarts without a wait; a third would wait 1 s. The systems
 take turns start by start, so drift of the machine hits all alike. Reports each system's
 median, lowest and highest, and the median as a ratio to `uvicorn --workers`, whose master
 also starts a fresh interpreter for each worker (gunicorn forks a copy of an imported one).
@@ -72,7 +72,7 @@ def table(times: dict[str, list[float | None]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--starts", type=int, default=3, help="fresh starts of each system")
+    p.add_argument("--starts", type=int, default=4, help="fresh starts of each system")
     p.add_argument("--only", nargs="+", choices=SYSTEMS, help="systems to sample")
     p.add_argument("--out", type=Path, help="also write the table, with this script's doc, here")
     args = p.parse_args(argv)
