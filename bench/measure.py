@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import signal
 import statistics
 import subprocess
 import time
@@ -141,17 +140,11 @@ def respawn_time(system: System, timeout: float = 10.0, worker_pid: int | None =
     before = set(system.worker_pids())
     killed: list[int] = []
 
-    def kill() -> int:
-        if worker_pid is None:
-            return system.kill_one_worker()
-        os.kill(worker_pid, signal.SIGKILL)
-        return worker_pid
-
     def probe() -> float | None:
         diag = SockDiag()
         try:
             t0 = time.monotonic()
-            killed.append(kill())
+            killed.append(system.kill_one_worker(worker_pid))
             while time.monotonic() - t0 < timeout:
                 pid, fail = attributed_request(
                     system.host, system.port, system.worker_pids, diag, 1.0

@@ -11,7 +11,8 @@ Contract, all times in seconds, all pids host pids (what /proc on the host shows
 - pids() -> list[int]: every process of the setup (primary/master/daemon included): memory is the
   sum of their PSS.
 - worker_pids() -> list[int]: the processes that accept and serve connections.
-- kill_one_worker() -> int: SIGKILL one worker, return its pid (do not wait).
+- kill_one_worker(pid=None) -> int: SIGKILL worker *pid* (default: one of them), return its pid
+  (do not wait).
 - rolling_reload() -> None: the tool's zero-downtime reload; return once every worker has been
   replaced (or raise NotSupported).
 - restart_all() -> None: restart every worker at once; return once they are all back.
@@ -107,8 +108,8 @@ class System:
     def worker_pids(self) -> list[int]:
         raise NotImplementedError
 
-    def kill_one_worker(self) -> int:
-        pid = self.worker_pids()[0]
+    def kill_one_worker(self, pid: int | None = None) -> int:
+        pid = self.worker_pids()[0] if pid is None else pid
         os.kill(pid, signal.SIGKILL)
         return pid
 
