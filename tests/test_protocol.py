@@ -433,6 +433,19 @@ def test_http_version_other_than_1x_is_refused_and_closed(server, version):
     assert r.closed()
 
 
+@pytest.mark.parametrize("version", ["1.0", "0.9", "2.0"])
+def test_connection_trailer_does_not_pass_for_http11(server, version):
+    """llhttp heeds a Connection field among a chunked body's trailer fields: keep-alive
+    then says nothing of the version, which is not HTTP/1.1 here. Served once and closed
+    (1.0), or refused and closed."""
+    data = f"POST /echo HTTP/{version}\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data += "5\r\nhello\r\n0\r\nConnection: keep-alive\r\n\r\n"
+    statuses, resps, r = exchange(server, data.encode() + get("/"), n=2)
+    assert statuses == ([200] if version == "1.0" else [505]) or statuses == [400]
+    assert ("connection", "close") in resps[0][1]
+    assert r.closed()
+
+
 def test_malformed_request_is_400_and_closed(server):
     for data in (b"GET / HTTP/1.1\r\nHost x\r\n\r\n", b"\x00\x01garbage\r\n\r\n"):
         statuses, _, r = exchange(server, data)
