@@ -276,13 +276,15 @@ def test_one_date_header_in_imf_fixdate(server):
 
 
 def test_http10_and_connection_close_are_closed(server):
+    """Answered, then closed: a request sent behind it on the connection gets nothing."""
     for data in (
         b"GET / HTTP/1.0\r\n\r\n",
         b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        b"GET / HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n",  # llhttp heeds it too
         get("/", "Connection: close\r\n"),
     ):
-        statuses, _, r = exchange(server, data)
-        assert statuses == [200]
+        statuses, _, r = exchange(server, data + get("/"), n=2)
+        assert statuses == [200], data
         assert r.closed()
 
 
