@@ -405,7 +405,13 @@ CLUSTERKIT_NOTES = [
     "`clusterkit-asgi` serve the same ASGI app with uvicorn's httptools protocol and uvloop; "
     "`gunicorn`, `clusterkit-gunicorn` (stock gunicorn, one sync worker per unit) and "
     "`clusterkit-wsgi` (waitress) serve the same WSGI app. `clusterkit-shared`/`-reuseport` "
-    "run clusterkit's own `serve_asyncio`, the seed comparison with Node.",
+    "run clusterkit's own `serve_asyncio`, the seed comparison with Node. Per request the "
+    "process model changes nothing (in each, the kernel hands a connection to a worker, which "
+    "serves it alone), and `clusterkit-asgi` also runs clusterkit's request limits "
+    "(`clusterkit.asgilimits`), which `uvicorn` lacks: its throughput ratio to `uvicorn` is "
+    "expected about 1.0×, the rounds' lowest and highest show how far noise moves it, and the "
+    "CPU time per request tells the two apart where the ratios do not. What the units change "
+    "is start, respawn, reload and memory (the tables above).",
     "- `clusterkit-gunicorn`: the SIGKILL hits gunicorn's sync worker, and the gunicorn master "
     "in the same unit (its MainPID) forks a new one; systemd restarts nothing, so its respawn "
     "figure is gunicorn's, not the units'.",
@@ -438,6 +444,21 @@ def round_ratios(groups: list[dict], load: str, name: str, base: str) -> list[fl
             pairs = zip(results[name], results[base], strict=True)
             return [r["rps"] / b["rps"] for r, b in pairs if b["rps"]]
     return []
+
+
+def round_cpu_ratio(groups: list[dict], load: str, name: str, base: str) -> float | None:
+    """In the interleaved group holding both: *name*'s median CPU time per request over
+    *base*'s (the servers' own, without the load generator's share)."""
+    for group in groups:
+        results = group.get("results", {}).get(load, {})
+        if name in results and base in results:
+            cpu = [
+                [r["server_cpu_us"] for r in results[n] if r.get("server_cpu_us")]
+                for n in (name, base)
+            ]
+            if all(cpu):
+                return median(cpu[0]) / median(cpu[1])
+    return None
 
 
 def interleaved_tables(groups: list[dict]) -> list[str]:
@@ -478,7 +499,10 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
         lines += [
             "A throughput ratio is judged on the interleaved rounds (loads seconds apart, see "
             "below): the median of the rounds' ratios, then their lowest and highest, then the "
-            "ratio of the medians of the runs (loads minutes apart).",
+            "ratio of the medians of the runs (loads minutes apart), and how much CPU time the "
+            "servers themselves used per request in those rounds, as a ratio too: where wrk "
+            "shares the CPUs with the servers, its own share pulls a throughput ratio towards "
+            "1.0, and this figure leaves it out.",
             "",
         ]
     lines += ["| target | this run | met |", "|---|---:|---|"]
@@ -497,8 +521,12 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
         if ratios:
             r = median(ratios)
             shown = (
-                f"{r:.2f}× (rounds {min(ratios):.2f}–{max(ratios):.2f}×; medians of runs {medians})"
+                f"{r:.2f}× (rounds {min(ratios):.2f}–{max(ratios):.2f}×; medians of runs {medians}"
             )
+            cpu = round_cpu_ratio(groups or [], INTERLEAVED_LOADS[key][0], name, base)
+            if cpu is not None:  # what the servers themselves use, wrk's share left out
+                shown += f"; server CPU per request {cpu:.2f}× {base}'s"
+            shown += ")"
         else:
             r = of_medians
             shown = f"{medians} (medians of runs)" if r is not None else medians
