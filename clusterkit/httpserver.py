@@ -21,11 +21,13 @@ Trailer fields of a chunked body are dropped, and count as part of the head.
 A request's head must arrive within ``header_timeout`` (counted from the first
 byte of its target: until then the connection is idle), a body must not stall
 for ``body_timeout``, an idle keep-alive connection closes after
-``keep_alive_timeout``. Reading pauses while a pipelined request waits for the
-one before it, and while the client does not read its responses, so neither
-queue grows without bound. A handler that raises, returns something other than
-bytes/str/Response, or sets a header containing CR/LF gets a 500 and a log
-record naming it; nothing it set is sent.
+``keep_alive_timeout``. A worker holds at most ``max_connections``: past it, a new
+connection closes the oldest one that has no response in progress (a client holding
+connections open would otherwise lock every other client out). Reading pauses
+while a pipelined request waits for the one before it, and while the client does
+not read its responses, so neither queue grows without bound. A handler that
+raises, returns something other than bytes/str/Response, or sets a header
+containing CR/LF gets a 500 and a log record naming it; nothing it set is sent.
 
 Draining (graceful stop) is driven by :class:`ConnectionSet`: after
 :meth:`ConnectionSet.drain` every response says ``Connection: close``, and a
@@ -39,6 +41,7 @@ reload under load; none with the grace).
 from __future__ import annotations
 
 import asyncio
+import resource
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -141,6 +144,15 @@ _BAD_IN_HEADER = ("\r", "\n", "\0")
 _BAD_IN_NAME = ("\r", "\n", "\0", ":", " ", "\t")
 
 
+def _open_file_cap() -> int:
+    """Connections a worker can hold: its open-file limit, less 64 descriptors for the
+    listening socket, the event loop, logs and the app's own files."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(soft - 64, 16)
+
+
 def _plain_200_head(length: int) -> bytes:
     head = _PLAIN_200 + b"%d" % length
     if len(_PLAIN_200_HEADS) < 256:  # bounded: the lengths are the app's to choose
@@ -170,7 +182,10 @@ class ConnectionSet:
         self.logger = logger
         self.fresh_grace = fresh_grace
         self.limits = limits or Limits()
-        self.connections: set[HttpProtocol] = set()
+        #: open connections, oldest first (a dict keeps insertion order)
+        self.connections: dict[HttpProtocol, None] = {}
+        self.max_connections = self.limits.max_connections or _open_file_cap()
+        self.shed = 0  # connections closed to make room, not logged yet
         self.draining = False
         #: bytes of requests held by all connections (capped by limits.max_request_buffer)
         self.buffer = RequestBuffer(self.limits, logger)
@@ -183,6 +198,15 @@ class ConnectionSet:
         self.date = b"\r\nDate: " + http_date(time.time())
         self.now = now = time.monotonic()
         self.buffer.warn()
+        if self.shed:
+            self.logger.warning(
+                "closed %d connection(s) with no response in progress to make room: this "
+                "worker holds max_connections (%d); raise LimitNOFILE= or "
+                "Limits.max_connections if that is legitimate load",
+                self.shed,
+                self.max_connections,
+            )
+            self.shed = 0
         for conn in list(self.connections):
             if conn.deadline and now >= conn.deadline:
                 conn.timed_out()
@@ -195,6 +219,14 @@ class ConnectionSet:
             loop.call_later(self.limits.tick, again)
 
         loop.call_later(self.limits.tick, again)
+
+    def make_room(self) -> None:
+        """At max_connections: close the oldest connection with no response in progress."""
+        for conn in self.connections:
+            if conn.transport is not None and not (conn.closing or conn.busy or conn.pending):
+                conn.timed_out(503)
+                self.shed += 1
+                return
 
     def drain(self) -> None:
         """Start the graceful stop: close what is idle, mark the rest to close."""
@@ -262,12 +294,15 @@ class HttpProtocol(asyncio.Protocol):
     # -- transport events --------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.state.connections.add(self)
+        connections = self.state.connections
+        if len(connections) >= self.state.max_connections:
+            self.state.make_room()
+        connections[self] = None
         if self.state.draining:  # accepted in the same loop turn as the drain began
             asyncio.get_running_loop().call_later(self.state.fresh_grace, self.close_if_idle, True)
 
     def connection_lost(self, exc) -> None:
-        self.state.connections.discard(self)
+        self.state.connections.pop(self, None)
         self.transport = None
         self.deadline = 0.0
         self._release()
@@ -579,14 +614,14 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def timed_out(self) -> None:
-        """Called by the ticker once ``deadline`` has passed."""
+    def timed_out(self, status: int = 408) -> None:
+        """Called by the ticker once ``deadline`` has passed (408), or to make room (503)."""
         self.deadline = 0.0
         transport = self.transport
         if transport is None or self.closing or self.busy or self.pending:
             return
         if self.in_message:  # slow head or stalled body
-            self._send_error(408)
+            self._send_error(status)
         else:  # idle keep-alive (or a connection that never sent a byte)
             self._close()
         if transport.get_write_buffer_size():  # a client that does not read either

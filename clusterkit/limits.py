@@ -44,8 +44,17 @@ class Limits:
     body_timeout: float = 30.0
     #: seconds an idle keep-alive connection is kept (uvicorn's timeout_keep_alive)
     keep_alive_timeout: float = 5.0
+    #: connections one worker holds (serve_asyncio); a new one past it closes the oldest
+    #: connection that has no response in progress (idle, or a request still arriving),
+    #: so a client holding connections open cannot lock others out. Default (None): the
+    #: worker's open-file limit (``LimitNOFILE=``) less 64 descriptors for everything else
+    max_connections: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(
+                f"Limits: max_connections must be at least 1, not {self.max_connections}"
+            )
         largest = self.max_head_size + self.max_body_size
         if self.max_request_buffer is None:  # frozen: set through object
             object.__setattr__(self, "max_request_buffer", max(16 * 1024 * 1024, largest))

@@ -12,6 +12,7 @@ connection is then closed or kept. The memory and slowloris cases measure the
 from __future__ import annotations
 
 import os
+import resource
 import select
 import socket
 import subprocess
@@ -40,7 +41,9 @@ _EXEC_WITH_FD3 = (
 
 
 class Server:
-    def __init__(self, kind: str, tmp: Path, timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self, kind: str, tmp: Path, timeout: float = TIMEOUT, nofile: int | None = None
+    ) -> None:
         self.kind = kind
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self.port = self.listener.getsockname()[1]
@@ -58,8 +61,18 @@ class Server:
             env.pop(k, None)
         fd = self.listener.fileno()
         argv = [PYTHON, "-c", _EXEC_WITH_FD3, str(fd), PYTHON, str(APP), kind]
+
+        def limit_files() -> None:  # as LimitNOFILE= would
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.popen = subprocess.Popen(
-            argv, pass_fds=(fd,), env=env, stdout=self.log, stderr=subprocess.STDOUT
+            argv,
+            pass_fds=(fd,),
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit_files,
         )
         status, _, _ = exchange(self, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status == [200], self.logs()
@@ -688,6 +701,29 @@ def test_trailer_field_is_not_a_request_header(server):
     assert statuses == [200] and resps[0][2] == b"-"
 
 
+def test_connections_held_open_do_not_lock_others_out(tmp_path):
+    """One client opens more connections than the worker can hold (LimitNOFILE=128: room
+    for 64) and sends nothing, or half a head. A new client is still served at once: each
+    new connection closes the oldest one that has no response in progress, and the worker
+    says so in its log."""
+    s = Server("asyncio", tmp_path, timeout=60, nofile=128)
+    try:
+        hogs = [s.connect() for _ in range(150)]
+        for h in hogs[::2]:
+            h.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        for _ in range(3):  # each served, though the hogs keep coming
+            statuses, _, _ = exchange(s, get("/"))
+            assert statuses == [200]
+            hogs.append(s.connect())
+        closed = sum(Reader(h).closed(timeout=0.2) for h in hogs[:40])
+        assert closed == 40  # the oldest went first
+        s.wait_log("to make room", "max_connections (64)")
+        for h in hogs:
+            h.close()
+    finally:
+        s.stop()
+
+
 def test_stalled_body_and_silent_connection_are_closed(asyncio_server):
     stalled = asyncio_server.connect()
     stalled.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
@@ -852,6 +888,8 @@ def test_request_buffer_holds_at_least_one_largest_request():
     refused = r"max_request_buffer \(1048576\) is smaller than one largest request"
     with pytest.raises(ValueError, match=refused):
         Limits(max_body_size=2 << 20, max_request_buffer=1 << 20)
+    with pytest.raises(ValueError, match="max_connections must be at least 1, not 0"):
+        Limits(max_connections=0)
 
 
 # -- serve_wsgi: the waitress settings clusterkit passes ------------------------------
