@@ -289,6 +289,7 @@ OK, REFUSED, RESET, TIMEOUT, NON_2XX, ERROR = (
     http1.ERROR,
 )
 join_netns = http1.join_netns
+run_in_netns = http1.run_in_netns
 _Conn = http1.Conn
 _classify = http1.classify
 

@@ -12,6 +12,8 @@ is a poll with a deadline; no assertion is about wall-clock durations.
 from __future__ import annotations
 
 import json
+import resource
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,6 +36,7 @@ from scenario import (
     inner_pid,
     install,
     load,
+    run_in_netns,
     wait_for,
 )
 
@@ -489,3 +492,44 @@ def test_worker_logs_reach_the_journal_with_the_worker_id(
         record = wait_for(f"worker {k}'s log record", logged)[0]
         assert record["CLUSTERKIT_NAME"] == cl.name
         assert record["_SYSTEMD_UNIT"] == cl.unit(k)
+
+
+# -- a client holding connections open -------------------------------------------------------
+
+
+def test_connections_held_open_do_not_lock_out_other_clients(
+    container: Container, tmp_path: Path
+) -> None:
+    """One client opens more connections to a worker than its open-file limit (systemd's
+    LimitNOFILE=, 1024 by default) lets it hold, and sends nothing. A new client is still
+    served: each new connection closes the worker's oldest one with no response in
+    progress (serve_asyncio's max_connections), and the worker logs it."""
+    cl = deploy(container, tmp_path, workers=1)
+    (k,) = cl.running_ids()
+    nofile = int(cl.show(cl.unit(k), "LimitNOFILESoft")["LimitNOFILESoft"])
+    hogs = nofile + 200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hogs + 256:  # this test's own sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, hogs + 256), hard))
+
+    def open_hogs() -> list[socket.socket]:
+        return [socket.create_connection(("127.0.0.1", cl.port), timeout=5) for _ in range(hogs)]
+
+    held: list[socket.socket] = run_in_netns(container.pid, open_hogs)  # type: ignore[assignment]
+    try:
+        for _ in range(3):
+            sample = cl.get()
+            assert sample.ok, (sample.outcome, sample.error)
+        wait_for(
+            "the worker's log of the connections it closed",
+            lambda: [
+                e
+                for e in container.journal(f"_SYSTEMD_UNIT={cl.unit(k)}")
+                if "to make room" in str(e.get("MESSAGE"))
+            ],
+        )
+        assert cl.main_pid(k)  # the same worker, still running
+    finally:
+        for s in held:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
