@@ -18,6 +18,9 @@ of :class:`clusterkit.limits.Limits` between uvicorn and the app:
   ``http.disconnect`` (a client gone), so it stops and uvicorn stops reading.
 
 Every refusal says ``Connection: close``, and uvicorn then closes the connection.
+
+uvicorn has no timeout for reading a request head either: :func:`head_timed_h11`
+adds ``header_timeout`` to its h11 protocol, the one ``serve_asgi`` runs.
 """
 
 from __future__ import annotations
@@ -128,3 +131,49 @@ class LimitedApp:
             return await self.app(scope, receive_limited, send_unless_refused)
         finally:
             buffer.give(held)
+
+
+def head_timed_h11(header_timeout: float) -> type:
+    """uvicorn's h11 protocol with ``header_timeout``, which uvicorn has no setting for: a
+    connection that has not sent a whole request head that long after it opened, or after
+    the first byte of its next request, is closed (with a 408 if it sent part of one)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimedH11Protocol(H11Protocol):
+        head_timer: Any = None
+        head_cycle: Any = None  # the request cycle the timer waits to see replaced
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # a request head begins
+                if self.head_timer is None or self.head_cycle is not self.cycle:
+                    self.arm_head_timer()
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def arm_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_cycle = self.cycle
+            self.head_timer = self.loop.call_later(header_timeout, self.head_timed_out)
+
+        def head_timed_out(self) -> None:
+            self.head_timer = None
+            if self.cycle is not self.head_cycle or self.transport.is_closing():
+                return  # a whole request head arrived in time
+            if self.conn.trailing_data[0]:  # part of a head
+                body = b"Request Timeout"
+                self.transport.write(
+                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8"
+                    b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+                )
+            self.transport.close()
+
+    return HeadTimedH11Protocol

@@ -194,8 +194,8 @@ def _asgi_settings(limits: Limits) -> dict[str, Any]:
     """uvicorn settings for *limits* (README, "Limits and timeouts"). h11, not httptools:
     uvicorn's httptools protocol buffers a request head without end (a 200 MiB header:
     +236 MiB RSS), h11 refuses one past h11_max_incomplete_event_size. uvicorn has no
-    header-read timeout; the request target, header and body limits it has no setting
-    for are clusterkit.asgilimits' middleware."""
+    header-read timeout (serve_asgi adds one to h11: asgilimits.head_timed_h11); the request
+    target, header and body limits it has no setting for are clusterkit.asgilimits' middleware."""
     return {
         "http": "h11",
         "h11_max_incomplete_event_size": limits.max_head_size,
@@ -230,7 +230,7 @@ def serve_asgi(
     *uvicorn_options* say otherwise, and the app the rest of *limits*
     (:class:`clusterkit.asgilimits.LimitedApp`).
     """
-    from clusterkit.asgilimits import LimitedApp
+    from clusterkit.asgilimits import LimitedApp, head_timed_h11
     from clusterkit.uvicornimport import config_and_server
 
     uvicorn_config, uvicorn_server = config_and_server()
@@ -248,6 +248,8 @@ def serve_asgi(
         **_asgi_settings(limits),
     }
     options.update(uvicorn_options)
+    if options["http"] == "h11":  # with the head timeout uvicorn has no setting for
+        options["http"] = head_timed_h11(limits.header_timeout)
     config = uvicorn_config(app, **options)
 
     class Server(uvicorn_server):

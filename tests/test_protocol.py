@@ -734,16 +734,25 @@ def test_stalled_body_and_silent_connection_are_closed(asyncio_server):
     silent.close()
 
 
-def test_half_sent_requests_closed_within_header_timeout(request, server):
-    """Both servers; uvicorn has no header-read timeout and holds them (xfail)."""
-    reference_lacks(request, server, "no timeout for reading a request head")
+def test_half_sent_requests_closed_within_header_timeout(server):
+    """Both servers: uvicorn has no header-read timeout, serve_asgi adds one to its h11
+    protocol. Half-sent heads, a silent connection, and a keep-alive connection whose
+    second head stops half-way are all closed (408 where part of a head came)."""
     socks = [server.connect() for _ in range(5)]
     for s in socks:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    silent = server.connect()
+    second = server.connect()
+    second.sendall(get("/"))
+    r = Reader(second)
+    assert r.response()[0] == 200
+    second.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     try:
         assert all(timed_out(Reader(s), TIMEOUT + 3) for s in socks)
+        assert Reader(silent).closed(timeout=TIMEOUT + 3)
+        assert timed_out(r, TIMEOUT + 3)
     finally:
-        for s in socks:
+        for s in [*socks, silent, second]:
             s.close()
 
 

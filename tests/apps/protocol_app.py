@@ -88,7 +88,10 @@ def run_uvicorn(**options) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 
-    serve_asgi(app, None, drain_timeout=1, timeout_keep_alive=TIMEOUT, log_level="info", **options)
+    from clusterkit.limits import Limits
+
+    limits = Limits(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
+    serve_asgi(app, None, drain_timeout=1, limits=limits, log_level="info", **options)
 
 
 def run_wsgi() -> None:
