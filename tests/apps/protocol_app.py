@@ -17,12 +17,16 @@ import asyncio
 import os
 import sys
 
+from clusterkit.limits import Limits
+
 TIMEOUT = float(os.environ.get("CK_TIMEOUT", "1"))
+#: the header, body and keep-alive timeouts every server here is given
+LIMITS = Limits(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
 SPLIT = "a\r\nSet-Cookie: evil=1"
 
 
 def run_asyncio() -> None:
-    from clusterkit.httpserver import Limits, Response
+    from clusterkit.httpserver import Response
     from clusterkit.serve import serve_asyncio
 
     async def handler(req):
@@ -46,8 +50,7 @@ def run_asyncio() -> None:
             return Response(b"", 204, headers=[])
         return "hello"
 
-    limits = Limits(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
-    serve_asyncio(handler, None, limits=limits, drain_timeout=1)
+    serve_asyncio(handler, None, limits=LIMITS, drain_timeout=1)
 
 
 def run_uvicorn(**options) -> None:
@@ -88,10 +91,7 @@ def run_uvicorn(**options) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 
-    from clusterkit.limits import Limits
-
-    limits = Limits(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
-    serve_asgi(app, None, drain_timeout=1, limits=limits, log_level="info", **options)
+    serve_asgi(app, None, drain_timeout=1, limits=LIMITS, log_level="info", **options)
 
 
 def run_wsgi() -> None:
