@@ -209,7 +209,7 @@ class ConnectionSet:
             self.shed = 0
         for conn in list(self.connections):
             if conn.deadline and now >= conn.deadline:
-                conn.timed_out()
+                conn.close_waiting(408)
 
     def start_ticking(self, loop: asyncio.AbstractEventLoop) -> None:
         """Call :meth:`tick` every ``limits.tick`` seconds from *loop*."""
@@ -223,8 +223,7 @@ class ConnectionSet:
     def make_room(self) -> None:
         """At max_connections: close the oldest connection with no response in progress."""
         for conn in self.connections:
-            if conn.transport is not None and not (conn.closing or conn.busy or conn.pending):
-                conn.timed_out(503)
+            if conn.close_waiting(503):
                 self.shed += 1
                 return
 
@@ -614,18 +613,20 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def timed_out(self, status: int = 408) -> None:
-        """Called by the ticker once ``deadline`` has passed (408), or to make room (503)."""
+    def close_waiting(self, status: int) -> bool:
+        """Close the connection unless a response is in progress (then False): the ticker's
+        timeouts (408) and make_room (503). A request still arriving is answered *status*."""
         self.deadline = 0.0
         transport = self.transport
         if transport is None or self.closing or self.busy or self.pending:
-            return
+            return False
         if self.in_message:  # slow head or stalled body
             self._send_error(status)
         else:  # idle keep-alive (or a connection that never sent a byte)
             self._close()
         if transport.get_write_buffer_size():  # a client that does not read either
             transport.abort()
+        return True
 
     def close_if_idle(self, grace_over: bool = False) -> None:
         """Close if idle once ``fresh_grace`` is over; a request in the meantime is served."""
