@@ -520,13 +520,11 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
         medians = "not measured" if of_medians is None else f"{of_medians:.2f}×"
         if ratios:
             r = median(ratios)
-            shown = (
-                f"{r:.2f}× (rounds {min(ratios):.2f}–{max(ratios):.2f}×; medians of runs {medians}"
-            )
+            parts = [f"rounds {min(ratios):.2f}–{max(ratios):.2f}×", f"medians of runs {medians}"]
             cpu = round_cpu_ratio(groups or [], INTERLEAVED_LOADS[key][0], name, base)
             if cpu is not None:  # what the servers themselves use, wrk's share left out
-                shown += f"; server CPU per request {cpu:.2f}× {base}'s"
-            shown += ")"
+                parts.append(f"server CPU per request {cpu:.2f}× {base}'s")
+            shown = f"{r:.2f}× ({'; '.join(parts)})"
         else:
             r = of_medians
             shown = f"{medians} (medians of runs)" if r is not None else medians
