@@ -11,8 +11,11 @@ more. Servers:
 - ``own``: ``serve_asyncio`` (clusterkit.httpserver, hardened);
 - ``own-old``: ``serve_asyncio`` as of ``--old REV`` (before the hardening), if given;
 - ``uvicorn-httptools`` / ``uvicorn-h11``: the same handler adapted to ASGI and
-  served by uvicorn's HttpToolsProtocol / H11Protocol (``serve_asgi``), what
-  adopting uvicorn's protocol for serve_asyncio would cost.
+  served by uvicorn's HttpToolsProtocol / H11Protocol as ``serve_asgi`` runs them
+  (guarded: clusterkit.asgiprotocols), what adopting uvicorn's protocol for
+  serve_asyncio would cost;
+- ``uvicorn-httptools-stock``: uvicorn's HttpToolsProtocol as uvicorn ships it, to
+  show what the guard costs.
 
 It prints a Markdown table of medians (and min–max) for bench/SERVER.md.
 """
@@ -67,9 +70,13 @@ else:
         await send({"type": "http.response.start", "status": result.status, "headers": out})
         await send({"type": "http.response.body", "body": result.body})
 
-    serve_asgi(app, None, drain_timeout=1, http=kind.split("-")[1], log_level="warning",
-               access_log=False)
+    http = kind.split("-")[1]
+    if kind.endswith("-stock"):  # a class is run as given: uvicorn's, without clusterkit's guard
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as http
+    serve_asgi(app, None, drain_timeout=1, http=http, log_level="warning", access_log=False)
 """
+
+SERVERS = ("own", "uvicorn-httptools", "uvicorn-httptools-stock", "uvicorn-h11")
 
 LAUNCH = (
     "import os, sys; fd = int(sys.argv[1]); fd != 3 and (os.dup2(fd, 3), os.close(fd)); "
@@ -135,9 +142,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--old", help="git revision of serve_asyncio before the hardening")
+    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated, of: %(default)s")
     args = ap.parse_args()
     server_cpu, load_cpus = cpus()
-    kinds = ["own", "uvicorn-httptools", "uvicorn-h11"]
+    kinds = args.servers.split(",")
+    if unknown := set(kinds) - set(SERVERS):
+        ap.error(
+            f"--servers: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SERVERS)}"
+        )
     paths = {k: str(ROOT) for k in kinds}
     if args.old:
         old = tempfile.mkdtemp(prefix="ck-old-")

@@ -10,7 +10,8 @@ of :class:`clusterkit.limits.Limits` between uvicorn and the app:
 - before the app runs: a request target over ``max_request_line`` gets 414, more
   than ``max_header_fields`` header fields or one over ``max_header_field_size``
   431, a ``Content-Length`` over ``max_body_size`` 413, an HTTP version other
-  than 1.0/1.1 (h11 answers 0.9, 2.0 and 3.0 request lines) 505;
+  than 1.0/1.1 (h11 answers 0.9, 2.0 and 3.0 request lines) 505, a missing or
+  repeated ``Host`` 400 (h11 refuses those itself, httptools does not);
 - while the app reads the body: past ``max_body_size``, or past
   ``max_request_buffer`` of body bytes read by all the requests in progress in
   this worker (an app keeps what it reads until it returns), the client gets 413
@@ -19,8 +20,8 @@ of :class:`clusterkit.limits.Limits` between uvicorn and the app:
 
 Every refusal says ``Connection: close``, and uvicorn then closes the connection.
 
-uvicorn has no timeout for reading a request head either: :func:`head_timed_h11`
-adds ``header_timeout`` to its h11 protocol, the one ``serve_asgi`` runs.
+What must be bounded before a head is whole (its size, the time it takes) is
+:mod:`clusterkit.asgiprotocols`' (uvicorn's protocols, guarded).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class LimitedApp:
         if len(headers) > limits.max_header_fields:
             return 431, False
         has_body = False
+        hosts = 0
         for name, value in headers:
             if len(name) + len(value) > limits.max_header_field_size:
                 return 431, False
@@ -77,6 +79,10 @@ class LimitedApp:
                 has_body = has_body or value.strip(b"0") != b""
             elif name == b"transfer-encoding":
                 has_body = True
+            elif name == b"host":
+                hosts += 1
+        if hosts > 1 or (not hosts and scope["http_version"] == "1.1"):
+            return 400, False  # RFC 9112, 3.2 (h11 refuses these itself; httptools does not)
         return None, has_body
 
     def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
@@ -131,49 +137,3 @@ class LimitedApp:
             return await self.app(scope, receive_limited, send_unless_refused)
         finally:
             buffer.give(held)
-
-
-def head_timed_h11(header_timeout: float) -> type:
-    """uvicorn's h11 protocol with ``header_timeout``, which uvicorn has no setting for: a
-    connection that has not sent a whole request head that long after it opened, or after
-    the first byte of its next request, is closed (with a 408 if it sent part of one)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class HeadTimedH11Protocol(H11Protocol):
-        head_timer: Any = None
-        head_cycle: Any = None  # the request cycle the timer waits to see replaced
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self.arm_head_timer()
-
-        def data_received(self, data: bytes) -> None:
-            if self.cycle is None or self.cycle.response_complete:  # a request head begins
-                if self.head_timer is None or self.head_cycle is not self.cycle:
-                    self.arm_head_timer()
-            super().data_received(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-            super().connection_lost(exc)
-
-        def arm_head_timer(self) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-            self.head_cycle = self.cycle
-            self.head_timer = self.loop.call_later(header_timeout, self.head_timed_out)
-
-        def head_timed_out(self) -> None:
-            self.head_timer = None
-            if self.cycle is not self.head_cycle or self.transport.is_closing():
-                return  # a whole request head arrived in time
-            if self.conn.trailing_data[0]:  # part of a head
-                body = b"Request Timeout"
-                self.transport.write(
-                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8"
-                    b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-                )
-            self.transport.close()
-
-    return HeadTimedH11Protocol

@@ -191,13 +191,11 @@ _LIMITS = Limits()
 
 
 def _asgi_settings(limits: Limits) -> dict[str, Any]:
-    """uvicorn settings for *limits* (README, "Limits and timeouts"). h11, not httptools:
-    uvicorn's httptools protocol buffers a request head without end (a 200 MiB header:
-    +236 MiB RSS), h11 refuses one past h11_max_incomplete_event_size. uvicorn has no
-    header-read timeout (serve_asgi adds one to h11: asgilimits.head_timed_h11); the request
-    target, header and body limits it has no setting for are clusterkit.asgilimits' middleware."""
+    """uvicorn settings for *limits* (README, "Limits and timeouts"). serve_asgi runs the
+    protocol *http* names with what uvicorn has no setting for added (_guarded_protocol);
+    the request target, header and body limits are clusterkit.asgilimits' middleware."""
     return {
-        "http": "h11",
+        "http": "auto",  # httptools if installed (uvicorn's choice), guarded either way
         "h11_max_incomplete_event_size": limits.max_head_size,
         "timeout_keep_alive": limits.keep_alive_timeout,
         "limit_concurrency": 1000,  # connections + tasks; then 503 (gunicorn's worker_connections)
@@ -206,6 +204,25 @@ def _asgi_settings(limits: Limits) -> dict[str, Any]:
 
 #: uvicorn settings for the default limits; any can be overridden by passing it to serve_asgi
 ASGI_LIMITS: dict[str, Any] = _asgi_settings(_LIMITS)
+
+
+def _guarded_protocol(http: Any, limits: Limits) -> Any:
+    """uvicorn's protocol named by *http* ("auto": httptools if installed, as uvicorn picks),
+    guarded by clusterkit.asgiprotocols; a protocol class given is the caller's own."""
+    from clusterkit.asgiprotocols import guarded_httptools, head_timed_h11
+
+    if http == "auto":
+        try:
+            import httptools  # noqa: F401 - only whether it is there
+        except ImportError:
+            http = "h11"
+        else:
+            http = "httptools"
+    if http == "h11":
+        return head_timed_h11(limits.header_timeout)
+    if http == "httptools":
+        return guarded_httptools(limits)
+    return http
 
 
 def serve_asgi(
@@ -230,7 +247,7 @@ def serve_asgi(
     *uvicorn_options* say otherwise, and the app the rest of *limits*
     (:class:`clusterkit.asgilimits.LimitedApp`).
     """
-    from clusterkit.asgilimits import LimitedApp, head_timed_h11
+    from clusterkit.asgilimits import LimitedApp
     from clusterkit.uvicornimport import config_and_server
 
     uvicorn_config, uvicorn_server = config_and_server()
@@ -248,8 +265,7 @@ def serve_asgi(
         **_asgi_settings(limits),
     }
     options.update(uvicorn_options)
-    if options["http"] == "h11":  # with the head timeout uvicorn has no setting for
-        options["http"] = head_timed_h11(limits.header_timeout)
+    options["http"] = _guarded_protocol(options["http"], limits)
     config = uvicorn_config(app, **options)
 
     class Server(uvicorn_server):

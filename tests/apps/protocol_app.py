@@ -1,6 +1,6 @@
 """The app the protocol suite (tests/test_protocol.py) serves, one per server.
 
-``python protocol_app.py asyncio|uvicorn|wsgi``: the socket comes as fd 3
+``python protocol_app.py asyncio|uvicorn|uvicorn-h11|wsgi``: the socket comes as fd 3
 (LISTEN_FDS=1); ``CK_TIMEOUT`` (seconds) shortens the header, body and
 keep-alive timeouts so the suite sees them fire. Routes, the same in both:
 
@@ -109,7 +109,7 @@ def run_wsgi() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "uvicorn-httptools":  # not serve_asgi's default: for bench/SERVER.md
-        run_uvicorn(http="httptools")
+    if sys.argv[1] == "uvicorn-h11":  # serve_asgi's other protocol
+        run_uvicorn(http="h11")
     else:
         {"asyncio": run_asyncio, "uvicorn": run_uvicorn, "wsgi": run_wsgi}[sys.argv[1]]()

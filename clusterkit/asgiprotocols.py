@@ -1,0 +1,254 @@
+"""uvicorn's HTTP protocols with the limits uvicorn has no setting for, below the app.
+
+:func:`clusterkit.serve.serve_asgi` runs one of these; what can be refused once a
+request head is whole is :mod:`clusterkit.asgilimits`' middleware.
+
+- :func:`head_timed_h11`: h11 bounds a head itself (``h11_max_incomplete_event_size``);
+  this adds ``header_timeout``.
+- :func:`guarded_httptools`: uvicorn's httptools protocol buffers a head or trailer
+  field without end, keeps a silent or half-sent connection for ever, answers a
+  malformed request ahead of the responses still owed before it, puts trailer
+  fields among the app's headers, and queues every pipelined request of a read
+  (2.6 MiB of them for 256 KiB sent). This bounds what a request holds beyond its
+  body (``max_head_size``, 431), adds ``header_timeout`` (408, or a plain close if
+  not a byte came), holds a refusal until the responses before it are sent, keeps
+  the app's headers to the head's, and queues at most ``max_pipelined`` requests
+  behind the one being answered (503 after them, and close).
+
+Each relies on uvicorn's own attributes (``cycle``, ``pipeline``, ``flow``, h11's
+``trailing_data``); tests/test_protocol.py runs the whole HTTP suite against both.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from clusterkit.limits import Limits
+
+
+def refusal(status: int) -> bytes:
+    """A whole response refusing a request with *status*, closing the connection."""
+    text = HTTPStatus(status).phrase.encode()
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (status, text, len(text), text)
+    )
+
+
+def head_timed_h11(header_timeout: float) -> type:
+    """uvicorn's h11 protocol with ``header_timeout``, which uvicorn has no setting for: a
+    connection that has not sent a whole request head that long after it opened, or after
+    the first byte of its next request, is closed (with a 408 if it sent part of one)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimedH11Protocol(H11Protocol):
+        head_timer: Any = None
+        head_cycle: Any = None  # the request cycle the timer waits to see replaced
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # a request head begins
+                if self.head_timer is None or self.head_cycle is not self.cycle:
+                    self.arm_head_timer()
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def arm_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_cycle = self.cycle
+            self.head_timer = self.loop.call_later(header_timeout, self.head_timed_out)
+
+        def head_timed_out(self) -> None:
+            self.head_timer = None
+            if self.cycle is not self.head_cycle or self.transport.is_closing():
+                return  # a whole request head arrived in time
+            if self.conn.trailing_data[0]:  # part of a head
+                self.transport.write(refusal(408))
+            self.transport.close()
+
+    return HeadTimedH11Protocol
+
+
+class TooManyPipelined(Exception):
+    """Raised from a parser callback to stop parsing a read: max_pipelined requests wait."""
+
+
+class _Reading:
+    """What guarded_httptools tracks of the request being read, on one connection."""
+
+    __slots__ = (
+        "in_message",
+        "in_head",
+        "raw",
+        "body_size",
+        "head_deadline",
+        "head_timer",
+        "refused",
+        "refusing",
+    )
+
+    def __init__(self) -> None:
+        self.in_message = False  # between a request's first byte and its end
+        self.in_head = False  # between a request's first byte and its whole head
+        #: bytes received for the request being read, from the read after the one it began in
+        self.raw = 0
+        self.body_size = 0
+        #: loop time by which a whole head must have come (0: none is awaited)
+        self.head_deadline = 0.0
+        self.head_timer: Any = None
+        self.refused: int | str | None = None  # a refusal held until the responses before it
+        self.refusing: int | None = None  # the status of a refusal a parser callback raised
+
+
+def guarded_httptools(limits: Limits) -> type:
+    """uvicorn's httptools protocol with ``max_head_size`` and ``header_timeout`` applied,
+    refusals in pipelining order, and trailer fields kept from the app (module docstring).
+
+    Per request this costs a few attribute writes: the head timer is one per connection,
+    re-armed only when it fires, not a timer per request."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    header_timeout = limits.header_timeout
+    max_head_size = limits.max_head_size
+    max_pipelined = limits.max_pipelined
+    # uvicorn's methods called directly, not through super(): this runs on every request
+    base = HttpToolsProtocol
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        reading: _Reading
+
+        def connection_made(self, transport: Any) -> None:
+            # one attribute, not eight: past 30 an instance's attributes leave CPython's
+            # shared-key dict, and every attribute uvicorn reads gets slower
+            self.reading = reading = _Reading()
+            super().connection_made(transport)
+            reading.head_deadline = self.loop.time() + header_timeout
+            self.arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            reading = self.reading
+            if reading.head_timer is not None:
+                reading.head_timer.cancel()
+                reading.head_timer = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            reading = self.reading
+            if reading.refused is not None:
+                return
+            if reading.in_message:
+                reading.raw += len(data)
+            elif not reading.head_deadline:  # a next request begins (or CRLFs before one)
+                reading.head_deadline = self.loop.time() + header_timeout
+                if reading.head_timer is None:
+                    self.arm_head_timer()
+            base.data_received(self, data)
+            # past its body, a request sends its head, chunk framing and trailer fields,
+            # which httptools buffers whole: an endless one ends here
+            if (
+                reading.in_message
+                and reading.raw - reading.body_size > max_head_size + reading.body_size
+                and reading.refused is None
+            ):
+                self.refuse(431)
+
+        def on_message_begin(self) -> None:
+            reading = self.reading
+            reading.in_message = reading.in_head = True
+            reading.raw = reading.body_size = 0
+            if not reading.head_deadline:
+                reading.head_deadline = self.loop.time() + header_timeout
+            base.on_message_begin(self)
+
+        def on_headers_complete(self) -> None:
+            reading = self.reading
+            reading.in_head = False
+            reading.head_deadline = 0.0
+            if len(self.pipeline) >= max_pipelined:
+                # uvicorn queues every request of a read (thousands; 2.6 MiB a connection
+                # in a read of 256 KiB): past max_pipelined, 503 after those and close
+                self.logger.warning(
+                    "%d pipelined requests already wait on one connection (max_pipelined):"
+                    " 503, then the connection closes",
+                    max_pipelined,
+                )
+                reading.refusing = 503
+                raise TooManyPipelined  # ends the parse; uvicorn calls send_400_response
+            base.on_headers_complete(self)
+            # the scope keeps the head's fields; trailer fields go to a copy (uvicorn's
+            # upgrade check reads it), never to the app as if a proxy in front set them
+            self.headers = self.headers.copy()
+
+        def on_body(self, body: bytes) -> None:
+            self.reading.body_size += len(body)
+            base.on_body(self, body)
+
+        def on_message_complete(self) -> None:
+            self.reading.in_message = False
+            base.on_message_complete(self)
+
+        # -- the head timer ---------------------------------------------------
+        def arm_head_timer(self) -> None:
+            reading = self.reading
+            reading.head_timer = self.loop.call_at(reading.head_deadline, self.head_timer_fired)
+
+        def head_timer_fired(self) -> None:
+            reading = self.reading
+            reading.head_timer = None
+            if not reading.head_deadline or self.transport.is_closing():
+                return  # no head awaited: armed again when one begins
+            now = self.loop.time()
+            if now < reading.head_deadline:
+                self.arm_head_timer()  # a later head than the one it was armed for
+            elif reading.in_head:
+                self.refuse(408)
+            elif self.response_owed():  # no next request yet while one is answered: wait
+                reading.head_deadline = now + header_timeout
+                self.arm_head_timer()
+            else:  # nothing of a request came: just close
+                self.transport.close()
+
+        # -- refusals, in turn --------------------------------------------------
+        def response_owed(self) -> bool:
+            """Whether an earlier request's response is still to be sent (pipelining)."""
+            cycle = self.cycle
+            return cycle is not None and not cycle.response_complete and not cycle.more_body
+
+        def refuse(self, status: int | str) -> None:
+            """Answer *status* (a str: uvicorn's 400 with that text) and close, once the
+            responses owed before it are sent; nothing more is read."""
+            self.reading.refused = status
+            if not self.response_owed():
+                self.send_refusal(status)
+                return
+            self.flow.pause_reading()
+            cycle = self.cycle  # the last request read: its response is the last one owed
+            response_sent = cycle.on_response
+
+            def then_refuse() -> None:
+                response_sent()
+                if not self.transport.is_closing():
+                    self.send_refusal(status)
+
+            cycle.on_response = then_refuse
+
+        def send_refusal(self, status: int | str) -> None:
+            if isinstance(status, str):
+                base.send_400_response(self, status)
+            else:
+                self.transport.write(refusal(status))
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:  # uvicorn's, for a parse error
+            self.refuse(self.reading.refusing or msg)
+
+    return GuardedHttpToolsProtocol
