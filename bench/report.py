@@ -408,7 +408,8 @@ CLUSTERKIT_NOTES = [
     "run clusterkit's own `serve_asyncio`, the seed comparison with Node. Per request the "
     "process model changes nothing (in each, the kernel hands a connection to a worker, which "
     "serves it alone), and `clusterkit-asgi` also runs clusterkit's request limits "
-    "(`clusterkit.asgilimits`), which `uvicorn` lacks: its throughput ratio to `uvicorn` is "
+    "(`clusterkit.asgiprotocols`, `clusterkit.asgilimits`), which `uvicorn` lacks: its "
+    "throughput ratio to `uvicorn` is "
     "expected about 1.0×, the rounds' lowest and highest show how far noise moves it, and the "
     "CPU time per request tells the two apart where the ratios do not. What the units change "
     "is start, respawn, reload and memory (the tables above).",

@@ -40,8 +40,9 @@ KINDS = {
     "asgi": (
         os.path.join(APP_DIR, "clusterkit_asgi.py"),
         'workers on `serve_asgi` (uvicorn, `http="httptools"`, uvloop), the ASGI app '
-        "`uvicorn --workers N` serves, behind clusterkit's request limits "
-        "(`clusterkit.asgilimits`), which `uvicorn --workers N` does not have",
+        "`uvicorn --workers N` serves, with clusterkit's request limits "
+        "(`clusterkit.asgiprotocols` in uvicorn's protocol, `clusterkit.asgilimits` before "
+        "the app), which `uvicorn --workers N` does not have",
     ),
     "wsgi": (
         os.path.join(APP_DIR, "clusterkit_wsgi.py"),

@@ -1,8 +1,9 @@
 """clusterkit's ASGI worker for the benchmark: the app uvicorn --workers serves, under serve_asgi.
 
-The same uvicorn protocol on every ASGI side of the comparison: httptools (serve_asgi defaults
-to h11; the benchmark passes http="httptools" here, and `uvicorn --http httptools` and
-gunicorn's UvicornWorker use httptools too), no access log.
+The same uvicorn protocol on every ASGI side of the comparison: httptools (serve_asgi's default
+where it is installed, named here as `uvicorn --http httptools` names it; gunicorn's
+UvicornWorker uses it too), no access log. serve_asgi adds clusterkit's limits to it
+(clusterkit.asgiprotocols), which the other sides lack.
 """
 
 from app import asgi
