@@ -6,14 +6,15 @@ request head is whole is :mod:`clusterkit.asgilimits`' middleware.
 - :func:`head_timed_h11`: h11 bounds a head itself (``h11_max_incomplete_event_size``);
   this adds ``header_timeout``.
 - :func:`guarded_httptools`: uvicorn's httptools protocol buffers a head or trailer
-  field without end, keeps a silent or half-sent connection for ever, answers a
-  malformed request ahead of the responses still owed before it, puts trailer
-  fields among the app's headers, and queues every pipelined request of a read
-  (2.6 MiB of them for 256 KiB sent). This bounds what a request holds beyond its
-  body (``max_head_size``, 431), adds ``header_timeout`` (408, or a plain close if
-  not a byte came), holds a refusal until the responses before it are sent, keeps
-  the app's headers to the head's, and queues at most ``max_pipelined`` requests
-  behind the one being answered (503 after them, and close).
+  field without end, keeps a silent, half-sent or stalled connection for ever,
+  answers a malformed request ahead of the responses still owed before it, puts
+  trailer fields among the app's headers, and queues every pipelined request of a
+  read (2.6 MiB of them for 256 KiB sent). This bounds what a request holds beyond
+  its body (``max_head_size``, 431), adds ``header_timeout`` (408, or a plain close
+  if not a byte came) and ``body_timeout`` (408 unless the app has begun its
+  response), holds a refusal until the responses before it are sent, keeps the
+  app's headers to the head's, and queues at most ``max_pipelined`` requests behind
+  the one being answered (503 after them, and close).
 
 Each relies on uvicorn's own attributes (``cycle``, ``pipeline``, ``flow``, h11's
 ``trailing_data``); tests/test_protocol.py runs the whole HTTP suite against both.
@@ -90,8 +91,8 @@ class _Reading:
         "in_head",
         "raw",
         "body_size",
-        "head_deadline",
-        "head_timer",
+        "deadline",
+        "timer",
         "refused",
         "refusing",
     )
@@ -102,22 +103,25 @@ class _Reading:
         #: bytes received for the request being read, from the read after the one it began in
         self.raw = 0
         self.body_size = 0
-        #: loop time by which a whole head must have come (0: none is awaited)
-        self.head_deadline = 0.0
-        self.head_timer: Any = None
+        #: loop time by which a whole head must have come, or the body's next byte (0: none
+        #: is awaited)
+        self.deadline = 0.0
+        self.timer: Any = None  # one per connection, armed again only when it fires
         self.refused: int | str | None = None  # a refusal held until the responses before it
         self.refusing: int | None = None  # the status of a refusal a parser callback raised
 
 
 def guarded_httptools(limits: Limits) -> type:
-    """uvicorn's httptools protocol with ``max_head_size`` and ``header_timeout`` applied,
-    refusals in pipelining order, and trailer fields kept from the app (module docstring).
+    """uvicorn's httptools protocol with ``max_head_size``, ``header_timeout``,
+    ``body_timeout`` and ``max_pipelined`` applied, refusals in pipelining order, and
+    trailer fields kept from the app (module docstring).
 
-    Per request this costs a few attribute writes: the head timer is one per connection,
+    Per request this costs a few attribute writes: the timer is one per connection,
     re-armed only when it fires, not a timer per request."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     header_timeout = limits.header_timeout
+    body_timeout = limits.body_timeout
     max_head_size = limits.max_head_size
     max_pipelined = limits.max_pipelined
     # uvicorn's methods called directly, not through super(): this runs on every request
@@ -131,14 +135,14 @@ def guarded_httptools(limits: Limits) -> type:
             # shared-key dict, and every attribute uvicorn reads gets slower
             self.reading = reading = _Reading()
             super().connection_made(transport)
-            reading.head_deadline = self.loop.time() + header_timeout
-            self.arm_head_timer()
+            reading.deadline = self.loop.time() + header_timeout
+            self.arm_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
             reading = self.reading
-            if reading.head_timer is not None:
-                reading.head_timer.cancel()
-                reading.head_timer = None
+            if reading.timer is not None:
+                reading.timer.cancel()
+                reading.timer = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -147,10 +151,10 @@ def guarded_httptools(limits: Limits) -> type:
                 return
             if reading.in_message:
                 reading.raw += len(data)
-            elif not reading.head_deadline:  # a next request begins (or CRLFs before one)
-                reading.head_deadline = self.loop.time() + header_timeout
-                if reading.head_timer is None:
-                    self.arm_head_timer()
+            elif not reading.deadline:  # a next request begins (or CRLFs before one)
+                reading.deadline = self.loop.time() + header_timeout
+                if reading.timer is None:
+                    self.arm_timer()
             base.data_received(self, data)
             # past its body, a request sends its head, chunk framing and trailer fields,
             # which httptools buffers whole: an endless one ends here
@@ -165,14 +169,14 @@ def guarded_httptools(limits: Limits) -> type:
             reading = self.reading
             reading.in_message = reading.in_head = True
             reading.raw = reading.body_size = 0
-            if not reading.head_deadline:
-                reading.head_deadline = self.loop.time() + header_timeout
+            if not reading.deadline:
+                reading.deadline = self.loop.time() + header_timeout
             base.on_message_begin(self)
 
         def on_headers_complete(self) -> None:
             reading = self.reading
             reading.in_head = False
-            reading.head_deadline = 0.0
+            reading.deadline = self.loop.time() + body_timeout  # for a body's first byte
             if len(self.pipeline) >= max_pipelined:
                 # uvicorn queues every request of a read (thousands; 2.6 MiB a connection
                 # in a read of 256 KiB): past max_pipelined, 503 after those and close
@@ -189,33 +193,55 @@ def guarded_httptools(limits: Limits) -> type:
             self.headers = self.headers.copy()
 
         def on_body(self, body: bytes) -> None:
-            self.reading.body_size += len(body)
+            reading = self.reading
+            reading.body_size += len(body)
+            reading.deadline = self.loop.time() + body_timeout
             base.on_body(self, body)
 
         def on_message_complete(self) -> None:
-            self.reading.in_message = False
+            reading = self.reading
+            reading.in_message = False
+            reading.deadline = 0.0
             base.on_message_complete(self)
 
-        # -- the head timer ---------------------------------------------------
-        def arm_head_timer(self) -> None:
+        # -- the timer: a head's time, a body's stall ---------------------------
+        def arm_timer(self) -> None:
             reading = self.reading
-            reading.head_timer = self.loop.call_at(reading.head_deadline, self.head_timer_fired)
+            reading.timer = self.loop.call_at(reading.deadline, self.timer_fired)
 
-        def head_timer_fired(self) -> None:
+        def timer_fired(self) -> None:
             reading = self.reading
-            reading.head_timer = None
-            if not reading.head_deadline or self.transport.is_closing():
-                return  # no head awaited: armed again when one begins
+            reading.timer = None
+            if not reading.deadline or reading.refused is not None or self.transport.is_closing():
+                return  # nothing awaited (armed again when a head begins), or refused
             now = self.loop.time()
-            if now < reading.head_deadline:
-                self.arm_head_timer()  # a later head than the one it was armed for
+            if now < reading.deadline:
+                self.arm_timer()  # a later deadline than the one it was armed for
             elif reading.in_head:
                 self.refuse(408)
+            elif reading.in_message:  # a body stalled
+                if self.flow.read_paused:  # by uvicorn, not the client: pipelined, or the
+                    reading.deadline = now + body_timeout  # app not reading what came
+                    self.arm_timer()
+                else:
+                    self.body_stalled()
             elif self.response_owed():  # no next request yet while one is answered: wait
-                reading.head_deadline = now + header_timeout
-                self.arm_head_timer()
+                reading.deadline = now + header_timeout
+                self.arm_timer()
             else:  # nothing of a request came: just close
                 self.transport.close()
+
+        def body_stalled(self) -> None:
+            """408 unless the app has begun its response; the app gets http.disconnect and
+            what it sends after is dropped, as when a client goes (uvicorn's cycle)."""
+            self.reading.refused = 408  # nothing more is read
+            cycle = self.cycle
+            if cycle is not None:
+                if not cycle.response_started:
+                    self.transport.write(refusal(408))
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self.transport.close()
 
         # -- refusals, in turn --------------------------------------------------
         def response_owed(self) -> bool:
