@@ -2,7 +2,7 @@
 
 ``python protocol_app.py asyncio|uvicorn|uvicorn-h11|wsgi``: the socket comes as fd 3
 (LISTEN_FDS=1); ``CK_TIMEOUT`` (seconds) shortens the header, body and
-keep-alive timeouts so the suite sees them fire. Routes, the same in both:
+keep-alive timeouts so the suite sees them fire. Routes, the same in each:
 
 - ``/``: ``hello``; ``/echo``: the request body; ``/slow``: ``slow`` after 0.2 s;
 - ``/xff``: the request's ``X-Forwarded-For`` header, or ``-``;
