@@ -32,7 +32,8 @@ PYTHON = sys.executable
 APP = Path(__file__).parent / "apps" / "protocol_app.py"
 TIMEOUT = 1.0  # header/body/keep-alive timeout the servers are given (CK_TIMEOUT)
 RSS_BOUND = 64 * 1024 * 1024  # growth allowed while a client streams without end
-CHUNKED_POST = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+CHUNKED_POST_AS = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n"
+CHUNKED_POST = CHUNKED_POST_AS % b"chunked"
 SIZED_POST = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"  # % the body's size
 MiB = 1024 * 1024
 
@@ -427,9 +428,29 @@ MALFORMED = {
     "bad-chunk-size": (
         b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n"
     ),
+    # framing a proxy in front may read otherwise (RFC 9112, 6.1 and 7.1)
+    "chunked-twice": CHUNKED_POST_AS % b"chunked, chunked" + b"5\r\nhello\r\n0\r\n\r\n",
+    "two-codings-lines": (
+        CHUNKED_POST_AS % b"chunked\r\nTransfer-Encoding: identity" + b"5\r\nhello\r\n0\r\n\r\n"
+    ),
+    "chunked-lookalike": CHUNKED_POST_AS % b"xchunked" + b"5\r\nhello\r\n0\r\n\r\n",
+    "chunk-bare-lf": CHUNKED_POST_AS % b"chunked" + b"5\nhello\n0\n\n",
+    "chunk-size-space": CHUNKED_POST_AS % b"chunked" + b"5 \r\nhello\r\n0\r\n\r\n",
+    "chunk-size-overflow": CHUNKED_POST_AS % b"chunked" + b"1" + b"0" * 19 + b"\r\nhello\r\n",
+    "length-signed": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+    "length-negative": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\nhello",
+    # bytes that are not allowed where they stand (RFC 9110, 5.5 and 5.6.2)
+    "nul-in-value": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "bare-cr-in-value": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+    "space-in-name": b"GET / HTTP/1.1\r\nHost: x\r\nX A: b\r\n\r\n",
+    "empty-name": b"GET / HTTP/1.1\r\nHost: x\r\n: b\r\n\r\n",
+    "control-in-target": b"GET /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n",
+    "space-in-target": b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
 }
 #: what uvicorn's h11 protocol accepts (h11 is lenient there; it closes after a CL+TE request)
-H11_ACCEPTS = {"length-and-chunked", "obs-fold", "bare-lf"}
+H11_ACCEPTS = {"length-and-chunked", "obs-fold", "bare-lf", "chunk-size-space"}
+#: what h11 neither refuses nor answers: it waits for the rest, and has no body timeout
+H11_WAITS = {"chunk-bare-lf", "chunk-size-overflow"}
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
@@ -437,6 +458,8 @@ def test_ambiguous_or_malformed_head_is_400_and_closed(request, server, case):
     """Request smuggling vectors and RFC 9112 MUSTs: refused, never guessed."""
     if case in H11_ACCEPTS and server.kind == "uvicorn-h11":
         reference_lacks(request, server, f"(h11) accepts {case}")
+    if case in H11_WAITS and server.kind == "uvicorn-h11":
+        reference_lacks(request, server, f"(h11) waits on {case} for ever")
     statuses, _, r = exchange(server, MALFORMED[case])
     assert statuses == [400]
     assert r.closed()
@@ -673,6 +696,16 @@ def test_endless_trailer_field_keeps_rss_bounded(server, patient_asyncio_server)
     prefix += b"5\r\nhello\r\n0\r\nX-Endless: "
     growth, (sent, resp) = _stream(target, prefix, b"t" * MiB, 200 * MiB)
     assert resp is None or 400 <= resp[0] < 500
+    assert sent < 200 * MiB
+    assert growth < RSS_BOUND
+
+
+def test_endless_chunk_extension_keeps_rss_bounded(server):
+    """A chunk extension that never ends (Node's CVE-2024-22019: llhttp skips extensions
+    without buffering them, so nothing bounded them): refused within max_head_size."""
+    prefix = CHUNKED_POST + b"5;ext="
+    growth, (sent, resp) = _stream(server, prefix, b"e" * MiB, 200 * MiB)
+    assert resp is not None and resp[0] in (400, 431)
     assert sent < 200 * MiB
     assert growth < RSS_BOUND
 
