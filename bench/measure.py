@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -9,6 +10,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from bench import procfs
 from bench.client import Load, SockDiag, attributed_request, run_in_netns
@@ -21,17 +23,53 @@ PIN_LOAD: list[str] = []
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
-def wrk_argv(system: System, seconds: float, close: bool, connections: int = WRK_CONNECTIONS):
+@dataclass(frozen=True)
+class Pinned:
+    """Loads run with the servers on *server_cpus* and wrk, one thread, on *load_cpus*: on a
+    machine with too few CPUs to pin wrk apart from N workers, the servers measured alone."""
+
+    server_cpus: tuple[int, ...]
+    load_cpus: tuple[int, ...]
+
+    @classmethod
+    def on(cls, cpus: int) -> Pinned:
+        """The servers on CPU 0, wrk on the others."""
+        return cls((0,), tuple(range(1, cpus)))
+
+    def taskset(self) -> list[str]:
+        return ["taskset", "-c", ",".join(map(str, self.load_cpus))]
+
+    def pin(self, system: System) -> None:
+        """Every thread of every process of *system* onto server_cpus (a thread started
+        later inherits the mask of the thread that starts it)."""
+        for pid in system.pids():
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(tid), self.server_cpus)
+
+    def describe(self) -> str:
+        cpus = ",".join(map(str, self.server_cpus))
+        return f"every thread of the servers on CPU {cpus}, `{' '.join(self.taskset())} wrk -t1`"
+
+
+def wrk_argv(
+    system: System,
+    seconds: float,
+    close: bool,
+    connections: int = WRK_CONNECTIONS,
+    pinned: Pinned | None = None,
+) -> list[str]:
     argv = [
         "wrk",
-        f"-t{WRK_THREADS}",
+        f"-t{1 if pinned else WRK_THREADS}",
         f"-c{connections}",
         f"-d{max(1, round(seconds))}s",
         "--latency",
     ]
     if close:
         argv += ["-H", "Connection: close"]
-    return [*system.load_prefix(), *PIN_LOAD, *argv, f"http://{system.host}:{system.port}/"]
+    pin = pinned.taskset() if pinned else PIN_LOAD
+    return [*system.load_prefix(), *pin, *argv, f"http://{system.host}:{system.port}/"]
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -58,11 +96,11 @@ def parse_wrk(out: str) -> dict:
     return {"rps": rps, "p99_ms": p99, "requests": total, "errors": errors}
 
 
-def wrk(system: System, seconds: float, close: bool) -> dict:
+def wrk(system: System, seconds: float, close: bool, pinned: Pinned | None = None) -> dict:
     """wrk's figures, plus the CPU time per request of the system (every process counted in
     its memory) and of wrk itself, in microseconds. Unlike throughput, these do not depend
     on how the CPUs were shared between the servers and the load generator."""
-    argv = wrk_argv(system, seconds, close)
+    argv = wrk_argv(system, seconds, close, pinned=pinned)
     pids = system.pids()
     before = {pid: (procfs.starttime(pid), procfs.cpu_ticks(pid)) for pid in pids}
     load_before = _children_cpu_s()

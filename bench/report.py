@@ -437,9 +437,16 @@ INTERLEAVED_LOADS = {
 }
 
 
-def round_ratios(groups: list[dict], load: str, name: str, base: str) -> list[float]:
+def _holding(groups: list[dict], pinned: bool) -> list[dict]:
+    """The groups measured pinned (one worker each, apart from wrk), or the others."""
+    return [g for g in groups if bool(g.get("pinned")) == pinned]
+
+
+def round_ratios(
+    groups: list[dict], load: str, name: str, base: str, pinned: bool = False
+) -> list[float]:
     """Per round of the interleaved group holding both: *name*'s req/s over *base*'s."""
-    for group in groups:
+    for group in _holding(groups, pinned):
         results = group.get("results", {}).get(load, {})
         if name in results and base in results:
             pairs = zip(results[name], results[base], strict=True)
@@ -447,10 +454,12 @@ def round_ratios(groups: list[dict], load: str, name: str, base: str) -> list[fl
     return []
 
 
-def round_cpu_ratio(groups: list[dict], load: str, name: str, base: str) -> float | None:
+def round_cpu_ratio(
+    groups: list[dict], load: str, name: str, base: str, pinned: bool = False
+) -> float | None:
     """In the interleaved group holding both: *name*'s median CPU time per request over
     *base*'s (the servers' own, without the load generator's share)."""
-    for group in groups:
+    for group in _holding(groups, pinned):
         results = group.get("results", {}).get(load, {})
         if name in results and base in results:
             cpu = [
@@ -472,16 +481,19 @@ def interleaved_tables(groups: list[dict]) -> list[str]:
         if "error" in group:
             lines += [f"- {', '.join(names)}: not measured: {group['error']}", ""]
             continue
+        pinned = group.get("pinned")
         for load, by_name in group["results"].items():
+            alone = f", {pinned['workers']} worker each, pinned apart from wrk" if pinned else ""
+            lines += [f"### {load}: {', '.join(names)}{alone}", ""]
+            if pinned:
+                lines += [f"Pinned: {pinned['description']}.", ""]
             lines += [
-                f"### {load}: {', '.join(names)}",
-                "",
                 f"| system | median req/s | ratio to {base}: median of rounds | lowest | highest "
                 "| CPU µs per request |",
                 "|---|---:|---:|---:|---:|---:|",
             ]
             for name in names:
-                ratios = round_ratios([group], load, name, base)
+                ratios = round_ratios([group], load, name, base, bool(pinned))
                 rps = [r["rps"] for r in by_name[name]]
                 cpu = [r["server_cpu_us"] for r in by_name[name] if r.get("server_cpu_us")]
                 lines.append(
@@ -503,7 +515,10 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
             "ratio of the medians of the runs (loads minutes apart), and how much CPU time the "
             "servers themselves used per request in those rounds, as a ratio too: where wrk "
             "shares the CPUs with the servers, its own share pulls a throughput ratio towards "
-            "1.0, and this figure leaves it out.",
+            "1.0, and this figure leaves it out. Where the machine has too few CPUs to pin wrk "
+            'apart from N workers, the rows "pinned apart from wrk" measure the servers '
+            "alone instead: one worker per system, every thread of the servers on one CPU and "
+            "wrk on the others (see CPU pinning above).",
             "",
         ]
     lines += ["| target | this run | met |", "|---|---:|---|"]
@@ -515,14 +530,21 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
     def row(what: str, value: float | None, ok: bool | None, fmt: str = "{:.2f}×") -> None:
         line(what, fmt.format(value) if value is not None else "not measured", ok)
 
-    def throughput(what: str, key: str, name: str, base: str, goal: float) -> None:
-        of_medians = _ratio(runs, key, name, base)
-        ratios = round_ratios(groups or [], INTERLEAVED_LOADS[key][0], name, base)
+    def throughput(
+        what: str, key: str, name: str, base: str, goal: float, pinned: bool = False
+    ) -> None:
+        load = INTERLEAVED_LOADS[key][0]
+        ratios = round_ratios(groups or [], load, name, base, pinned)
+        if pinned and not ratios:
+            return  # not measured pinned: this machine pins wrk apart from every group
+        of_medians = None if pinned else _ratio(runs, key, name, base)
         medians = "not measured" if of_medians is None else f"{of_medians:.2f}×"
         if ratios:
             r = median(ratios)
-            parts = [f"rounds {min(ratios):.2f}–{max(ratios):.2f}×", f"medians of runs {medians}"]
-            cpu = round_cpu_ratio(groups or [], INTERLEAVED_LOADS[key][0], name, base)
+            parts = [f"rounds {min(ratios):.2f}–{max(ratios):.2f}×"]
+            if not pinned:  # the runs measure N workers, unpinned: no pinned counterpart
+                parts.append(f"medians of runs {medians}")
+            cpu = round_cpu_ratio(groups or [], load, name, base, pinned)
             if cpu is not None:  # what the servers themselves use, wrk's share left out
                 parts.append(f"server CPU per request {cpu:.2f}× {base}'s")
             shown = f"{r:.2f}× ({'; '.join(parts)})"
@@ -539,6 +561,18 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
             f"{name} (serve_asyncio) keep-alive ≥ 2.0× Node cluster", "ka_rps", name, BASELINE, 2.0
         )
         throughput(f"{name} new connection ≥ 2.5× Node cluster", "nc_rps", name, BASELINE, 2.5)
+        alone = "1 worker each, pinned apart from wrk"
+        throughput(
+            f"{name} keep-alive ≥ 2.0× Node cluster, {alone}", "ka_rps", name, BASELINE, 2.0, True
+        )
+        throughput(
+            f"{name} new connection ≥ 2.5× Node cluster, {alone}",
+            "nc_rps",
+            name,
+            BASELINE,
+            2.5,
+            True,
+        )
         r = _ratio(runs, "memory", name, BASELINE)
         row(f"{name} memory ≤ 0.4× Node cluster", r, r is not None and r <= 0.4)
     for kind in ("ka_rps", "nc_rps"):

@@ -39,6 +39,9 @@ INTERLEAVED_GROUPS = (
     (BASELINE, "clusterkit-shared", "clusterkit-reuseport"),
     ("uvicorn", "clusterkit-asgi"),
 )
+#: where the machine has too few CPUs to pin wrk apart from N workers: serve_asyncio's group
+#: again with one worker per system, the servers on CPU 0 and wrk on the others (measure.Pinned)
+PINNED_GROUP = (BASELINE, "clusterkit-shared", "clusterkit-reuseport")
 
 
 def _interrupt(signum, frame):
@@ -78,8 +81,11 @@ def stop(system: System) -> None:
 
 
 @contextlib.contextmanager
-def all_started(names: list[str], workers: int) -> Iterator[list[System]]:
-    """The systems ``names``, started (and warmed up by a 1 s load) together, stopped at the end.
+def all_started(
+    names: list[str], workers: int, pinned: measure.Pinned | None = None
+) -> Iterator[list[System]]:
+    """The systems ``names``, started (pinned, if so) and warmed up by a 1 s load together,
+    stopped at the end.
 
     Started last first: started() refuses a host port in use, and a system in a container
     of its own (clusterkit) is on the host's network until it boots.
@@ -89,43 +95,59 @@ def all_started(names: list[str], workers: int) -> Iterator[list[System]]:
         for name in reversed(names):
             system, _ = started(name, workers)
             systems.insert(0, system)
-            measure.wrk(system, 1, close=False)  # warm-up, not recorded
+            if pinned:
+                pinned.pin(system)
+            measure.wrk(system, 1, close=False, pinned=pinned)  # warm-up, not recorded
         yield systems
     finally:
         for system in systems:
             stop(system)
 
 
-def measure_rounds(names: list[str], rounds: int, seconds: float, workers: int) -> dict:
+def measure_rounds(
+    names: list[str],
+    rounds: int,
+    seconds: float,
+    workers: int,
+    pinned: measure.Pinned | None = None,
+) -> dict:
     """{load: {system: [per-round wrk results]}}: the systems started together, and each
     round runs one load against each of them in turn, keep-alive then new connection."""
     loads = report.INTERLEAVED_LOADS.values()
     out: dict = {load: {name: [] for name in names} for load, _ in loads}
-    with all_started(names, workers) as systems:
+    with all_started(names, workers, pinned) as systems:
         for i in range(rounds):
             for load, close in loads:
                 for system in systems:
-                    r = measure.wrk(system, seconds, close)
+                    r = measure.wrk(system, seconds, close, pinned)
                     out[load][system.name].append(r)
                     log(f"  round {i + 1}/{rounds} {load} {system.name}: {r['rps']:,.0f} req/s")
     return out
 
 
-def interleaved(names: list[str], rounds: int, seconds: float, workers: int) -> list[dict]:
-    """INTERLEAVED_GROUPS (those whose systems are all in *names*), measured in rounds."""
+def interleaved(
+    names: list[str], rounds: int, seconds: float, workers: int, pinned: measure.Pinned | None
+) -> list[dict]:
+    """INTERLEAVED_GROUPS (those whose systems are all in *names*), measured in rounds; then,
+    if *pinned*, PINNED_GROUP with one worker per system, pinned so."""
+    plan = [(group, workers, None) for group in INTERLEAVED_GROUPS]
+    if pinned:
+        plan.append((PINNED_GROUP, 1, pinned))
     groups = []
-    for group in INTERLEAVED_GROUPS:
-        if rounds < 1 or not all(n in names for n in group):
+    for group, n, pin in plan:
+        if rounds < 1 or not all(name in names for name in group):
             continue
-        log(f"interleaved: {', '.join(group)}, {rounds} rounds")
+        log(f"interleaved: {', '.join(group)}, {n} worker(s), {rounds} rounds")
+        entry: dict = {"names": list(group)}
+        if pin:
+            entry["pinned"] = {"workers": n, "description": pin.describe()}
         try:
-            results = measure_rounds(list(group), rounds, seconds, workers)
+            entry["results"] = measure_rounds(list(group), rounds, seconds, n, pin)
         except Exception as e:  # noqa: BLE001 - reported, the rest of the run is kept
             log(f"  interleaved {group} failed: {e!r}")
             traceback.print_exc(limit=5)
-            groups.append({"names": list(group), "error": repr(e)})
-            continue
-        groups.append({"names": list(group), "results": results})
+            entry["error"] = repr(e)
+        groups.append(entry)
     return groups
 
 
@@ -236,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_at_start = procfs.load_average()
     cpus = os.cpu_count() or 1
+    pinned = None
     if cpus >= a.workers + 2:  # wrk's 2 threads get CPUs of their own
         spare = ",".join(str(c) for c in range(a.workers, cpus))
         measure.PIN_LOAD[:] = ["taskset", "-c", spare]
@@ -249,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             "pinning wrk apart would take a CPU from the servers, so wrk and the servers share "
             "every CPU"
         )
+        if cpus >= 2:
+            pinned = measure.Pinned.on(cpus)
+            pinning += (
+                f"; serve_asyncio's group is also measured with 1 worker per system and "
+                f"{pinned.describe()}"
+            )
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
@@ -265,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  {name} failed: {e!r}")
                     traceback.print_exc(limit=5)
                     runs[name].append({"run": {"error": repr(e)}})
-        groups = interleaved(names, a.rounds, a.duration, a.workers)
+        groups = interleaved(names, a.rounds, a.duration, a.workers, pinned)
     except KeyboardInterrupt:
         log("interrupted: stopping everything started")
         return 130
