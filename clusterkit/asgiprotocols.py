@@ -3,8 +3,8 @@
 :func:`clusterkit.serve.serve_asgi` runs one of these; what can be refused once a
 request head is whole is :mod:`clusterkit.asgilimits`' middleware.
 
-- :func:`head_timed_h11`: h11 bounds a head itself (``h11_max_incomplete_event_size``);
-  this adds ``header_timeout``.
+- :func:`guarded_h11`: h11 bounds a head itself (``h11_max_incomplete_event_size``);
+  this adds ``header_timeout`` and ``body_timeout``.
 - :func:`guarded_httptools`: uvicorn's httptools protocol buffers a head or trailer
   field without end, keeps a silent, half-sent or stalled connection for ever,
   answers a malformed request ahead of the responses still owed before it, puts
@@ -17,7 +17,8 @@ request head is whole is :mod:`clusterkit.asgilimits`' middleware.
   the one being answered (503 after them, and close).
 
 Each relies on uvicorn's own attributes (``cycle``, ``pipeline``, ``flow``, h11's
-``trailing_data``); tests/test_protocol.py runs the whole HTTP suite against both.
+``trailing_data`` and ``their_state``); tests/test_protocol.py runs the whole HTTP suite
+against both.
 """
 
 from __future__ import annotations
@@ -37,46 +38,93 @@ def refusal(status: int) -> bytes:
     )
 
 
-def head_timed_h11(header_timeout: float) -> type:
-    """uvicorn's h11 protocol with ``header_timeout``, which uvicorn has no setting for: a
-    connection that has not sent a whole request head that long after it opened, or after
-    the first byte of its next request, is closed (with a 408 if it sent part of one)."""
+def end_stalled_body(cycle: Any, transport: Any) -> None:
+    """A body that stalled past ``body_timeout``: 408 unless the app has begun its response;
+    the app gets http.disconnect and what it sends after is dropped, as when a client goes
+    (both of uvicorn's request cycles); the connection closes."""
+    if cycle is not None:
+        if not cycle.response_started:
+            transport.write(refusal(408))
+        cycle.disconnected = True
+        cycle.message_event.set()
+    transport.close()
+
+
+def guarded_h11(limits: Limits) -> type:
+    """uvicorn's h11 protocol with ``header_timeout`` and ``body_timeout``, which uvicorn has
+    no setting for: a connection that has not sent a whole request head that long after it
+    opened, or after the first byte of its next request, is closed (with a 408 if it sent
+    part of one); a body that goes ``body_timeout`` without a byte gets 408 unless the app
+    has begun its response, the app gets ``http.disconnect``, and the connection closes.
+
+    h11's own state says what is awaited (``their_state``); as in :func:`guarded_httptools`,
+    one deadline and one timer per connection, armed again only when it fires."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeadTimedH11Protocol(H11Protocol):
-        head_timer: Any = None
-        head_cycle: Any = None  # the request cycle the timer waits to see replaced
+    header_timeout = limits.header_timeout
+    body_timeout = limits.body_timeout
+
+    class GuardedH11Protocol(H11Protocol):
+        #: loop time by which a whole head must have come, or the body's next byte (0: none
+        #: is awaited: a request is answered, or the keep-alive wait is uvicorn's own)
+        deadline = 0.0
+        timer: Any = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self.arm_head_timer()
-
-        def data_received(self, data: bytes) -> None:
-            if self.cycle is None or self.cycle.response_complete:  # a request head begins
-                if self.head_timer is None or self.head_cycle is not self.cycle:
-                    self.arm_head_timer()
-            super().data_received(data)
+            self.deadline = self.loop.time() + header_timeout
+            self.arm_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
             super().connection_lost(exc)
 
-        def arm_head_timer(self) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-            self.head_cycle = self.cycle
-            self.head_timer = self.loop.call_later(header_timeout, self.head_timed_out)
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.awaiting()
 
-        def head_timed_out(self) -> None:
-            self.head_timer = None
-            if self.cycle is not self.head_cycle or self.transport.is_closing():
-                return  # a whole request head arrived in time
-            if self.conn.trailing_data[0]:  # part of a head
-                self.transport.write(refusal(408))
-            self.transport.close()
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # may start on a pipelined request
+            self.awaiting()
 
-    return HeadTimedH11Protocol
+        def awaiting(self) -> None:
+            """Set the deadline from what h11 awaits of the client now."""
+            state = self.conn.their_state
+            if state is h11.SEND_BODY:  # a body byte may have come: its stall starts again
+                self.deadline = self.loop.time() + body_timeout
+            elif state is h11.IDLE:
+                if not self.deadline and self.conn.trailing_data[0]:  # a head began
+                    self.deadline = self.loop.time() + header_timeout
+            else:  # the request is whole (answered now), or the connection is done
+                self.deadline = 0.0
+            if self.deadline and self.timer is None:
+                self.arm_timer()
+
+        def arm_timer(self) -> None:
+            self.timer = self.loop.call_at(self.deadline, self.timer_fired)
+
+        def timer_fired(self) -> None:
+            self.timer = None
+            if not self.deadline or self.transport.is_closing():
+                return  # nothing awaited (armed again when a head begins)
+            now = self.loop.time()
+            if now < self.deadline:
+                self.arm_timer()  # a later deadline than the one it was armed for
+            elif self.conn.their_state is h11.SEND_BODY:
+                if self.flow.read_paused:  # by uvicorn, not the client: the app is not
+                    self.deadline = now + body_timeout  # reading what came
+                    self.arm_timer()
+                else:
+                    end_stalled_body(self.cycle, self.transport)
+            else:  # no whole head in time
+                if self.conn.trailing_data[0]:  # part of one
+                    self.transport.write(refusal(408))
+                self.transport.close()
+
+    return GuardedH11Protocol
 
 
 class TooManyPipelined(Exception):
@@ -224,24 +272,13 @@ def guarded_httptools(limits: Limits) -> type:
                     reading.deadline = now + body_timeout  # app not reading what came
                     self.arm_timer()
                 else:
-                    self.body_stalled()
+                    reading.refused = 408  # nothing more is read
+                    end_stalled_body(self.cycle, self.transport)
             elif self.response_owed():  # no next request yet while one is answered: wait
                 reading.deadline = now + header_timeout
                 self.arm_timer()
             else:  # nothing of a request came: just close
                 self.transport.close()
-
-        def body_stalled(self) -> None:
-            """408 unless the app has begun its response; the app gets http.disconnect and
-            what it sends after is dropped, as when a client goes (uvicorn's cycle)."""
-            self.reading.refused = 408  # nothing more is read
-            cycle = self.cycle
-            if cycle is not None:
-                if not cycle.response_started:
-                    self.transport.write(refusal(408))
-                cycle.disconnected = True
-                cycle.message_event.set()
-            self.transport.close()
 
         # -- refusals, in turn --------------------------------------------------
         def response_owed(self) -> bool:

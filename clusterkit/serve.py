@@ -209,7 +209,7 @@ ASGI_LIMITS: dict[str, Any] = _asgi_settings(_LIMITS)
 def _guarded_protocol(http: Any, limits: Limits) -> Any:
     """uvicorn's protocol named by *http* ("auto": httptools if installed, as uvicorn picks),
     guarded by clusterkit.asgiprotocols; a protocol class given is the caller's own."""
-    from clusterkit.asgiprotocols import guarded_httptools, head_timed_h11
+    from clusterkit.asgiprotocols import guarded_h11, guarded_httptools
 
     if http == "auto":
         try:
@@ -219,7 +219,7 @@ def _guarded_protocol(http: Any, limits: Limits) -> Any:
         else:
             http = "httptools"
     if http == "h11":
-        return head_timed_h11(limits.header_timeout)
+        return guarded_h11(limits)
     if http == "httptools":
         return guarded_httptools(limits)
     return http
