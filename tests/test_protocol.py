@@ -774,6 +774,25 @@ def test_stalled_body_and_silent_connection_are_closed(server):
     silent.close()
 
 
+@pytest.mark.parametrize("kind", ["uvicorn-ws", "uvicorn-h11-ws"])
+def test_websocket_outlives_the_request_timeouts(kind, tmp_path):
+    """With a websocket library installed, uvicorn hands an upgraded connection to it; the
+    header and body timers of the request that upgraded must not close it later. Quiet for
+    three times those timeouts, the websocket still echoes."""
+    from websockets.sync.client import connect
+
+    s = Server(kind, tmp_path)
+    try:
+        with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=5) as ws:
+            ws.send("first")
+            assert ws.recv(timeout=5) == "first"
+            time.sleep(3 * TIMEOUT + 1)
+            ws.send("second")
+            assert ws.recv(timeout=5) == "second"
+    finally:
+        s.stop()
+
+
 def test_half_sent_requests_closed_within_header_timeout(server):
     """Every server: uvicorn has no header-read timeout, serve_asgi adds one to its
     protocols. Half-sent heads, a silent connection, a keep-alive connection whose second
