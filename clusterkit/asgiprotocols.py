@@ -38,6 +38,12 @@ def refusal(status: int) -> bytes:
     )
 
 
+def upgraded(protocol: Any) -> bool:
+    """Whether uvicorn has handed *protocol*'s connection to a websocket protocol: the
+    request that upgraded it left the timer armed, and its time is not this one's to keep."""
+    return protocol.transport.get_protocol() is not protocol
+
+
 def end_stalled_body(cycle: Any, transport: Any) -> None:
     """A body that stalled past ``body_timeout``: 408 unless the app has begun its response;
     the app gets http.disconnect and what it sends after is dropped, as when a client goes
@@ -108,7 +114,7 @@ def guarded_h11(limits: Limits) -> type:
 
         def timer_fired(self) -> None:
             self.timer = None
-            if not self.deadline or self.transport.is_closing():
+            if not self.deadline or self.transport.is_closing() or upgraded(self):
                 return  # nothing awaited (armed again when a head begins)
             now = self.loop.time()
             if now < self.deadline:
@@ -260,7 +266,12 @@ def guarded_httptools(limits: Limits) -> type:
         def timer_fired(self) -> None:
             reading = self.reading
             reading.timer = None
-            if not reading.deadline or reading.refused is not None or self.transport.is_closing():
+            if (
+                not reading.deadline
+                or reading.refused is not None
+                or self.transport.is_closing()
+                or upgraded(self)
+            ):
                 return  # nothing awaited (armed again when a head begins), or refused
             now = self.loop.time()
             if now < reading.deadline:

@@ -198,6 +198,9 @@ def _asgi_settings(limits: Limits) -> dict[str, Any]:
         "http": "auto",  # httptools if installed (uvicorn's choice), guarded either way
         "h11_max_incomplete_event_size": limits.max_head_size,
         "timeout_keep_alive": limits.keep_alive_timeout,
+        # a websocket message (where a websocket library is installed), as a request body:
+        # uvicorn's default is 16 MiB, and 32 of them may queue on one connection
+        "ws_max_size": limits.max_body_size,
         "limit_concurrency": 1000,  # connections + tasks; then 503 (gunicorn's worker_connections)
     }
 

@@ -774,6 +774,44 @@ def test_stalled_body_and_silent_connection_are_closed(server):
     silent.close()
 
 
+@pytest.fixture(scope="module", params=["uvicorn-ws", "uvicorn-h11-ws"])
+def ws_server(request, tmp_path_factory) -> Iterator[Server]:
+    """serve_asgi on each protocol, with uvicorn's websockets support (the websockets
+    library) on."""
+    s = Server(request.param, tmp_path_factory.mktemp(request.param))
+    yield s
+    s.stop()
+
+
+def test_websocket_outlives_the_request_timeouts(ws_server):
+    """With a websocket library installed, uvicorn hands an upgraded connection to it; the
+    header and body timers of the request that upgraded must not close it later. Quiet for
+    three times those timeouts, the websocket still echoes."""
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{ws_server.port}/ws", open_timeout=5) as ws:
+        ws.send("first")
+        assert ws.recv(timeout=5) == "first"
+        time.sleep(3 * TIMEOUT + 1)
+        ws.send("second")
+        assert ws.recv(timeout=5) == "second"
+
+
+def test_websocket_message_over_max_body_size_closes_it(ws_server):
+    """A websocket message is bounded as a request body is (uvicorn's ws_max_size would
+    take 16 MiB, 32 of them queued): past max_body_size, close code 1009 (too big)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{ws_server.port}/ws", open_timeout=5, max_size=None) as ws:
+        ws.send("x" * Limits().max_body_size)
+        assert len(ws.recv(timeout=5)) == Limits().max_body_size  # up to it: served
+        ws.send("x" * (Limits().max_body_size + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
 def test_half_sent_requests_closed_within_header_timeout(server):
     """Every server: uvicorn has no header-read timeout, serve_asgi adds one to its
     protocols. Half-sent heads, a silent connection, a keep-alive connection whose second

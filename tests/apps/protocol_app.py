@@ -1,6 +1,6 @@
 """The app the protocol suite (tests/test_protocol.py) serves, one per server.
 
-``python protocol_app.py asyncio|uvicorn|uvicorn-h11|wsgi``: the socket comes as fd 3
+``python protocol_app.py KIND`` (one of ``KINDS``): the socket comes as fd 3
 (LISTEN_FDS=1); ``CK_TIMEOUT`` (seconds) shortens the header, body and
 keep-alive timeouts so the suite sees them fire. Routes, the same in each:
 
@@ -8,7 +8,8 @@ keep-alive timeouts so the suite sees them fire. Routes, the same in each:
 - ``/xff``: the request's ``X-Forwarded-For`` header, or ``-``;
 - ``/none``: the handler returns nothing; ``/raise``: it raises;
 - ``/crlf``: it sets a header value with CR/LF in it;
-- ``/length``: it sets its own ``Content-Length``; ``/204``: No Content.
+- ``/length``: it sets its own ``Content-Length``; ``/204``: No Content;
+- a websocket (the ``-ws`` kinds): each text message echoed.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def run_uvicorn(**options) -> None:
     from clusterkit.serve import serve_asgi
 
     async def app(scope, receive, send):
+        if scope["type"] == "websocket":  # an echo, for the kinds that have a websocket library
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            while (message := await receive())["type"] == "websocket.receive":
+                await send({"type": "websocket.send", "text": message.get("text")})
+            return
         if scope["type"] != "http":
             return
         path = scope["path"]
@@ -108,8 +115,16 @@ def run_wsgi() -> None:
     serve_wsgi(app, None, drain_timeout=1, threads=2, channel_timeout=max(1, int(TIMEOUT)))
 
 
+KINDS = {
+    "asyncio": run_asyncio,
+    # websockets off, whatever is installed: Upgrade is then ignored, as the suite expects
+    "uvicorn": lambda: run_uvicorn(ws="none"),
+    "uvicorn-h11": lambda: run_uvicorn(http="h11", ws="none"),  # serve_asgi's other protocol
+    # uvicorn hands an upgraded connection to the websockets library
+    "uvicorn-ws": lambda: run_uvicorn(ws="websockets"),
+    "uvicorn-h11-ws": lambda: run_uvicorn(http="h11", ws="websockets"),
+    "wsgi": run_wsgi,
+}
+
 if __name__ == "__main__":
-    if sys.argv[1] == "uvicorn-h11":  # serve_asgi's other protocol
-        run_uvicorn(http="h11")
-    else:
-        {"asyncio": run_asyncio, "uvicorn": run_uvicorn, "wsgi": run_wsgi}[sys.argv[1]]()
+    KINDS[sys.argv[1]]()
