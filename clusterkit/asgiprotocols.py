@@ -76,6 +76,7 @@ def guarded_h11(limits: Limits) -> type:
         #: is awaited: a request is answered, or the keep-alive wait is uvicorn's own)
         deadline = 0.0
         timer: Any = None
+        awaited: Any = h11.IDLE  # their_state when the deadline was last set
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -102,10 +103,13 @@ def guarded_h11(limits: Limits) -> type:
             if state is h11.SEND_BODY:  # a body byte may have come: its stall starts again
                 self.deadline = self.loop.time() + body_timeout
             elif state is h11.IDLE:
-                if not self.deadline and self.conn.trailing_data[0]:  # a head began
+                # a head began: after a request (even in the read that ended its body), or
+                # on a connection idle since its last response
+                if self.conn.trailing_data[0] and (self.awaited is not state or not self.deadline):
                     self.deadline = self.loop.time() + header_timeout
             else:  # the request is whole (answered now), or the connection is done
                 self.deadline = 0.0
+            self.awaited = state
             if self.deadline and self.timer is None:
                 self.arm_timer()
 
