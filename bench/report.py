@@ -501,7 +501,24 @@ def interleaved_tables(groups: list[dict]) -> list[str]:
                     f"| {max(ratios):.2f}× | {median(cpu) or float('nan'):.1f} |"
                 )
             lines.append("")
+            if pinned:
+                lines += [_load_busy(names, by_name), ""]
     return lines
+
+
+def _load_busy(names: list[str], by_name: dict[str, list[dict]]) -> str:
+    """How busy wrk kept its own CPU(s) under each system's load: near 1.0, wrk and not the
+    server set the pace, and the server's throughput (and ratio) is understated."""
+    busy = [
+        f"{name} {median([r['rps'] * r['load_cpu_us'] / 1e6 for r in by_name[name]]):.2f}"
+        for name in names
+        if all(r.get("load_cpu_us") for r in by_name[name])
+    ]
+    return (
+        "wrk's CPU time over each load's length (median of the rounds; 1.0 is a whole CPU, "
+        "where wrk and not the server sets the pace and the server's throughput is "
+        f"understated): {', '.join(busy)}."
+    )
 
 
 def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> list[str]:
