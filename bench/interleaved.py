@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = procfs.load_average()
     workers = 1 if pinned else 2
     results = bench_run.measure_rounds(names, args.rounds, args.duration, workers, pinned)
-    group: dict = {"names": names, "results": results}
-    if pinned:
-        group["pinned"] = {"workers": workers, "description": pinned.describe()}
+    group = bench_run.group_record(names, workers, pinned)
+    group["results"] = results
     lines = report.interleaved_tables([group])
     print("\n".join(lines))
     if args.out:

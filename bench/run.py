@@ -125,6 +125,15 @@ def measure_rounds(
     return out
 
 
+def group_record(names: list[str], workers: int, pinned: measure.Pinned | None) -> dict:
+    """An interleaved group's record, as report.py reads it: its systems and, if it was
+    pinned, how (its results, or its error, are added to it)."""
+    record: dict = {"names": list(names)}
+    if pinned:
+        record["pinned"] = {"workers": workers, "description": pinned.describe()}
+    return record
+
+
 def interleaved(
     names: list[str], rounds: int, seconds: float, workers: int, pinned: measure.Pinned | None
 ) -> list[dict]:
@@ -138,9 +147,7 @@ def interleaved(
         if rounds < 1 or not all(name in names for name in group):
             continue
         log(f"interleaved: {', '.join(group)}, {n} worker(s), {rounds} rounds")
-        entry: dict = {"names": list(group)}
-        if pin:
-            entry["pinned"] = {"workers": n, "description": pin.describe()}
+        entry = group_record(list(group), n, pin)
         try:
             entry["results"] = measure_rounds(list(group), rounds, seconds, n, pin)
         except Exception as e:  # noqa: BLE001 - reported, the rest of the run is kept
