@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from clusterkit import __version__
+from clusterkit import __version__, terminal
 
 USAGE_ERROR = 2
 FAILURE = 1
@@ -377,8 +377,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{_uptime(row['uptime']):>8} {row['restarts']:>8}  {text}"
         )
     for row in rows:
-        for line in row["why"] or []:
-            print(f"worker {row['id']}: {line}")
+        prefix = f"worker {row['id']}: "
+        for line in row["why"] or []:  # log lines are the app's: escaped, LF kept under "|"
+            print(prefix + terminal.lines(line, continuation=prefix + "|   "))
     return 0 if healthy else NOT_HEALTHY
 
 
@@ -432,7 +433,7 @@ def cmd_events(args: argparse.Namespace) -> int:
             print(f"{ev.time.astimezone():%Y-%m-%d %H:%M:%S} {ev.describe()}", flush=True)
             if args.logs and ev.event == "exit" and not ev.exited_after_disconnect:
                 for line in _last_log_lines(settings, ev.worker, ev.invocation_id):
-                    print(f"    | {line}", flush=True)
+                    print("    | " + terminal.lines(line, continuation="    |   "), flush=True)
     finally:
         reader.close()
     return 0

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from clusterkit import terminal
+
 
 def _fleet(args: argparse.Namespace):
     from clusterkit.cli import USAGE_ERROR, CommandError
@@ -142,7 +144,8 @@ def _stream(args: argparse.Namespace, logs: bool) -> int:
             if args.json:
                 print(json.dumps(item), flush=True)
             elif logs:
-                print(f"{item['time'][:19]} {item['host']} {item['unit']}: {item['message']}")
+                message = terminal.lines(str(item["message"]), continuation="    ")
+                print(f"{item['time'][:19]} {item['host']} {item['unit']}: {message}", flush=True)
             else:
                 print(f"{item['time'][:19]} {item['host']} {_describe(item)}", flush=True)
     except FleetFailure as e:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from clusterkit import journals, names, report
+from clusterkit import journals, names, report, terminal
 from clusterkit.manager import Manager
 
 
@@ -36,10 +36,11 @@ class LogLine:
         }
 
     def describe(self) -> str:
+        """One line per line of the message, the first with time and worker, the others
+        indented: shown safely on a terminal (:mod:`clusterkit.terminal`)."""
         pid = f"[{self.pid}]" if self.pid else ""
-        return (
-            f"{self.time.astimezone():%Y-%m-%d %H:%M:%S} worker {self.worker}{pid}: {self.message}"
-        )
+        message = terminal.lines(self.message, continuation="    ")
+        return f"{self.time.astimezone():%Y-%m-%d %H:%M:%S} worker {self.worker}{pid}: {message}"
 
 
 def slice_name(name: str, user: bool) -> str:

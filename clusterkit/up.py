@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clusterkit import manifest, names, render
+from clusterkit import manifest, names, render, terminal
 from clusterkit.manager import Manager, ManagerError, register_up, unregister_up, up_manager
 from clusterkit.spec import Listen, Spec
 
@@ -310,9 +310,8 @@ def _start(spec: Spec, manager: Manager, say: Say) -> bool:
                 # throwaway container's journal is gone once it powers off.
                 say(f"clusterkit up: {unit} keeps failing; its last journal lines:")
                 log = manager.run("journalctl", "--no-pager", "-o", "cat", "-n", "15", "-u", unit)
-                log = log.stdout
-                for line in log.splitlines():
-                    say(f"      | {line}")
+                # the app's text: shown, never obeyed; each line under the bar
+                say("      | " + terminal.lines(log.stdout, continuation="      | "))
                 return False
         time.sleep(0.1)
     if pending:

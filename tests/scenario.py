@@ -52,6 +52,19 @@ MODES = ("shared", "reuseport")
 
 T = TypeVar("T")
 
+# What a hostile app writes for root to read: OSC 52 (set the clipboard), clear the
+# screen, CSI in its one-byte C1 form, a CR, U+2028 and a line feed before text shaped
+# like clusterkit's own lines, a vertical tab and a right-to-left override.
+HOSTILE = (
+    "pwned\x1b]52;c;cm0gLXJmIC8K\x07\x1b[2J\x9b31m\rworker 0: active\u2028worker 0: | ok"
+    "\nworker 0: | serving\x0bfake\u202eevil"
+)
+
+
+def shown_safely(text: str) -> bool:
+    """Nothing in *text* acts on a terminal, and HOSTILE is there, escaped."""
+    return all(ch.isprintable() or ch in "\n\t" for ch in text) and "\\x1b]52;c;" in text
+
 
 # -- polling -------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from fleet_topology import LAN_ADDRESS, SUBNET, Lan, SshKeys, boot_host
-from scenario import APPS, PY, ROOT, Load, wait_for
+from scenario import APPS, HOSTILE, PY, ROOT, Load, shown_safely, wait_for
 
 from clusterkit.container import Container, prerequisites_missing, stop_process
 
@@ -528,6 +529,24 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
         lines = [json.loads(line) for line in r.stdout.splitlines()]
         serving = {ln["host"] for ln in lines if "serving on" in str(ln["message"])}
         assert serving == set(topo.hosts), lines[-10:]
+
+        # A worker's message is the app's text: `fleet logs` shows it escaped, each line
+        # of it under its record's, as `clusterkit logs` does.
+        r = topo.hosts[h2].run(
+            "curl", "-sS", "--max-time", "5",
+            "-H", "Content-Type: application/vnd.fdo.journal",
+            "--data-binary", "@-", f"http://{COLLECTOR}:19532/upload",
+            input=_worker_log_record(h2, worker=0, message=HOSTILE),
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        text = wait_for(
+            "the hostile record in fleet logs",
+            lambda: t if "pwned" in (t := topo.fleet("logs").stdout) else None,
+        )
+        assert shown_safely(text), text
+        for line in text.splitlines():  # a record's first line, or one of its continuations
+            assert line[:1].isdigit() or line.startswith("    "), line
+        assert f" {h2} {NAME}@0.service: pwned\\x1b]52;c;" in text, text
     finally:
         follower.stop()
 
@@ -549,6 +568,26 @@ def _fake_exit_record(hostname: str, worker: int) -> str:
         "_HOSTNAME": hostname,
     }
     return "".join(f"{k}={v}\n" for k, v in fields.items()) + "\n"
+
+
+def _worker_log_record(hostname: str, worker: int, message: str) -> str:
+    """Journal export format: a log line of NAME@worker, its MESSAGE in the binary form
+    (a little-endian 64-bit length, then the bytes) that lets it hold a line feed."""
+    data = message.encode()
+    assert len(data) < 128  # each byte of the length is ASCII, so the record stays a str
+    now = int(time.time() * 1_000_000)
+    fields = {
+        "__REALTIME_TIMESTAMP": str(now),
+        "__MONOTONIC_TIMESTAMP": str(now),
+        "_BOOT_ID": "0" * 32,
+        "PRIORITY": "6",
+        "_PID": "4242",
+        "_UID": "1001",
+        "_SYSTEMD_UNIT": f"{NAME}@{worker}.service",
+        "_HOSTNAME": hostname,
+    }
+    text = "".join(f"{k}={v}\n" for k, v in fields.items())
+    return text + "MESSAGE\n" + struct.pack("<Q", len(data)).decode() + message + "\n\n"
 
 
 def test_collector_outage_loses_no_event(topo: Topology) -> None:

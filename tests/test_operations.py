@@ -8,11 +8,12 @@ drives it with the ``clusterkit`` CLI run inside, as an operator would.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from scenario import APPS, wait_for
+from scenario import APPS, HOSTILE, shown_safely, wait_for
 
 from clusterkit.container import Container
 
@@ -45,8 +46,10 @@ def ck(c: Container, *args: str) -> subprocess.CompletedProcess[str]:
     return c.run(PY, "-m", "clusterkit.cli", *args)
 
 
-def deploy(c: Container, tmp_path: Path, name: str, port: int, workers: int = 2) -> None:
-    c.write_file("/srv/app.py", APP.replace("3000", str(port)))
+def deploy(
+    c: Container, tmp_path: Path, name: str, port: int, workers: int = 2, app: str = APP
+) -> None:
+    c.write_file("/srv/app.py", app.replace("3000", str(port)))
     out = tmp_path / name
     subprocess.run(
         [PY, "-m", "clusterkit.cli", "generate", "--name", name, "--workers", str(workers)]
@@ -125,6 +128,62 @@ def test_status_says_why_a_worker_fails_and_exits_non_zero(container: Container,
     ), text
     r = ck(c, "kill", "t", "0", "-s", "NOPE")
     assert r.returncode == 2 and "--signal" in r.stderr
+
+
+HOSTILE_APP = r"""
+import os, sys
+sys.path.insert(0, __APPS__)
+from systemd import journal
+from clusterkit import cluster
+from shim_worker import serve
+
+k = cluster.worker.id
+journal.send(__HOSTILE__)  # the native protocol: one record, line feed and all
+print(__HOSTILE__, flush=True)  # the stream: one record per line
+if os.path.exists(f"/run/fail-{k}"):
+    sys.exit(3)
+
+def answer(conn):
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+serve(answer, 3000)
+""".replace("__APPS__", repr(str(APPS))).replace("__HOSTILE__", repr(HOSTILE))
+RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+
+
+def test_app_text_never_acts_on_the_operators_terminal(container: Container, tmp_path: Path):
+    """logs, status and events --logs show the app's messages escaped, each line of one
+    message under its record's prefix, so no byte of it reaches root's terminal as a
+    control and no line of it poses as a line of clusterkit's own."""
+    c = container
+    deploy(c, tmp_path, "t", 3000, app=HOSTILE_APP)
+    c.write_file("/run/fail-1", "")
+    assert ck(c, "kill", "t", "1", "-s", "9").returncode == 0
+
+    def failing() -> str | None:
+        r = ck(c, "status", "t")
+        return r.stdout if r.returncode == 3 and "pwned" in r.stdout else None
+
+    status = wait_for("status to show worker 1's last words", failing)
+    assert shown_safely(status), status
+    assert not any(line.startswith("worker 0") for line in status.splitlines()), status
+    assert "worker 1: |   worker 0: | serving\\x0bfake\\u202eevil" in status, status
+
+    text = ck(c, "logs", "t").stdout
+    assert shown_safely(text), text
+    for line in text.splitlines():  # a record's first line, or one of its continuations
+        assert RECORD.match(line) or line.startswith("    "), line
+    assert "\n    worker 0: | serving\\x0bfake\\u202eevil\n" in text, text
+
+    text = ck(c, "events", "t", "--logs").stdout
+    assert shown_safely(text), text
+    for line in text.splitlines():
+        assert RECORD.match(line) or line.startswith("    | "), line
+    assert "\n    |   worker 0: | serving\\x0bfake\\u202eevil\n" in text, text
+    # --json keeps the message exactly as the app wrote it, escaped by JSON
+    rows = [json.loads(x) for x in ck(c, "logs", "t", "--json").stdout.splitlines()]
+    assert HOSTILE in {row["message"] for row in rows}
 
 
 def test_stop_closes_the_port_until_start_and_ls_lists_clusters(

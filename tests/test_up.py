@@ -146,6 +146,11 @@ def test_up_shows_why_a_worker_keeps_failing_before_powering_off() -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert "broken@" in r.stdout and "keeps failing" in r.stdout
     assert "| RuntimeError: this worker cannot start" in r.stdout
+    # the app's text is shown, never obeyed (clusterkit.terminal)
+    assert "| pwned\\x1b]52;c;cm0gLXJmIC8K\\x07" in r.stdout, r.stdout
+    # journald itself starts a new record after the CR
+    assert "\\u2028      worker 0 (pid 1) is ready" in r.stdout, r.stdout
+    assert all(ch.isprintable() or ch == "\n" for ch in r.stdout), r.stdout
     assert "powering off" in r.stdout
     assert nspawn_machines() <= before
 
