@@ -133,7 +133,7 @@ class EventReader:
         if not self._manager.wrote(entry) or worker is None or not isinstance(when, datetime):
             return []
         cursor = str(entry.get("__CURSOR", ""))
-        invocation = _opt_str(entry.get(m.invocation))
+        invocation = report.invocation_id(entry.get(m.invocation))
         message_id = entry.get("MESSAGE_ID")
         if message_id in RUN_ENDED:
             if invocation is None:
@@ -165,7 +165,7 @@ class EventReader:
             code=code,
             signal=signal,
             exited_after_disconnect=run.stop_requested,
-            service_result="success" if succeeded else _opt_str(end.get("UNIT_RESULT")),
+            service_result="success" if succeeded else report.unit_result(end.get("UNIT_RESULT")),
         )
 
     def _run(self, unit: str, invocation: str, ended: datetime) -> _Run:
@@ -249,10 +249,6 @@ class _Run:
 def _when(entry: dict[str, object]) -> datetime | None:
     when = entry.get("__REALTIME_TIMESTAMP")
     return when if isinstance(when, datetime) else None
-
-
-def _opt_str(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:

@@ -79,14 +79,36 @@ def is_unit_line(entry: Mapping[str, object]) -> bool:
     )
 
 
-def signal_name(status: str) -> str:
-    """``KILL`` or ``9`` -> ``SIGKILL`` (Node's signal names)."""
-    if status.isascii() and status.isdigit():
+#: what PID 1 writes: a signal's name (``KILL``, ``RTMIN+3``) or number; a record
+#: uploaded to a fleet's collector can say anything, so anything else is no signal
+_SIGNAL = re.compile(r"(?:SIG)?([A-Z][A-Z0-9]{0,15}(?:\+[0-9]{1,2})?|[0-9]{1,3})")
+_EXIT_CODE = re.compile(r"[0-9]{1,3}")  # 0-255; never int() of a forged 5,000 digits
+_UNIT_RESULT = re.compile(r"[a-z][a-z-]{0,31}")  # success, exit-code, start-limit-hit, ...
+_INVOCATION_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def signal_name(status: str) -> str | None:
+    """``KILL`` or ``9`` -> ``SIGKILL`` (Node's signal names); None if it is no signal."""
+    m = _SIGNAL.fullmatch(status)
+    if m is None:
+        return None
+    name = m.group(1)
+    if name.isdigit():
         try:
-            return _signal.Signals(int(status)).name
+            return _signal.Signals(int(name)).name
         except ValueError:
-            return f"SIG{status}"
-    return status if status.startswith("SIG") else f"SIG{status}"
+            pass
+    return f"SIG{name}"
+
+
+def unit_result(value: object) -> str | None:
+    """PID 1's ``UNIT_RESULT`` (``exit-code``, ``signal``, ...), None if it is none."""
+    return value if isinstance(value, str) and _UNIT_RESULT.fullmatch(value) else None
+
+
+def invocation_id(value: object) -> str | None:
+    """An ``INVOCATION_ID`` field (128 bits, in hex), None if it is none."""
+    return value if isinstance(value, str) and _INVOCATION_ID.fullmatch(value) else None
 
 
 def exit_status(
@@ -98,7 +120,7 @@ def exit_status(
     exits only. Without it, a successful run is reported as exit 0.
     """
     kind, status = pid1_exit or (("exited", "0") if succeeded else ("", ""))
-    if kind == "exited" and status.isascii() and status.isdigit():
+    if kind == "exited" and _EXIT_CODE.fullmatch(status):
         return int(status), None
     if kind in ("killed", "dumped") and status:
         return None, signal_name(status)

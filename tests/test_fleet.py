@@ -28,6 +28,7 @@ import pytest
 from fleet_topology import LAN_ADDRESS, SUBNET, Lan, SshKeys, boot_host
 from scenario import APPS, HOSTILE, PY, ROOT, Load, shown_safely, wait_for
 
+from clusterkit import report
 from clusterkit.container import Container, prerequisites_missing, stop_process
 
 NAME = "web"
@@ -481,12 +482,7 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
         h1, h2 = list(topo.hosts)[:2]
         fake = _fake_exit_record(h1, worker=1)
         for record in (fake, _fake_exit_record(h2, worker=7)):
-            r = topo.hosts[h2].run(
-                "curl", "-sS", "--max-time", "5",
-                "-H", "Content-Type: application/vnd.fdo.journal",
-                "--data-binary", "@-", f"http://{COLLECTOR}:19532/upload", input=record,
-            )  # fmt: skip
-            assert r.returncode == 0, r.stderr
+            _upload(topo.hosts[h2], record)
         # The same from an address that is no host of the inventory.
         topo.lan.add_address(STRANGER)
         stranger = subprocess.run(
@@ -532,13 +528,7 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
 
         # A worker's message is the app's text: `fleet logs` shows it escaped, each line
         # of it under its record's, as `clusterkit logs` does.
-        r = topo.hosts[h2].run(
-            "curl", "-sS", "--max-time", "5",
-            "-H", "Content-Type: application/vnd.fdo.journal",
-            "--data-binary", "@-", f"http://{COLLECTOR}:19532/upload",
-            input=_worker_log_record(h2, worker=0, message=HOSTILE),
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr
+        _upload(topo.hosts[h2], _worker_log_record(h2, worker=0, message=HOSTILE))
         text = wait_for(
             "the hostile record in fleet logs",
             lambda: t if "pwned" in (t := topo.fleet("logs").stdout) else None,
@@ -547,47 +537,103 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
         for line in text.splitlines():  # a record's first line, or one of its continuations
             assert line[:1].isdigit() or line.startswith("    "), line
         assert f" {h2} {NAME}@0.service: pwned\\x1b]52;c;" in text, text
+
+        # The fields PID 1 fills can say anything too. A signal, a result or an exit code
+        # that is not shaped like one is none (worker 8), an exit code of 5,000 digits
+        # too (worker 9: int() of it raised), and an invocation id that is not 128 bits
+        # in hex drops the record (worker 10).
+        forged = "KILL\x1b]52;c;cm0gLXJmIC8K\x07\nworker 0 died"
+        for worker, code, status, invocation in (
+            (8, "killed", forged, "e" * 32),
+            (9, "exited", "9" * 5000, "d" * 32),
+            (10, "killed", "KILL", "c" * 31 + "\x1b"),
+        ):
+            exit_fields = dict(COMMAND="ExecStart", EXIT_CODE=code, EXIT_STATUS=status)
+            for message_id, more in ((report.PROCESS_EXIT, exit_fields), (report.UNIT_FAILED, {})):
+                result = forged if worker == 8 else "exit-code"
+                record = _pid1_record(
+                    h2, worker, message_id, UNIT_RESULT=result, INVOCATION_ID=invocation, **more
+                )
+                _upload(topo.hosts[h2], record)
+
+        def forged_exits() -> dict[int, dict] | None:
+            events = [json.loads(x) for x in topo.fleet("events", "--json").stdout.splitlines()]
+            exits = {e["worker"]: e for e in events if e["event"] == "exit"}
+            return exits if {8, 9} <= exits.keys() else None
+
+        exits = wait_for("the forged exits of workers 8 and 9", forged_exits)
+        assert exits[8]["signal"] is None and exits[8]["service_result"] is None, exits[8]
+        assert exits[9]["code"] is None and exits[9]["service_result"] == "exit-code", exits[9]
+        assert 10 not in exits, exits[10]
+        text = topo.fleet("events").stdout
+        assert all(ch.isprintable() or ch == "\n" for ch in text), text
     finally:
         follower.stop()
 
 
+def _upload(host: Container, record: str) -> None:
+    """Upload *record* to the collector from *host*, as its journal-upload would."""
+    r = host.run(
+        "curl", "-sS", "--max-time", "5",
+        "-H", "Content-Type: application/vnd.fdo.journal",
+        "--data-binary", "@-", f"http://{COLLECTOR}:19532/upload", input=record,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def _export(**fields: str) -> str:
+    """One record in the journal export format. A value that is not printable ASCII goes
+    in the binary form (a little-endian 64-bit length, then the bytes), which lets it hold
+    a line feed; kept under 128 bytes, each byte of that length is ASCII, so the record
+    stays a str."""
+    now = str(int(time.time() * 1_000_000))
+    record = f"__REALTIME_TIMESTAMP={now}\n__MONOTONIC_TIMESTAMP={now}\n_BOOT_ID={'0' * 32}\n"
+    for name, value in fields.items():
+        if value.isascii() and value.isprintable():
+            record += f"{name}={value}\n"
+        else:
+            size = len(value.encode())
+            assert size < 128, name
+            record += f"{name}\n{struct.pack('<Q', size).decode()}{value}\n"
+    return record + "\n"
+
+
+def _pid1_record(hostname: str, worker: int, message_id: str, **fields: str) -> str:
+    """A record as PID 1 writes it about NAME@worker, claiming to come from *hostname*."""
+    unit = f"{NAME}@{worker}.service"
+    return _export(
+        MESSAGE=f"{unit}: {fields.pop('MESSAGE', 'forged')}",
+        MESSAGE_ID=message_id,
+        UNIT=unit,
+        _PID="1",
+        _UID="0",
+        _HOSTNAME=hostname,
+        **fields,
+    )
+
+
 def _fake_exit_record(hostname: str, worker: int) -> str:
-    """Journal export format: PID 1's "Failed with result 'signal'" about NAME@worker."""
-    now = int(time.time() * 1_000_000)
-    fields = {
-        "__REALTIME_TIMESTAMP": str(now),
-        "__MONOTONIC_TIMESTAMP": str(now),
-        "_BOOT_ID": "0" * 32,
-        "MESSAGE": f"{NAME}@{worker}.service: Failed with result 'signal'.",
-        "MESSAGE_ID": "d9b373ed55a64feb8242e02dbe79a49c",
-        "UNIT": f"{NAME}@{worker}.service",
-        "UNIT_RESULT": "signal",
-        "INVOCATION_ID": "f" * 32,
-        "_PID": "1",
-        "_UID": "0",
-        "_HOSTNAME": hostname,
-    }
-    return "".join(f"{k}={v}\n" for k, v in fields.items()) + "\n"
+    """PID 1's "Failed with result 'signal'" about NAME@worker."""
+    return _pid1_record(
+        hostname,
+        worker,
+        report.UNIT_FAILED,
+        MESSAGE="Failed with result 'signal'.",
+        UNIT_RESULT="signal",
+        INVOCATION_ID="f" * 32,
+    )
 
 
 def _worker_log_record(hostname: str, worker: int, message: str) -> str:
-    """Journal export format: a log line of NAME@worker, its MESSAGE in the binary form
-    (a little-endian 64-bit length, then the bytes) that lets it hold a line feed."""
-    data = message.encode()
-    assert len(data) < 128  # each byte of the length is ASCII, so the record stays a str
-    now = int(time.time() * 1_000_000)
-    fields = {
-        "__REALTIME_TIMESTAMP": str(now),
-        "__MONOTONIC_TIMESTAMP": str(now),
-        "_BOOT_ID": "0" * 32,
-        "PRIORITY": "6",
-        "_PID": "4242",
-        "_UID": "1001",
-        "_SYSTEMD_UNIT": f"{NAME}@{worker}.service",
-        "_HOSTNAME": hostname,
-    }
-    text = "".join(f"{k}={v}\n" for k, v in fields.items())
-    return text + "MESSAGE\n" + struct.pack("<Q", len(data)).decode() + message + "\n\n"
+    """A log line of NAME@worker."""
+    return _export(
+        PRIORITY="6",
+        _PID="4242",
+        _UID="1001",
+        _SYSTEMD_UNIT=f"{NAME}@{worker}.service",
+        _HOSTNAME=hostname,
+        MESSAGE=message,
+    )
 
 
 def test_collector_outage_loses_no_event(topo: Topology) -> None:
