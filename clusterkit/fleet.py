@@ -439,10 +439,8 @@ class _LogReader:
     """The workers' own journal lines (``_SYSTEMD_UNIT=NAME@K.service``) in some files."""
 
     def __init__(self, name: str, files: list[str], cursor: str | None, others: set[str]):
-        from clusterkit import journals, names, report
+        from clusterkit import journals
 
-        self._worker_id = names.worker_id
-        self._report = report
         self.name = name
         self.others = others
         self.cursor = cursor
@@ -453,25 +451,16 @@ class _LogReader:
             self._reader.seek_head()
 
     def __iter__(self) -> Iterator[dict[str, object]]:
+        from clusterkit.logs import log_line
+
         for entry in self._reader:  # up to the end of what is written now
             self.cursor = str(entry["__CURSOR"])
-            worker = self._worker_id(entry.get("_SYSTEMD_UNIT"), self.name)
-            if worker is None or entry.get("_HOSTNAME") in self.others:
+            if entry.get("_HOSTNAME") in self.others:
                 continue
-            if self._report.is_unit_line(entry):
-                continue  # the unit's own pid line, for the exit events
-            message = entry.get("MESSAGE")
-            if isinstance(message, bytes):
-                message = message.decode(errors="replace")
-            when = entry["__REALTIME_TIMESTAMP"]
-            yield {
-                "worker": worker,
-                "unit": entry.get("_SYSTEMD_UNIT"),
-                "pid": entry.get("_PID"),
-                "message": message,
-                "time": when.isoformat(),  # type: ignore[union-attr]
-                "cursor": self.cursor,
-            }
+            line = log_line(entry, self.name, "_SYSTEMD_UNIT")
+            if line is not None:
+                unit = entry["_SYSTEMD_UNIT"]  # a worker's: log_line read its id from it
+                yield {**line.to_json(), "unit": unit, "cursor": self.cursor}
 
     def close(self) -> None:
         self._reader.close()

@@ -99,17 +99,7 @@ class LogReader:
                 yield line
 
     def _line(self, entry: dict[str, object]) -> LogLine | None:
-        worker = names.worker_id(entry.get(self._unit_field), self.name)
-        message = entry.get("MESSAGE")
-        when = entry.get("__REALTIME_TIMESTAMP")
-        if worker is None or not isinstance(when, datetime):
-            return None
-        if isinstance(message, bytes):
-            message = message.decode("utf-8", "replace")
-        if not isinstance(message, str) or report.is_unit_line(entry):
-            return None
-        pid, priority = entry.get("_PID"), _priority(entry)
-        return LogLine(when, worker, pid if isinstance(pid, int) else None, priority, message)
+        return log_line(entry, self.name, self._unit_field)
 
     def follow(self, *, stop: Callable[[], bool] | None = None) -> Iterator[LogLine]:
         while True:
@@ -120,6 +110,24 @@ class LogReader:
 
     def close(self) -> None:
         self._reader.close()
+
+
+def log_line(entry: dict[str, object], name: str, unit_field: str) -> LogLine | None:
+    """The log line in a journal entry of a worker of cluster *name* (the worker named by
+    *unit_field*, a trusted field); None for another sender or the unit's own pid line.
+    A field that is not what journald writes (a record uploaded to a fleet's collector
+    says what it likes) counts as missing."""
+    worker = names.worker_id(entry.get(unit_field), name)
+    message = entry.get("MESSAGE")
+    when = entry.get("__REALTIME_TIMESTAMP")
+    if worker is None or not isinstance(when, datetime):
+        return None
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    if not isinstance(message, str) or report.is_unit_line(entry):
+        return None
+    pid, priority = entry.get("_PID"), _priority(entry)
+    return LogLine(when, worker, pid if isinstance(pid, int) else None, priority, message)
 
 
 def _priority(entry: dict[str, object]) -> int | None:

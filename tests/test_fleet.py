@@ -537,6 +537,9 @@ def test_sigkilled_workers_show_in_fleet_events_with_their_host(topo: Topology) 
         for line in text.splitlines():  # a record's first line, or one of its continuations
             assert line[:1].isdigit() or line.startswith("    "), line
         assert f" {h2} {NAME}@0.service: pwned\\x1b]52;c;" in text, text
+        rows = [json.loads(x) for x in topo.fleet("logs", "--json").stdout.splitlines()]
+        hostile = [row for row in rows if row["message"] == HOSTILE]
+        assert [(row["host"], row["worker"], row["pid"]) for row in hostile] == [(h2, 0, 4242)]
 
         # The fields PID 1 fills can say anything too. A signal, a result or an exit code
         # that is not shaped like one is none (worker 8), an exit code of 5,000 digits
