@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,6 +33,23 @@ class _Parser(argparse.ArgumentParser):
     # argparse prints the whole usage on error; one line says it better.
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _number(minimum: int, maximum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: ASCII digits within minimum..maximum (``int`` would also take
+    ``٣``, `` 3`` and ``3_000``, and any length)."""
+
+    def parse(text: str) -> int:
+        if text.isascii() and text.isdigit() and len(text) <= 9:
+            if minimum <= int(text) <= maximum:
+                return int(text)
+        shown = text if len(text) <= 20 else text[:20] + "..."
+        raise argparse.ArgumentTypeError(f"{shown!r} is not {what}")
+
+    return parse
+
+
+_WORKER_ID = _number(0, 999_999_999, "a worker id (0, 1, 2, ...)")
 
 
 def _add_spec_options(p: argparse.ArgumentParser) -> None:
@@ -622,6 +639,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _add_primary_parsers(sub) -> None:
+    from clusterkit.spec import MAX_WORKERS
+
     def add(name: str, help: str, func):
         p = sub.add_parser(name, help=help)
         p.add_argument("name", help="cluster name (the NAME of NAME@K.service)")
@@ -661,16 +680,18 @@ def _add_primary_parsers(sub) -> None:
     )
 
     p = add("kill", "send a signal to one worker's process (systemctl kill)", cmd_kill)
-    p.add_argument("id", type=int, help="worker id")
+    p.add_argument("id", type=_WORKER_ID, help="worker id")
     p.add_argument(
         "--signal", "-s", default="SIGTERM", help="signal name or number (default SIGTERM)"
     )
 
     p = add("disconnect", "gracefully stop one worker, or all", cmd_disconnect)
-    p.add_argument("id", type=int, nargs="?", help="worker id (default: every worker)")
+    p.add_argument("id", type=_WORKER_ID, nargs="?", help="worker id (default: every worker)")
 
     p = add("scale", "run exactly N workers (until reboot)", cmd_scale)
-    p.add_argument("count", type=int, metavar="N")
+    p.add_argument(
+        "count", type=_number(0, MAX_WORKERS, f"a number of workers (0-{MAX_WORKERS})"), metavar="N"
+    )
 
     p = add("reload", "rolling restart, a batch at a time, no refused connections", cmd_reload)
     p.add_argument(
@@ -682,9 +703,15 @@ def _add_primary_parsers(sub) -> None:
 
     p = add("logs", "what the workers printed and logged, from the journal", cmd_logs)
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
-    p.add_argument("--worker", type=int, metavar="K", help="only worker K")
+    p.add_argument("--worker", type=_WORKER_ID, metavar="K", help="only worker K")
     p.add_argument("--since", help="ISO time, @EPOCH, or --since=-5min; default: the last lines")
-    p.add_argument("--lines", "-n", type=int, default=50, help="how many (default 50)")
+    p.add_argument(
+        "--lines",
+        "-n",
+        type=_number(1, 1_000_000, "a number of lines (1-1000000)"),
+        default=50,
+        help="how many (default 50)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
     add("start", "open the cluster's sockets and start its workers", cmd_start)

@@ -256,21 +256,19 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     now = now or datetime.now(UTC)
     text = text.strip()
     units = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "d": 86400}
-    if text.startswith("-"):
-        number = text[1:].rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[1 + len(number) :] or "s"
-        if number.replace(".", "", 1).isdigit() and unit in units:
-            return datetime.fromtimestamp(now.timestamp() - float(number) * units[unit], UTC)
-    elif text.startswith("@"):
-        try:
-            return datetime.fromtimestamp(float(text[1:]), UTC)
-        except ValueError:
-            pass
-    else:
-        try:
-            parsed = datetime.fromisoformat(text)
-        except ValueError:
-            pass
+    try:
+        if text.startswith("-"):
+            number = text[1:].rstrip("abcdefghijklmnopqrstuvwxyz")
+            unit = text[1 + len(number) :] or "s"
+            if number.isascii() and number.replace(".", "", 1).isdigit() and unit in units:
+                return datetime.fromtimestamp(now.timestamp() - float(number) * units[unit], UTC)
+        elif text.startswith("@"):
+            number = text[1:]
+            if number.isascii() and number.replace(".", "", 1).isdigit():
+                return datetime.fromtimestamp(float(number), UTC)
         else:
+            parsed = datetime.fromisoformat(text)
             return parsed if parsed.tzinfo else parsed.astimezone()
+    except (ValueError, OverflowError, OSError):  # not a date, or out of datetime's range
+        pass
     raise ValueError(f"{text!r} is not a time (use ISO 8601, @EPOCH, or -30s, -5min, -2h, -1d)")
