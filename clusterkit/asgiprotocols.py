@@ -56,6 +56,70 @@ def end_stalled_body(cycle: Any, transport: Any) -> None:
     transport.close()
 
 
+class _Deadline:
+    """One connection's deadline: the loop time by which a whole head, or a body's next
+    byte, must come (0: none is awaited), and its one timer, armed again only when it
+    fires, not a timer per request."""
+
+    __slots__ = ("deadline", "timer", "refused")
+
+    def __init__(self) -> None:
+        self.deadline = 0.0
+        self.timer: Any = None
+        self.refused: int | str | None = None  # a refusal: nothing more is awaited
+
+
+class _Timed:
+    """The timer both guarded protocols keep (a mixin before uvicorn's protocol): what
+    happens once the deadline has passed is each protocol's ``deadline_passed``."""
+
+    reading: _Deadline
+    loop: Any  # uvicorn's protocol's
+    transport: Any
+    flow: Any
+    cycle: Any
+
+    def arm_timer(self) -> None:
+        reading = self.reading
+        reading.timer = self.loop.call_at(reading.deadline, self.timer_fired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reading = self.reading
+        if reading.timer is not None:
+            reading.timer.cancel()
+            reading.timer = None
+        super().connection_lost(exc)  # type: ignore[misc]  # uvicorn's protocol's
+
+    def timer_fired(self) -> None:
+        reading = self.reading
+        reading.timer = None
+        if (
+            not reading.deadline
+            or reading.refused is not None
+            or self.transport.is_closing()
+            or upgraded(self)
+        ):
+            return  # nothing awaited (armed again when a head begins), or refused
+        now = self.loop.time()
+        if now < reading.deadline:
+            self.arm_timer()  # a later deadline than the one it was armed for
+        else:
+            self.deadline_passed(now)
+
+    def deadline_passed(self, now: float) -> None:
+        raise NotImplementedError
+
+    def body_stalled(self, now: float, body_timeout: float) -> None:
+        """No body byte came in time: unless uvicorn itself paused reading (the app is not
+        reading what came, or a request is pipelined), the request ends (408)."""
+        if self.flow.read_paused:
+            self.reading.deadline = now + body_timeout
+            self.arm_timer()
+        else:
+            self.reading.refused = 408  # nothing more is read
+            end_stalled_body(self.cycle, self.transport)
+
+
 def guarded_h11(limits: Limits) -> type:
     """uvicorn's h11 protocol with ``header_timeout`` and ``body_timeout``, which uvicorn has
     no setting for: a connection that has not sent a whole request head that long after it
@@ -71,23 +135,14 @@ def guarded_h11(limits: Limits) -> type:
     header_timeout = limits.header_timeout
     body_timeout = limits.body_timeout
 
-    class GuardedH11Protocol(H11Protocol):
-        #: loop time by which a whole head must have come, or the body's next byte (0: none
-        #: is awaited: a request is answered, or the keep-alive wait is uvicorn's own)
-        deadline = 0.0
-        timer: Any = None
+    class GuardedH11Protocol(_Timed, H11Protocol):
         awaited: Any = h11.IDLE  # their_state when the deadline was last set
 
         def connection_made(self, transport: Any) -> None:
+            self.reading = _Deadline()
             super().connection_made(transport)
-            self.deadline = self.loop.time() + header_timeout
+            self.reading.deadline = self.loop.time() + header_timeout
             self.arm_timer()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -99,36 +154,25 @@ def guarded_h11(limits: Limits) -> type:
 
         def awaiting(self) -> None:
             """Set the deadline from what h11 awaits of the client now."""
+            reading = self.reading
             state = self.conn.their_state
             if state is h11.SEND_BODY:  # a body byte may have come: its stall starts again
-                self.deadline = self.loop.time() + body_timeout
+                reading.deadline = self.loop.time() + body_timeout
             elif state is h11.IDLE:
                 # a head began: after a request (even in the read that ended its body), or
                 # on a connection idle since its last response
-                if self.conn.trailing_data[0] and (self.awaited is not state or not self.deadline):
-                    self.deadline = self.loop.time() + header_timeout
+                began = self.awaited is not state or not reading.deadline
+                if began and self.conn.trailing_data[0]:
+                    reading.deadline = self.loop.time() + header_timeout
             else:  # the request is whole (answered now), or the connection is done
-                self.deadline = 0.0
+                reading.deadline = 0.0
             self.awaited = state
-            if self.deadline and self.timer is None:
+            if reading.deadline and reading.timer is None:
                 self.arm_timer()
 
-        def arm_timer(self) -> None:
-            self.timer = self.loop.call_at(self.deadline, self.timer_fired)
-
-        def timer_fired(self) -> None:
-            self.timer = None
-            if not self.deadline or self.transport.is_closing() or upgraded(self):
-                return  # nothing awaited (armed again when a head begins)
-            now = self.loop.time()
-            if now < self.deadline:
-                self.arm_timer()  # a later deadline than the one it was armed for
-            elif self.conn.their_state is h11.SEND_BODY:
-                if self.flow.read_paused:  # by uvicorn, not the client: the app is not
-                    self.deadline = now + body_timeout  # reading what came
-                    self.arm_timer()
-                else:
-                    end_stalled_body(self.cycle, self.transport)
+        def deadline_passed(self, now: float) -> None:
+            if self.conn.their_state is h11.SEND_BODY:
+                self.body_stalled(now, body_timeout)
             else:  # no whole head in time
                 if self.conn.trailing_data[0]:  # part of one
                     self.transport.write(refusal(408))
@@ -141,31 +185,20 @@ class TooManyPipelined(Exception):
     """Raised from a parser callback to stop parsing a read: max_pipelined requests wait."""
 
 
-class _Reading:
-    """What guarded_httptools tracks of the request being read, on one connection."""
+class _Reading(_Deadline):
+    """What guarded_httptools tracks of the request being read, on one connection (one
+    attribute of the protocol: past 30 an instance's attributes leave CPython's shared-key
+    dict, and every attribute uvicorn reads gets slower)."""
 
-    __slots__ = (
-        "in_message",
-        "in_head",
-        "raw",
-        "body_size",
-        "deadline",
-        "timer",
-        "refused",
-        "refusing",
-    )
+    __slots__ = ("in_message", "in_head", "raw", "body_size", "refusing")
 
     def __init__(self) -> None:
+        super().__init__()
         self.in_message = False  # between a request's first byte and its end
         self.in_head = False  # between a request's first byte and its whole head
         #: bytes received for the request being read, from the read after the one it began in
         self.raw = 0
         self.body_size = 0
-        #: loop time by which a whole head must have come, or the body's next byte (0: none
-        #: is awaited)
-        self.deadline = 0.0
-        self.timer: Any = None  # one per connection, armed again only when it fires
-        self.refused: int | str | None = None  # a refusal held until the responses before it
         self.refusing: int | None = None  # the status of a refusal a parser callback raised
 
 
@@ -185,23 +218,14 @@ def guarded_httptools(limits: Limits) -> type:
     # uvicorn's methods called directly, not through super(): this runs on every request
     base = HttpToolsProtocol
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(_Timed, HttpToolsProtocol):
         reading: _Reading
 
         def connection_made(self, transport: Any) -> None:
-            # one attribute, not eight: past 30 an instance's attributes leave CPython's
-            # shared-key dict, and every attribute uvicorn reads gets slower
             self.reading = reading = _Reading()
             super().connection_made(transport)
             reading.deadline = self.loop.time() + header_timeout
             self.arm_timer()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            reading = self.reading
-            if reading.timer is not None:
-                reading.timer.cancel()
-                reading.timer = None
-            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             reading = self.reading
@@ -262,33 +286,13 @@ def guarded_httptools(limits: Limits) -> type:
             reading.deadline = 0.0
             base.on_message_complete(self)
 
-        # -- the timer: a head's time, a body's stall ---------------------------
-        def arm_timer(self) -> None:
+        # -- once the deadline has passed: a head's time, a body's stall -------------
+        def deadline_passed(self, now: float) -> None:
             reading = self.reading
-            reading.timer = self.loop.call_at(reading.deadline, self.timer_fired)
-
-        def timer_fired(self) -> None:
-            reading = self.reading
-            reading.timer = None
-            if (
-                not reading.deadline
-                or reading.refused is not None
-                or self.transport.is_closing()
-                or upgraded(self)
-            ):
-                return  # nothing awaited (armed again when a head begins), or refused
-            now = self.loop.time()
-            if now < reading.deadline:
-                self.arm_timer()  # a later deadline than the one it was armed for
-            elif reading.in_head:
+            if reading.in_head:
                 self.refuse(408)
-            elif reading.in_message:  # a body stalled
-                if self.flow.read_paused:  # by uvicorn, not the client: pipelined, or the
-                    reading.deadline = now + body_timeout  # app not reading what came
-                    self.arm_timer()
-                else:
-                    reading.refused = 408  # nothing more is read
-                    end_stalled_body(self.cycle, self.transport)
+            elif reading.in_message:
+                self.body_stalled(now, body_timeout)
             elif self.response_owed():  # no next request yet while one is answered: wait
                 reading.deadline = now + header_timeout
                 self.arm_timer()
