@@ -27,7 +27,8 @@ connections open would otherwise lock every other client out). Reading pauses
 while a pipelined request waits for the one before it, and while the client does
 not read its responses, so neither queue grows without bound. A handler that
 raises, returns something other than bytes/str/Response, or sets a header
-containing CR/LF gets a 500 and a log record naming it; nothing it set is sent.
+whose name is no token or whose value holds CR/LF or another control character
+but tab gets a 500 and a log record naming it; nothing it set is sent.
 
 Draining (graceful stop) is driven by :class:`ConnectionSet`: after
 :meth:`ConnectionSet.drain` every response says ``Connection: close``, and a
@@ -41,6 +42,7 @@ reload under load; none with the grace).
 from __future__ import annotations
 
 import asyncio
+import re
 import resource
 import time
 from collections import deque
@@ -140,8 +142,10 @@ _END_CLOSE = b"\r\nConnection: close\r\n\r\n"
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 #: response headers clusterkit writes itself; an app's own are dropped (one Content-Length)
 _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "date"})
-_BAD_IN_HEADER = ("\r", "\n", "\0")
-_BAD_IN_NAME = ("\r", "\n", "\0", ":", " ", "\t")
+#: RFC 9110, 5.1 and 5.5: a field name is a token; a value has no control character but
+#: tab (CR/LF would split the response; the others are refused by uvicorn and most clients)
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _open_file_cap() -> int:
@@ -525,7 +529,7 @@ class HttpProtocol(asyncio.Protocol):
         for k, v in result.headers:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise _BadResult(f"returned a header that is not a str pair: {k!r}")
-            if not k or any(c in k for c in _BAD_IN_NAME) or any(c in v for c in _BAD_IN_HEADER):
+            if not _FIELD_NAME.fullmatch(k) or _BAD_IN_VALUE.search(v):
                 raise _BadResult(f"returned a header with a forbidden character: {k!r}")
             lk = k.lower()
             if lk in _OWN_HEADERS:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from apps.protocol_app import BAD_HEADERS
 
 from clusterkit.limits import Limits
 
@@ -559,16 +560,24 @@ def test_bad_handler_is_500_and_logged(server, path):
         server.wait_log("returned without starting response")
 
 
-def test_crlf_in_response_header_is_500_never_sent(server):
-    statuses, resps, r = exchange(server, get("/crlf"))
+@pytest.mark.parametrize("bad", range(len(BAD_HEADERS)), ids=lambda n: f"bad-header-{n}")
+def test_forbidden_response_header_is_500_never_sent(request, server, bad):
+    """CR/LF (response splitting), another control character in a value, or a name that is
+    no token: refused, nothing of it sent."""
+    name, value, part = BAD_HEADERS[bad]
+    if server.kind == "uvicorn-h11" and ("\x1b" in value or "\x7f" in value):
+        # h11's field value is [^\x00\s]+ runs: it refuses NUL and whitespace only
+        reference_lacks(request, server, "(h11) sends ESC and DEL in a field value")
+    statuses, resps, r = exchange(server, get(f"/bad-header/{bad}"))
     # uvicorn raises in the app's send(): nothing sent, the connection closed
     assert statuses == ([500] if server.kind == "asyncio" else [])
     assert all(k != "set-cookie" for _, headers, _ in resps for k, _ in headers)
     assert b"evil" not in b"".join(body for _, _, body in resps) + r.buf
     if server.kind == "asyncio":
-        server.wait_log("/crlf", "X-Bad")
+        server.wait_log(f"/bad-header/{bad}", repr(name))
     else:
-        server.wait_log("header value")  # h11: "Illegal header value"
+        server.wait_log(f"header {part}")  # httptools: "Invalid HTTP header value."; h11:
+        # "Illegal header value"
 
 
 def test_single_content_length(server):

@@ -7,7 +7,7 @@ keep-alive timeouts so the suite sees them fire. Routes, the same in each:
 - ``/``: ``hello``; ``/echo``: the request body; ``/slow``: ``slow`` after 0.2 s;
 - ``/xff``: the request's ``X-Forwarded-For`` header, or ``-``;
 - ``/none``: the handler returns nothing; ``/raise``: it raises;
-- ``/crlf``: it sets a header value with CR/LF in it;
+- ``/bad-header/N``: it sets ``BAD_HEADERS[N]`` (the first: CR/LF in a value);
 - ``/length``: it sets its own ``Content-Length``; ``/204``: No Content;
 - a websocket (the ``-ws`` kinds): each text message echoed.
 """
@@ -24,6 +24,17 @@ TIMEOUT = float(os.environ.get("CK_TIMEOUT", "1"))
 #: the header, body and keep-alive timeouts every server here is given
 LIMITS = Limits(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
 SPLIT = "a\r\nSet-Cookie: evil=1"
+#: response fields no server may send (RFC 9110, 5.1 and 5.5: a name is a token, a value
+#: has no control character but tab), each with the part that is wrong
+BAD_HEADERS = [
+    ("X-Bad", SPLIT, "value"),  # response splitting
+    ("X-Bad", "a\rSet-Cookie: evil=1", "value"),  # a bare CR: a line end to some parsers
+    ("X-Bad", "a\x0bb", "value"),  # vertical tab
+    ("X-Bad", "evil\x1b[2J", "value"),  # an escape sequence, for whoever logs it
+    ("X-Bad", "evil\x7f", "value"),  # DEL
+    ("X(Bad)", "evil", "name"),  # separators in a name
+    ("X-Bad:evil", "x", "name"),  # a colon: the value would start early
+]
 
 
 def run_asyncio() -> None:
@@ -43,8 +54,9 @@ def run_asyncio() -> None:
             return None
         if path == "/raise":
             raise RuntimeError("boom from /raise")
-        if path == "/crlf":
-            return Response("x", headers=[("X-Bad", SPLIT)])
+        if path.startswith("/bad-header/"):
+            name, value, _ = BAD_HEADERS[int(path.rpartition("/")[2])]
+            return Response("x", headers=[(name, value)])
         if path == "/length":
             return Response("hello", headers=[("Content-Length", "5")])
         if path == "/204":
@@ -89,8 +101,9 @@ def run_uvicorn(**options) -> None:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
-        elif path == "/crlf":
-            headers.append((b"x-bad", SPLIT.encode()))
+        elif path.startswith("/bad-header/"):
+            name, value, _ = BAD_HEADERS[int(path.rpartition("/")[2])]
+            headers.append((name.encode(), value.encode()))
             out = b"x"
         else:
             out = b"hello"
