@@ -42,13 +42,13 @@ reload under load; none with the grace).
 from __future__ import annotations
 
 import asyncio
-import re
 import resource
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
+from clusterkit import responsefields
 from clusterkit.limits import Limits, RequestBuffer
 
 try:  # the `fast` extra
@@ -142,10 +142,6 @@ _END_CLOSE = b"\r\nConnection: close\r\n\r\n"
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 #: response headers clusterkit writes itself; an app's own are dropped (one Content-Length)
 _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "date"})
-#: RFC 9110, 5.1 and 5.5: a field name is a token; a value has no control character but
-#: tab (CR/LF would split the response; the others are refused by uvicorn and most clients)
-_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _open_file_cap() -> int:
@@ -529,7 +525,7 @@ class HttpProtocol(asyncio.Protocol):
         for k, v in result.headers:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise _BadResult(f"returned a header that is not a str pair: {k!r}")
-            if not _FIELD_NAME.fullmatch(k) or _BAD_IN_VALUE.search(v):
+            if responsefields.forbidden(k, v):
                 raise _BadResult(f"returned a header with a forbidden character: {k!r}")
             lk = k.lower()
             if lk in _OWN_HEADERS:

@@ -59,6 +59,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from clusterkit import responsefields
 from clusterkit import worker as worker_mod
 from clusterkit.limits import Limits
 from clusterkit.watchdog import Watchdog
@@ -395,6 +396,10 @@ def serve_wsgi(
 
     class Task(WSGITask):
         def build_response_header(self):  # type: ignore[no-untyped-def]
+            for name, value in self.response_headers:  # the app's; waitress checks CR/LF only
+                if responsefields.forbidden(name, value):
+                    # raised before a byte is written: waitress logs it and answers 500
+                    raise ValueError(f"the app set a header with a forbidden character: {name!r}")
             if draining.is_set():
                 self.set_close_on_finish()  # adds "Connection: close"
             return super().build_response_header()

@@ -1043,6 +1043,17 @@ def test_wsgi_refuses_large_head_and_body(wsgi_server):
     assert statuses == [200] and resps[0][2] == b"small"
 
 
+@pytest.mark.parametrize("bad", range(len(BAD_HEADERS)), ids=lambda n: f"bad-header-{n}")
+def test_wsgi_forbidden_response_header_is_500_never_sent(wsgi_server, bad):
+    """waitress refuses CR/LF itself; serve_wsgi refuses what serve_asyncio refuses."""
+    name, value, _ = BAD_HEADERS[bad]
+    statuses, resps, r = exchange(wsgi_server, get(f"/bad-header/{bad}"))
+    assert statuses == [500]
+    assert b"evil" not in b"".join(body for _, _, body in resps) + r.buf
+    why = "line feed" if "\r" in value else f"forbidden character: {name!r}"
+    wsgi_server.wait_log(f"Exception while serving /bad-header/{bad}", why)
+
+
 def test_wsgi_closes_idle_and_half_sent_connections(wsgi_server):
     statuses, _, idle = exchange(wsgi_server, get("/"))
     assert statuses == [200]

@@ -119,10 +119,13 @@ def run_wsgi() -> None:
 
     def app(environ, start_response):
         body = environ["wsgi.input"].read()
-        out = body if environ["PATH_INFO"] == "/echo" else b"hello"
-        start_response(
-            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))]
-        )
+        path = environ["PATH_INFO"]
+        out = body if path == "/echo" else b"hello"
+        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))]
+        if path.startswith("/bad-header/"):
+            name, value, _ = BAD_HEADERS[int(path.rpartition("/")[2])]
+            headers.append((name, value))
+        start_response("200 OK", headers)
         return [out]
 
     serve_wsgi(app, None, drain_timeout=1, threads=2, channel_timeout=max(1, int(TIMEOUT)))
