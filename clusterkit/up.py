@@ -327,7 +327,7 @@ def _probe(port: int) -> str:
             body = response.read().decode(errors="replace").strip()
             return f"{response.status} {body[:60]!r}"
     except urllib.error.HTTPError as e:
-        return f"{e.code} {e.reason}"
+        return f"{e.code} {terminal.escaped(str(e.reason))}"  # the app's reason phrase
     except OSError as e:
         return f"nothing ({e}); the workers are ready, check the app"
 

@@ -22,3 +22,28 @@ def test_line_feeds_become_continuation_lines():
     shown = terminal.lines("first\nworker 0: forged\x1b[2J\n", continuation="    | ")
     assert shown == "first\n    | worker 0: forged\\x1b[2J"
     assert terminal.lines("one line", continuation="  ") == "one line"
+
+
+def test_up_shows_the_apps_reason_phrase_escaped():
+    """up prints what GET / answered; the reason phrase is the app's text too."""
+    import socket
+    import threading
+
+    from clusterkit import up
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 404 Gone\x1b]52;c;eA==\x07\r\nContent-Length: 0\r\n\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        assert up._probe(port) == "404 Gone\\x1b]52;c;eA==\\x07"
+    finally:
+        thread.join(timeout=5)
+        listener.close()
