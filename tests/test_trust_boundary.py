@@ -191,13 +191,15 @@ def _active(c: Container, unit: str) -> bool:
     return c.systemctl("is-active", unit, check=False).stdout.strip() == "active"
 
 
+# The flood is of lines at the unit's own level, shaped like its pid line ("<5>" sets the
+# level): the unit's line, the run's first, still names the pid, and a reader stops there.
 FLOOD = r"""
 import signal, sys, threading
 from clusterkit import cluster
 
 def flood_then_exit(sig, frame):
     for i in range(100_000):
-        sys.stdout.write(f"flood line {i}\n")
+        sys.stdout.write(f"<5>clusterkit: started pid={i + 2}\n")
     sys.stdout.flush()
     sys.exit(0)
 
@@ -209,7 +211,7 @@ cluster.worker.ready()
 if cluster.worker.id == 1:  # floods until it is stopped
     i = 0
     while not stop.is_set():
-        print(f"flood line {i}")
+        print(f"<5>clusterkit: started pid={i + 2}")
         i += 1
 else:
     stop.wait()
@@ -232,9 +234,12 @@ def test_exit_events_survive_a_worker_flooding_the_journal(
     c.systemctl("start", "t.target")
     for i in (0, 1):
         wait_for(f"t@{i} active", lambda i=i: _active(c, f"t@{i}.service"))
+    pids = [int(c.systemctl("show", "-P", "MainPID", f"t@{i}.service").stdout) for i in (0, 1)]
     c.systemctl("kill", "-s", "USR1", "t@0.service")  # 100,000 lines, then exit 0
     c.systemctl("stop", "t@1.service")  # a requested stop in the middle of a flood
     found = wait_for("both exits", lambda: (e := _exits(c)) and len(e) == 2 and e)
     assert sorted(found) == [(0, 0, None, False), (1, 0, None, True)]
+    events = map(json.loads, ck(c, "events", "t", "--json").stdout.splitlines())
+    assert sorted(e["pid"] for e in events if e["event"] == "exit") == pids
     suppressed = c.run("journalctl", "-o", "cat", "--no-pager", "-u", "systemd-journald").stdout
     print("journald:", [line for line in suppressed.splitlines() if "Suppressed" in line])
