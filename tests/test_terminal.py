@@ -22,6 +22,7 @@ def test_line_feeds_become_continuation_lines():
     shown = terminal.lines("first\nworker 0: forged\x1b[2J\n", continuation="    | ")
     assert shown == "first\n    | worker 0: forged\\x1b[2J"
     assert terminal.lines("one line", continuation="  ") == "one line"
+    assert terminal.lines("a\r\nb\rc\r\n", continuation="  ") == "a\n  b\\rc"  # a bare CR
 
 
 def test_up_shows_the_apps_reason_phrase_escaped():
