@@ -310,8 +310,8 @@ def _start(spec: Spec, manager: Manager, say: Say) -> bool:
                 # throwaway container's journal is gone once it powers off.
                 say(f"clusterkit up: {unit} keeps failing; its last journal lines:")
                 log = manager.run("journalctl", "--no-pager", "-o", "cat", "-n", "15", "-u", unit)
-                # the app's text: shown, never obeyed; each line under the bar
-                say("      | " + terminal.lines(log.stdout, continuation="      | "))
+                if log.stdout.strip():  # the app's text: shown, never obeyed; under the bar
+                    say("      | " + terminal.lines(log.stdout, continuation="      | "))
                 return False
         time.sleep(0.1)
     if pending:
