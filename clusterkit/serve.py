@@ -29,7 +29,8 @@ by tests/test_server_adapters.py: ``serve_asgi`` extends ``uvicorn.Server``'s
 ``startup``/``shutdown`` (READY=1 and STOPPING=1 at the right moments) and
 imports uvicorn without its command line (:mod:`clusterkit.uvicornimport`);
 ``serve_wsgi`` drives waitress's loop itself (``server._map``) and reads each
-channel's ``requests``, ``request`` and ``total_outbufs_len`` to drain.
+channel's ``requests``, ``request`` and ``total_outbufs_len`` to drain, and to make
+room at ``connection_limit`` (setting ``will_close``, as waitress's own timeout does).
 
 Running the stock servers unmodified under a clusterkit unit instead:
 
@@ -52,6 +53,7 @@ Running the stock servers unmodified under a clusterkit unit instead:
 from __future__ import annotations
 
 import asyncio
+import select
 import signal
 import socket
 import threading
@@ -423,6 +425,9 @@ def serve_wsgi(
     server = create_server(app, sockets=[sock], **options)
     server.channel_class = Channel
     dispatcher = server.task_dispatcher
+    connection_limit = server.adj.connection_limit
+    shed = [0]  # connections closed to make room, not logged yet
+    shed_logged = [0.0]  # when that was last logged
 
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda s, f: stop.set()) for sig in STOP_SIGNALS}
@@ -438,12 +443,39 @@ def serve_wsgi(
     where = _describe(sock)
     w.ready(f"serving on {where}")
     log.info("worker %d (pid %d) serving on %s (waitress, %d threads)", w.id, w.pid, where, threads)
+
+    def make_room() -> None:
+        """At connection_limit, waitress stops accepting: a client holding that many
+        connections would lock every other client out. While one waits to be accepted,
+        the oldest connection with no response in progress is closed, as serve_asyncio
+        does (its request, if it had begun one, is dropped)."""
+        for ch in server.active_channels.values():
+            if not ch.requests and not ch.total_outbufs_len and not ch.will_close:
+                ch.will_close = True  # waitress closes it in the loop's next turn
+                shed[0] += 1
+                return
+
     deadline = None
     try:
         while True:
             wasyncore.loop(timeout=tick, map=server._map, use_poll=True, count=1)
             if wd.due() and healthy():
                 wd.ping()
+            if (
+                not draining.is_set()
+                and len(server._map) >= connection_limit  # waitress's own test to accept
+                and select.select([sock], [], [], 0)[0]  # a connection waits to be accepted
+            ):
+                make_room()
+            if shed[0] and time.monotonic() >= shed_logged[0] + 1.0:  # a line a second at most
+                log.warning(
+                    "closed %d connection(s) with no response in progress to make room: this "
+                    "worker holds connection_limit (%d); raise it (serve_wsgi(..., "
+                    "connection_limit=N)) if that is legitimate load",
+                    shed[0],
+                    connection_limit,
+                )
+                shed[0], shed_logged[0] = 0, time.monotonic()
             if stop.is_set() and not draining.is_set():
                 draining.set()
                 wasyncore.dispatcher.close(server)  # stop accepting; keep the trigger

@@ -747,12 +747,17 @@ def test_trailer_field_is_not_a_request_header(server):
     assert statuses == [200] and resps[0][2] == b"-"
 
 
-def test_connections_held_open_do_not_lock_others_out(tmp_path):
-    """One client opens more connections than the worker can hold (LimitNOFILE=128: room
-    for 64) and sends nothing, or half a head. A new client is still served at once: each
-    new connection closes the oldest one that has no response in progress, and the worker
-    says so in its log."""
-    s = Server("asyncio", tmp_path, timeout=60, nofile=128)
+@pytest.mark.parametrize(
+    ("kind", "limit"),
+    [("asyncio", "max_connections (64)"), ("wsgi", "connection_limit (100)")],
+)
+def test_connections_held_open_do_not_lock_others_out(tmp_path, kind, limit):
+    """One client opens more connections than the worker holds, and sends nothing, or
+    half a head: serve_asyncio has room for 64 (LimitNOFILE=128 less 64), waitress stops
+    accepting at its connection_limit (100). A new client is still served at once: each
+    new connection closes the oldest one that has no response in progress, and the
+    worker says so in its log."""
+    s = Server(kind, tmp_path, timeout=60, nofile=128 if kind == "asyncio" else None)
     try:
         hogs = [s.connect() for _ in range(150)]
         for h in hogs[::2]:
@@ -761,10 +766,10 @@ def test_connections_held_open_do_not_lock_others_out(tmp_path):
             statuses, _, _ = exchange(s, get("/"))
             assert statuses == [200]
             hogs.append(s.connect())
-        # closed at once, or after a 503 where the worker had read the half head first
+        # closed at once, or (serve_asyncio) after a 503 where it had read the half head
         shed = sum(timed_out(Reader(h), 5, answers=(503,)) for h in hogs[:40])
         assert shed == 40  # the oldest went first
-        s.wait_log("to make room", "max_connections (64)")
+        s.wait_log("to make room", limit)
         for h in hogs:
             h.close()
     finally:
