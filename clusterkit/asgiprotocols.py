@@ -3,6 +3,8 @@
 :func:`clusterkit.serve.serve_asgi` runs one of these; what can be refused once a
 request head is whole is :mod:`clusterkit.asgilimits`' middleware.
 
+- both: at ``limit_concurrency`` connections uvicorn answers every new request 503;
+  a new connection past it closes the oldest one with no response in progress.
 - :func:`guarded_h11`: h11 bounds a head itself (``h11_max_incomplete_event_size``);
   this adds ``header_timeout`` and ``body_timeout``.
 - :func:`guarded_httptools`: uvicorn's httptools protocol buffers a head or trailer
@@ -16,9 +18,9 @@ request head is whole is :mod:`clusterkit.asgilimits`' middleware.
   app's headers to the head's, and queues at most ``max_pipelined`` requests behind
   the one being answered (503 after them, and close).
 
-Each relies on uvicorn's own attributes (``cycle``, ``pipeline``, ``flow``, h11's
-``trailing_data`` and ``their_state``); tests/test_protocol.py runs the whole HTTP suite
-against both.
+Each relies on uvicorn's own attributes (``cycle``, ``pipeline``, ``flow``,
+``connections``, h11's ``trailing_data`` and ``their_state``); tests/test_protocol.py
+runs the whole HTTP suite against both.
 """
 
 from __future__ import annotations
@@ -120,6 +122,55 @@ class _Timed:
             end_stalled_body(self.cycle, self.transport)
 
 
+class _MakesRoom:
+    """At ``limit_concurrency`` connections uvicorn answers every new request 503, so one
+    client holding that many, silent or half-sent, would lock every other client out
+    until they time out. A mixin before uvicorn's protocol: a new connection past the
+    limit closes the oldest one with no response in progress instead, as serve_asyncio
+    does, and the worker logs how many (at most a line a second). ``opened`` is the
+    guarded class's own: its connections, oldest first."""
+
+    opened: dict[Any, None]
+    shed = 0  # connections closed to make room, not logged yet
+    shed_logged = 0.0  # loop time of the last such line
+    connections: Any  # uvicorn's protocol's
+    limit_concurrency: Any
+    logger: Any
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]  # uvicorn's protocol's
+        limit = self.limit_concurrency
+        if limit is not None and len(self.connections) > limit - 1:
+            self.make_room()
+        self.opened[self] = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.opened.pop(self, None)
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def make_room(self) -> None:
+        cls = type(self)
+        for conn in self.opened:
+            cycle = conn.cycle
+            if (cycle is None or cycle.response_complete) and not getattr(conn, "pipeline", ()):
+                conn.transport.close()  # a request still arriving is dropped with it
+                # counted out now, not when its close completes: uvicorn's 503 test counts
+                # connections, and a request on the new one may come first
+                self.connections.discard(conn)
+                cls.shed += 1
+                break
+        now = self.loop.time()  # type: ignore[attr-defined]
+        if cls.shed and now >= cls.shed_logged + 1.0:
+            self.logger.warning(
+                "closed %d connection(s) with no response in progress to make room: this "
+                "worker holds limit_concurrency (%d); raise it (serve_asgi(..., "
+                "limit_concurrency=N)) if that is legitimate load",
+                cls.shed,
+                self.limit_concurrency,
+            )
+            cls.shed, cls.shed_logged = 0, now
+
+
 def guarded_h11(limits: Limits) -> type:
     """uvicorn's h11 protocol with ``header_timeout`` and ``body_timeout``, which uvicorn has
     no setting for: a connection that has not sent a whole request head that long after it
@@ -135,7 +186,8 @@ def guarded_h11(limits: Limits) -> type:
     header_timeout = limits.header_timeout
     body_timeout = limits.body_timeout
 
-    class GuardedH11Protocol(_Timed, H11Protocol):
+    class GuardedH11Protocol(_MakesRoom, _Timed, H11Protocol):
+        opened: dict[Any, None] = {}  # noqa: RUF012 - this class's connections, oldest first
         awaited: Any = h11.IDLE  # their_state when the deadline was last set
 
         def connection_made(self, transport: Any) -> None:
@@ -218,7 +270,8 @@ def guarded_httptools(limits: Limits) -> type:
     # uvicorn's methods called directly, not through super(): this runs on every request
     base = HttpToolsProtocol
 
-    class GuardedHttpToolsProtocol(_Timed, HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(_MakesRoom, _Timed, HttpToolsProtocol):
+        opened: dict[Any, None] = {}  # noqa: RUF012 - this class's connections, oldest first
         reading: _Reading
 
         def connection_made(self, transport: Any) -> None:

@@ -34,9 +34,10 @@ def test_waitress_has_the_loop_map_and_channel_state_serve_wsgi_reads() -> None:
         try:
             assert isinstance(server._map, dict) and server._map
             assert hasattr(server, "channel_class") and hasattr(server, "task_dispatcher")
+            assert isinstance(server.adj.connection_limit, int)  # where it stops accepting
         finally:
             server.close()
-    for attribute in ("requests", "request", "total_outbufs_len"):
+    for attribute in ("requests", "request", "total_outbufs_len", "will_close"):
         assert attribute in vars(HTTPChannel) or attribute in HTTPChannel.__init__.__code__.co_names
 
 

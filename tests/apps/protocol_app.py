@@ -111,6 +111,8 @@ def run_uvicorn(**options) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 
+    if "CK_CONCURRENCY" in os.environ:  # uvicorn's limit_concurrency, lowered for a test
+        options["limit_concurrency"] = int(os.environ["CK_CONCURRENCY"])
     serve_asgi(app, None, drain_timeout=1, limits=LIMITS, log_level="info", **options)
 
 
