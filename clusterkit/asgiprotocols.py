@@ -148,6 +148,11 @@ class _MakesRoom:
         self.opened.pop(self, None)
         super().connection_lost(exc)  # type: ignore[misc]
 
+    def handle_websocket_upgrade(self, *args: Any) -> None:
+        # as uvicorn takes it out of its connections: the websocket protocol's from now on
+        self.opened.pop(self, None)
+        super().handle_websocket_upgrade(*args)  # type: ignore[misc]
+
     def make_room(self) -> None:
         cls = type(self)
         for conn in self.opened:

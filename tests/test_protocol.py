@@ -827,6 +827,27 @@ def test_websocket_outlives_the_request_timeouts(ws_server):
         assert ws.recv(timeout=5) == "second"
 
 
+@pytest.mark.parametrize("kind", ["uvicorn-ws", "uvicorn-h11-ws"])
+def test_websocket_is_never_closed_to_make_room(tmp_path, kind):
+    """A websocket is the websocket library's connection: making room at limit_concurrency
+    (8 here) closes idle HTTP connections, never it."""
+    from websockets.sync.client import connect
+
+    s = Server(kind, tmp_path, timeout=60, concurrency=8)
+    try:
+        with connect(f"ws://127.0.0.1:{s.port}/ws", open_timeout=5) as ws:
+            hogs = [s.connect() for _ in range(20)]
+            statuses, _, _ = exchange(s, get("/"))
+            assert statuses == [200]  # room was made
+            s.wait_log("to make room")
+            ws.send("still open")
+            assert ws.recv(timeout=5) == "still open"
+            for h in hogs:
+                h.close()
+    finally:
+        s.stop()
+
+
 def test_websocket_message_over_max_body_size_closes_it(ws_server):
     """A websocket message is bounded as a request body is (uvicorn's ws_max_size would
     take 16 MiB, 32 of them queued): past max_body_size, close code 1009 (too big)."""
