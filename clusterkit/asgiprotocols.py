@@ -162,18 +162,22 @@ class _MakesRoom:
                 # counted out now, not when its close completes: uvicorn's 503 test counts
                 # connections, and a request on the new one may come first
                 self.connections.discard(conn)
+                if not cls.shed:  # the first since the last line: a line now, or in turn
+                    loop = self.loop  # type: ignore[attr-defined]
+                    loop.call_at(max(loop.time(), cls.shed_logged + 1.0), self.log_shed)
                 cls.shed += 1
                 break
-        now = self.loop.time()  # type: ignore[attr-defined]
-        if cls.shed and now >= cls.shed_logged + 1.0:
-            self.logger.warning(
-                "closed %d connection(s) with no response in progress to make room: this "
-                "worker holds limit_concurrency (%d); raise it (serve_asgi(..., "
-                "limit_concurrency=N)) if that is legitimate load",
-                cls.shed,
-                self.limit_concurrency,
-            )
-            cls.shed, cls.shed_logged = 0, now
+
+    def log_shed(self) -> None:
+        cls = type(self)
+        self.logger.warning(
+            "closed %d connection(s) with no response in progress to make room: this "
+            "worker holds limit_concurrency (%d); raise it (serve_asgi(..., "
+            "limit_concurrency=N)) if that is legitimate load",
+            cls.shed,
+            self.limit_concurrency,
+        )
+        cls.shed, cls.shed_logged = 0, self.loop.time()  # type: ignore[attr-defined]
 
 
 def guarded_h11(limits: Limits) -> type:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import select
 import socket
@@ -786,6 +787,11 @@ def test_connections_held_open_do_not_lock_others_out(tmp_path, kind, limit):
         shed = sum(timed_out(Reader(h), 5, answers=(503, 400)) for h in hogs[:40])
         assert shed == 40  # the oldest went first
         s.wait_log("to make room", limit)
+
+        def logged() -> int:  # every connection closed is counted in the log, soon
+            return sum(map(int, re.findall(r"closed (\d+) connection\(s\)", s.logs())))
+
+        _wait(lambda: logged() >= 40, 5, "the log to count the closed connections")
         for h in hogs:
             h.close()
     finally:
