@@ -25,10 +25,11 @@ runs the whole HTTP suite against both.
 
 from __future__ import annotations
 
+import time
 from http import HTTPStatus
 from typing import Any
 
-from clusterkit.limits import Limits
+from clusterkit.limits import CountedWarning, Limits, connections_shed
 
 
 def refusal(status: int) -> bytes:
@@ -131,8 +132,7 @@ class _MakesRoom:
     guarded class's own: its connections, oldest first."""
 
     opened: dict[Any, None]
-    shed = 0  # connections closed to make room, not logged yet
-    shed_logged = 0.0  # loop time of the last such line
+    shed: CountedWarning | None = None  # the class's, made at the first room made
     connections: Any  # uvicorn's protocol's
     limit_concurrency: Any
     logger: Any
@@ -154,7 +154,6 @@ class _MakesRoom:
         super().handle_websocket_upgrade(*args)  # type: ignore[misc]
 
     def make_room(self) -> None:
-        cls = type(self)
         for conn in self.opened:
             cycle = conn.cycle
             if (cycle is None or cycle.response_complete) and not getattr(conn, "pipeline", ()):
@@ -162,22 +161,22 @@ class _MakesRoom:
                 # counted out now, not when its close completes: uvicorn's 503 test counts
                 # connections, and a request on the new one may come first
                 self.connections.discard(conn)
-                if not cls.shed:  # the first since the last line: a line now, or in turn
-                    loop = self.loop  # type: ignore[attr-defined]
-                    loop.call_at(max(loop.time(), cls.shed_logged + 1.0), self.log_shed)
-                cls.shed += 1
-                break
+                self.count_shed()
+                return
 
-    def log_shed(self) -> None:
+    def count_shed(self) -> None:
         cls = type(self)
-        self.logger.warning(
-            "closed %d connection(s) with no response in progress to make room: this "
-            "worker holds limit_concurrency (%d); raise it (serve_asgi(..., "
-            "limit_concurrency=N)) if that is legitimate load",
-            cls.shed,
-            self.limit_concurrency,
-        )
-        cls.shed, cls.shed_logged = 0, self.loop.time()  # type: ignore[attr-defined]
+        if cls.shed is None:
+            cls.shed = connections_shed(
+                self.logger,
+                f"limit_concurrency ({self.limit_concurrency})",
+                "raise it (serve_asgi(..., limit_concurrency=N))",
+            )
+        shed = cls.shed
+        shed.count()
+        if shed.unlogged == 1:  # the first count() did not log: a line for it within a second
+            wait = shed.logged_at + 1.0 - time.monotonic()
+            self.loop.call_later(max(0.0, wait), shed.flush)  # type: ignore[attr-defined]
 
 
 def guarded_h11(limits: Limits) -> type:

@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from clusterkit import responsefields
-from clusterkit.limits import Limits, RequestBuffer
+from clusterkit.limits import Limits, RequestBuffer, connections_shed
 
 try:  # the `fast` extra
     import httptools
@@ -185,7 +185,11 @@ class ConnectionSet:
         #: open connections, oldest first (a dict keeps insertion order)
         self.connections: dict[HttpProtocol, None] = {}
         self.max_connections = self.limits.max_connections or _open_file_cap()
-        self.shed = 0  # connections closed to make room, not logged yet
+        self.shed = connections_shed(
+            logger,
+            f"max_connections ({self.max_connections})",
+            "raise LimitNOFILE= or Limits.max_connections",
+        )
         self.draining = False
         #: bytes of requests held by all connections (capped by limits.max_request_buffer)
         self.buffer = RequestBuffer(self.limits, logger)
@@ -198,15 +202,7 @@ class ConnectionSet:
         self.date = b"\r\nDate: " + http_date(time.time())
         self.now = now = time.monotonic()
         self.buffer.warn()
-        if self.shed:
-            self.logger.warning(
-                "closed %d connection(s) with no response in progress to make room: this "
-                "worker holds max_connections (%d); raise LimitNOFILE= or "
-                "Limits.max_connections if that is legitimate load",
-                self.shed,
-                self.max_connections,
-            )
-            self.shed = 0
+        self.shed.flush()
         for conn in list(self.connections):
             if conn.deadline and now >= conn.deadline:
                 conn.close_waiting(408)
@@ -224,7 +220,7 @@ class ConnectionSet:
         """At max_connections: close the oldest connection with no response in progress."""
         for conn in self.connections:
             if conn.close_waiting(503):
-                self.shed += 1
+                self.shed.count()
                 return
 
     def drain(self) -> None:

@@ -70,6 +70,43 @@ class Limits:
         return min(1.0, self.header_timeout / 4, self.body_timeout / 4, self.keep_alive_timeout / 4)
 
 
+class CountedWarning:
+    """A warning about what can happen thousands of times a second under attack (a request
+    refused, a connection closed): logged with a count, at once and then at most once a
+    second (:meth:`count`), and whatever is still uncounted when the server calls
+    :meth:`flush` (at least once a second: its tick). *message* takes the count as its
+    one ``%d``."""
+
+    def __init__(self, logger: logging.Logger, message: str) -> None:
+        self.logger = logger
+        self.message = message
+        self.unlogged = 0  # since the last line
+        self.logged_at = 0.0  # time.monotonic() of the last line
+
+    def count(self) -> None:
+        self.unlogged += 1
+        if time.monotonic() - self.logged_at >= 1.0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Log what is not logged yet, if anything."""
+        if self.unlogged:
+            self.logger.warning(self.message, self.unlogged)
+            self.unlogged = 0
+            self.logged_at = time.monotonic()
+
+
+def connections_shed(logger: logging.Logger, limit: str, remedy: str) -> CountedWarning:
+    """The warning of a worker that closes its oldest connection with no response in
+    progress when it holds *limit* (e.g. ``max_connections (64)``), so that one client
+    holding that many cannot lock every other client out; *remedy* says how to raise it."""
+    return CountedWarning(
+        logger,
+        "closed %d connection(s) with no response in progress to make room: this worker "
+        f"holds {limit}; {remedy} if that is legitimate load",
+    )
+
+
 class RequestBuffer:
     """The bytes of requests one worker holds while they arrive, shared by all its
     connections, against ``limits.max_request_buffer``; what a server refuses past it
@@ -78,10 +115,13 @@ class RequestBuffer:
 
     def __init__(self, limits: Limits, logger: logging.Logger) -> None:
         self.cap: int = limits.max_request_buffer  # type: ignore[assignment]
-        self.logger = logger
         self.held = 0
-        self.unlogged = 0  # refusals since the last warning
-        self.warned_at = 0.0
+        self.refusals = CountedWarning(
+            logger,
+            f"refused %d request(s) with 503: this worker held max_request_buffer ({self.cap} "
+            "bytes) of requests arriving; raise Limits.max_request_buffer if that is "
+            "legitimate load",
+        )
 
     def take(self, n: int) -> bool:
         """Count *n* more bytes held; False if the worker now holds more than the cap."""
@@ -94,19 +134,8 @@ class RequestBuffer:
 
     def refused(self) -> None:
         """A request was refused (503) for the cap."""
-        self.unlogged += 1
-        if time.monotonic() - self.warned_at >= 1.0:
-            self.warn()
+        self.refusals.count()
 
     def warn(self) -> None:
         """Log the refusals not logged yet, if any."""
-        if not self.unlogged:
-            return
-        self.logger.warning(
-            "refused %d request(s) with 503: this worker held max_request_buffer (%d bytes) "
-            "of requests arriving; raise Limits.max_request_buffer if that is legitimate load",
-            self.unlogged,
-            self.cap,
-        )
-        self.unlogged = 0
-        self.warned_at = time.monotonic()
+        self.refusals.flush()

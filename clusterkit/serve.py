@@ -63,7 +63,7 @@ from typing import Any
 
 from clusterkit import responsefields
 from clusterkit import worker as worker_mod
-from clusterkit.limits import Limits
+from clusterkit.limits import Limits, connections_shed
 from clusterkit.watchdog import Watchdog
 from clusterkit.worker import BACKLOG, Address, ThisWorker
 
@@ -426,8 +426,11 @@ def serve_wsgi(
     server.channel_class = Channel
     dispatcher = server.task_dispatcher
     connection_limit = server.adj.connection_limit
-    shed = [0]  # connections closed to make room, not logged yet
-    shed_logged = [0.0]  # when that was last logged
+    shed = connections_shed(
+        log,
+        f"connection_limit ({connection_limit})",
+        "raise it (serve_wsgi(..., connection_limit=N))",
+    )
 
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda s, f: stop.set()) for sig in STOP_SIGNALS}
@@ -452,7 +455,7 @@ def serve_wsgi(
         for ch in server.active_channels.values():
             if not ch.requests and not ch.total_outbufs_len and not ch.will_close:
                 ch.will_close = True  # waitress closes it in the loop's next turn
-                shed[0] += 1
+                shed.count()
                 return
 
     deadline = None
@@ -467,15 +470,8 @@ def serve_wsgi(
                 and select.select([sock], [], [], 0)[0]  # a connection waits to be accepted
             ):
                 make_room()
-            if shed[0] and time.monotonic() >= shed_logged[0] + 1.0:  # a line a second at most
-                log.warning(
-                    "closed %d connection(s) with no response in progress to make room: this "
-                    "worker holds connection_limit (%d); raise it (serve_wsgi(..., "
-                    "connection_limit=N)) if that is legitimate load",
-                    shed[0],
-                    connection_limit,
-                )
-                shed[0], shed_logged[0] = 0, time.monotonic()
+            if time.monotonic() >= shed.logged_at + 1.0:
+                shed.flush()  # what count() left: at most a line a second
             if stop.is_set() and not draining.is_set():
                 draining.set()
                 wasyncore.dispatcher.close(server)  # stop accepting; keep the trigger
