@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +31,10 @@ from clusterkit.manager import Manager, ManagerError, register_up, unregister_up
 from clusterkit.spec import Listen, Spec
 
 START_TIMEOUT = 60.0
+PROBE_SECONDS = 10  # for the app's whole answer to GET /
+PROBE_BYTES = 4096  # of its body: enough to show its start
+#: where a probe of a wildcard address goes
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "::1"}
 NOTIFY_HINT_AFTER = 5.0  # seconds without READY=1 before up suggests --type exec
 Say = Callable[[str], None]
 
@@ -320,25 +324,62 @@ def _start(spec: Spec, manager: Manager, say: Say) -> bool:
     return True
 
 
-def _probe(port: int) -> str:
-    """What GET / answers: any status is an answer (an app may have no "/" route)."""
+def _probe_host(listen: Listen) -> str:
+    """The address a probe of *listen* connects to: loopback for a wildcard."""
+    host = listen.address.rpartition(":")[0]
+    return _LOOPBACK.get(host, host.strip("[]"))
+
+
+def _probe(host: str, port: int) -> str:
+    """What GET / answers: any status is an answer (an app may have no "/" route).
+
+    The app is not trusted: at most PROBE_BYTES of its body are read, and the whole
+    answer gets PROBE_SECONDS, after which the socket is shut down (an app could
+    otherwise drip its answer a byte at a time and keep ``up`` from its events).
+    """
+    connection = http.client.HTTPConnection(host, port, timeout=PROBE_SECONDS)
+    timed_out = threading.Event()
+
+    def cut_off() -> None:
+        timed_out.set()
+        if connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+    cut = threading.Timer(PROBE_SECONDS, cut_off)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-            body = response.read().decode(errors="replace").strip()
-            return f"{response.status} {body[:60]!r}"
-    except urllib.error.HTTPError as e:
-        return f"{e.code} {terminal.escaped(str(e.reason))}"  # the app's reason phrase
-    except OSError as e:
-        return f"nothing ({e}); the workers are ready, check the app"
+        connection.connect()
+        cut.start()
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        try:
+            body = response.read(PROBE_BYTES)
+        except http.client.IncompleteRead as e:  # cut off, or the app hung up early
+            body = e.partial
+        text = body.decode(errors="replace").strip()[:60]
+        shown = [str(response.status), terminal.escaped(response.reason), repr(text)]
+        if timed_out.is_set():
+            shown.append(f"(cut off after {PROBE_SECONDS} s)")
+        return " ".join(filter(None, shown))
+    except (OSError, http.client.HTTPException) as e:
+        why = f"no answer within {PROBE_SECONDS} s" if timed_out.is_set() else str(e)
+        return f"nothing usable ({terminal.escaped(why)}); the workers are ready, check the app"
+    finally:
+        cut.cancel()
+        connection.close()
 
 
 def _serve_until_interrupted(
     spec: Spec, follower: subprocess.Popen[str], say: Say, stop: Callable[[], None]
 ) -> int:
     try:
-        port = next((listen.port for listen in spec.listen if listen.port), None)
-        if port is not None:
-            say(f"[4/4] serving: http://127.0.0.1:{port}/ answered {_probe(port)}")
+        listen = next((listen for listen in spec.listen if not listen.is_unix), None)
+        if listen is not None and listen.port is not None:
+            host = _probe_host(listen)
+            url = f"http://{f'[{host}]' if ':' in host else host}:{listen.port}/"
+            say(f"[4/4] serving: {url} answered {_probe(host, listen.port)}")
         else:
             say("[4/4] serving")
         say("      events follow; Ctrl-C stops everything")

@@ -1,5 +1,6 @@
 """clusterkit.terminal: what may reach the operator's terminal (no container needed;
-the container tests of logs, status, events and up show it on real journal records)."""
+the container tests of logs, status, events and up show it on real journal records;
+tests/test_up_probe.py what up shows of the app's answer to GET /)."""
 
 from __future__ import annotations
 
@@ -23,28 +24,3 @@ def test_line_feeds_become_continuation_lines():
     assert shown == "first\n    | worker 0: forged\\x1b[2J"
     assert terminal.lines("one line", continuation="  ") == "one line"
     assert terminal.lines("a\r\nb\rc\r\n", continuation="  ") == "a\n  b\\rc"  # a bare CR
-
-
-def test_up_shows_the_apps_reason_phrase_escaped():
-    """up prints what GET / answered; the reason phrase is the app's text too."""
-    import socket
-    import threading
-
-    from clusterkit import up
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def answer() -> None:
-        conn, _ = listener.accept()
-        conn.recv(4096)
-        conn.sendall(b"HTTP/1.1 404 Gone\x1b]52;c;eA==\x07\r\nContent-Length: 0\r\n\r\n")
-        conn.close()
-
-    thread = threading.Thread(target=answer)
-    thread.start()
-    try:
-        assert up._probe(port) == "404 Gone\\x1b]52;c;eA==\\x07"
-    finally:
-        thread.join(timeout=5)
-        listener.close()
