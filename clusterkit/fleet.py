@@ -130,6 +130,7 @@ class Runner:
                 f":{f.collector_port}"
             ),
             "clusterkit_collector_port": f.collector_port,
+            "clusterkit_collector_max_use": f.collector_max_use,
             "clusterkit_host_addresses": [h.address for h in f.hosts],
             "clusterkit_controller": controller_command(),
             "clusterkit_haproxy_socket": str(f.haproxy_socket or ""),

@@ -30,6 +30,7 @@ GROUP = "clusterkit"
 COLLECTOR_GROUP = "clusterkit_collector"
 _HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
 _HTTP_PATH = re.compile(r"/[!-~]*")
+_SIZE = re.compile(r"[1-9][0-9]{0,5}[KMGT]")  # journalctl's size syntax, from 1K on
 
 
 class FleetError(ValueError):
@@ -63,6 +64,9 @@ class Fleet:
     collector_port: int = 19532
     collector_ssh: bool = False  # configure the collector over ssh (else: this machine)
     collector_directory: Path = Path("/var/log/journal/remote")  # as this machine sees it
+    #: what the collector's files may take (journalctl --vacuum-size=): journal-remote of
+    #: systemd 252 never deletes a file, and any host can upload as fast as it can send
+    collector_max_use: str = "4G"
     haproxy_socket: Path | None = None  # HAProxy's runtime API (drain, ready, status)
     haproxy_backend: str = ""  # default: the cluster's name
 
@@ -91,6 +95,7 @@ _KEYS = {
     "collector_port",
     "collector_ssh",
     "collector_directory",
+    "collector_max_use",
     "haproxy_socket",
     "haproxy_backend",
 }
@@ -156,6 +161,11 @@ def build_fleet(
             kw[key] = base / _text(key, table[key])
     if "collector" in table:
         kw["collector"] = _address("fleet.collector", table["collector"])
+    if "collector_max_use" in table:
+        size = _text("collector_max_use", table["collector_max_use"])
+        if not _SIZE.fullmatch(size):
+            raise FleetError(f"fleet.collector_max_use: {size!r} is not a size such as 500M or 4G")
+        kw["collector_max_use"] = size
     if kw.get("ssh_user", "root") != "root" and "become" not in kw:
         kw["become"] = True
     if inventory is None and "inventory" in table:

@@ -10,6 +10,7 @@ Measured figures go to ``bench/FLEET.md`` at the end.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ CLI = [PY, "-I", "-m", "clusterkit.cli"]
 COLLECTOR = f"{SUBNET}.2"
 STRANGER = f"{SUBNET}.99"
 FIGURES = ROOT / "bench" / "FLEET.md"
+REMOTE_FS = "64M"  # the collector's file system
+REMOTE_MAX_USE = "8M"  # fleet.collector_max_use
 
 
 def _missing() -> str | None:
@@ -147,6 +150,11 @@ def topo() -> Iterator[Topology]:
         keys = SshKeys(tmp / "ssh").create()
         remote = tmp / "remote"
         remote.mkdir()
+        # journal-remote sizes its files from their file system (1/80 of it): on this one a
+        # file is full at 0.8 MiB, so a test can make it start new ones (and vacuum them)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={REMOTE_FS}", "ck", remote], check=True
+        )
         specs = []
         addresses = {}
         for i in (1, 2, 3):
@@ -185,6 +193,7 @@ runtime = true
 collector = "{COLLECTOR}"
 collector_ssh = true
 collector_directory = "{remote}"
+collector_max_use = "{REMOTE_MAX_USE}"
 haproxy_socket = "{tmp / "haproxy.sock"}"
 """
         )
@@ -206,6 +215,7 @@ haproxy_socket = "{tmp / "haproxy.sock"}"
         lan.close()
         if topology is not None and topology.figures:
             _write_figures(topology.figures)
+        subprocess.run(["umount", "-l", tmp / "remote"], check=False, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -236,6 +246,9 @@ def test_bad_inventory_exits_2(tmp_path: Path) -> None:
         'colector = "198.18.0.2"\n',
         "fleet.port": base + '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\nport = 0\n',
         "fleet.hosts": base + "[tool.clusterkit.fleet]\nhosts = {}\n",
+        # rendered into the collector's vacuum unit: a size, never another argument
+        "fleet.collector_max_use": base + '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\n'
+        'collector_max_use = "4G --vacuum-time=1s"\n',
     }
     inventory = tmp_path / "inventory.ini"
     inventory.write_text("[clusterkit]\nweb1 ansible_host=web1.example\n")
@@ -683,6 +696,53 @@ def test_collector_outage_loses_no_event(topo: Topology) -> None:
         status = host.run("cat", f"/proc/{pid.strip()}/status").stdout
         rss = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS")), "0")
         topo.figures["uploader (journal-upload) on one host"] = f"RSS {int(rss) / 1024:.1f} MiB"
+
+
+def test_collector_keeps_the_uploaded_journals_under_max_use(topo: Topology) -> None:
+    """A host uploading as fast as it can fills no disk: each time journal-remote starts a
+    new file, the vacuum deletes the oldest archived ones past ``collector_max_use``."""
+    vacuum = ("clusterkit-remote-vacuum.service", "clusterkit-remote-vacuum.path")
+    # the stock units, with the roles' drop-ins: their man pages are not in the containers
+    stock = ("systemd-journal-remote.service", "systemd-journal-remote.socket")
+    upload = ("systemd-journal-upload.service",)
+    for c, man, units in (
+        (topo.collector, "yes", vacuum),
+        (topo.collector, "no", stock),
+        (next(iter(topo.hosts.values())), "no", upload),
+    ):
+        verify = c.run("systemd-analyze", "verify", f"--man={man}", *units)
+        assert verify.returncode == 0 and not verify.stderr, verify.stderr
+    remote = topo.tmp / "remote"
+    bound = 8 * 1024 * 1024
+    assert REMOTE_MAX_USE == "8M"
+    file_size = 820 * 1024  # what journal-remote fills a file to on REMOTE_FS, and a little
+    host = next(iter(topo.hosts.values()))
+    blob = base64.b64encode(os.urandom(48 * 1024)).decode()  # 64 KiB that barely compresses
+    for _ in range(8):  # 8 uploads of 4 MiB, of which journal-remote keeps 3 after compression
+        _upload(host, "".join(_export(MESSAGE=f"{i} {blob}") for i in range(64)))
+
+    def on_disk() -> int:
+        total = 0
+        for f in remote.glob("*.journal"):
+            try:
+                total += f.stat().st_blocks * 512
+            except FileNotFoundError:  # vacuumed since the listing
+                pass
+        return total
+
+    used = wait_for(
+        f"the collector's files back under {REMOTE_MAX_USE} and one file more",
+        lambda: u if (u := on_disk()) <= bound + file_size else None,
+        timeout=30,
+    )
+    runs = topo.collector.journal("-u", "clusterkit-remote-vacuum.service")
+    freed = [str(e["MESSAGE"]) for e in runs if str(e.get("MESSAGE", "")).startswith("Deleted")]
+    assert len(freed) >= 8, freed  # about 24 MiB kept by journal-remote, 8 by the vacuum
+    active = topo.collector.systemctl("is-active", "clusterkit-remote-vacuum.path", check=False)
+    assert active.stdout.strip() == "active", active.stdout  # no trigger limit hit
+    topo.figures[f"collector files after 32 MiB uploaded, collector_max_use {REMOTE_MAX_USE}"] = (
+        f"{used / 2**20:.1f} MiB ({len(freed)} archived files deleted)"
+    )
 
 
 def test_fleet_reload_under_load_fails_no_request(topo: Topology) -> None:
