@@ -10,8 +10,8 @@ its ``NotifyAccess=main``, are the worker's)::
 
     ExecStart=/bin/sh -c '<started line>; <back-off>; exec "$@"' clusterkit PROGRAM ARG...
 
-The record is ``%t/clusterkit/%N/starts``: the start time of each run of this
-worker since it was last started on purpose. ``RuntimeDirectoryPreserve=restart``
+The record is ``%t/clusterkit/backoff/%p/%i/starts``: the start time of each run
+of this worker since it was last started on purpose. ``RuntimeDirectoryPreserve=restart``
 keeps it across systemd's restarts and removes it at a stop; ``ExecStop=`` (run
 only when a stop or restart is requested, never after a crash) empties it, so a
 ``clusterkit reload`` does not count. Every earlier run in the record therefore
@@ -25,6 +25,13 @@ since boot): ``ProcSubset=pid`` hides ``/proc/uptime``. The record is the
 worker's own file, so a line that is not a number is skipped: a worker can
 only spoil its own pacing, never stop itself from starting. The bookkeeping
 runs in a subshell so that no variable of it reaches the worker's environment.
+
+The directory is the only place under ``/run`` the sandbox lets a worker write, and
+``/run`` is the file system of systemd's own state: under the system manager the
+records of cluster NAME live on a file system of their own, ``MOUNT_SIZE`` small
+(``run-clusterkit-backoff-NAME.mount``), so a worker that fills its directory spoils
+at most its own cluster's pacing. (A user's manager keeps them in the user's own
+runtime directory, which logind already bounds.)
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ LONGEST_WAIT = 4
 WINDOW_CS = 6000  # 60 s, in the clock's 1/100 s
 
 
-#: the unit's ``RuntimeDirectory=`` (%N: the unit's name), which holds the record
-RUNTIME_DIRECTORY = "clusterkit/%N"
+#: the unit's ``RuntimeDirectory=`` (%p: the cluster's name, %i: the worker's id)
+RUNTIME_DIRECTORY = "clusterkit/backoff/%p/%i"
+#: the file system of a cluster's records (a page for each worker's, 1024 workers)
+MOUNT_SIZE = "4m"
+MOUNT_INODES = 4096
 #: its path and the record's, with systemd's specifiers (%t: the runtime root)
 RECORD_DIR = f"%t/{RUNTIME_DIRECTORY}"
 RECORD = f"{RECORD_DIR}/starts"

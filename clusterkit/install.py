@@ -191,7 +191,14 @@ def uninstall(name: str, manager: Manager) -> list[str]:
     manager.systemctl(
         "disable", "--now", names.target(name), names.socket(name, names.SHARED), check=False
     )
-    manager.systemctl("stop", f"{name}@*.service", f"{name}@*.socket", check=False)
+    manager.systemctl(
+        "stop",
+        f"{name}@*.service",
+        f"{name}@*.socket",
+        names.back_off_mount(name, dynamic_user=True),
+        names.back_off_mount(name, dynamic_user=False),
+        check=False,
+    )
     # Under the directory's lock, through its descriptor: never through a symlink.
     removed = list(unitfiles.write_all(manager.unit_dir, {}, stale=tuple(files)).removed)
     if manager.generator_dir is not None:

@@ -6,7 +6,10 @@ A cluster ``NAME`` is these units (systemd.unit(5) names):
 - ``NAME.socket`` (scheduling ``shared``: one socket for every worker) or
   ``NAME@.socket``, instances ``NAME@K.socket`` (``reuseport``: one each);
 - ``NAME.target``: wants the workers; ``clusterkit-NAME``: the generator that
-  counts them at boot when the worker count is ``auto``.
+  counts them at boot when the worker count is ``auto``;
+- ``run-private-clusterkit-backoff-NAME.mount`` (``run-clusterkit-backoff-NAME.mount``
+  for workers with a named user; the system manager's only): the small file system of
+  the workers' crash-loop back-off records (:mod:`clusterkit.backoff`).
 
 Every worker gets ``CLUSTERKIT_NAME``, ``CLUSTERKIT_WORKER_ID`` (K),
 ``CLUSTERKIT_SCHEDULING`` and ``CLUSTERKIT_DRAIN_TIMEOUT`` (seconds) in its
@@ -51,6 +54,19 @@ def generator(name: str) -> str:
     return f"{GENERATOR_PREFIX}{name}"
 
 
+#: where systemd keeps the back-off records of cluster NAME under the system manager
+#: (each worker's RuntimeDirectory=, a mount of its own): a throwaway user's
+#: (DynamicUser=yes) in systemd's private tree, behind a symlink; a named user's in /run
+BACK_OFF_ROOTS = {True: "/run/private/clusterkit/backoff", False: "/run/clusterkit/backoff"}
+
+
+def back_off_mount(name: str, dynamic_user: bool) -> str:
+    """The mount unit of ``BACK_OFF_ROOTS[dynamic_user]/NAME`` (systemd-escape --path;
+    a name has letters, digits, '_', '.' and '-', of which only '-' is escaped)."""
+    path = f"{BACK_OFF_ROOTS[dynamic_user]}/{name}".strip("/")
+    return path.replace("-", "\\x2d").replace("/", "-") + ".mount"
+
+
 def files(name: str) -> tuple[str, ...]:
     """Every file a cluster ``name`` can have, in either scheduling mode."""
     return (
@@ -59,6 +75,8 @@ def files(name: str) -> tuple[str, ...]:
         service(name),
         target(name),
         generator(name),
+        back_off_mount(name, dynamic_user=True),
+        back_off_mount(name, dynamic_user=False),
     )
 
 

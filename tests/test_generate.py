@@ -38,6 +38,7 @@ def test_hello_from_the_issue(tmp_path: Path) -> None:
         "hello.socket",
         "hello.target",
         "hello@.service",
+        "run-private-clusterkit-backoff-hello.mount",
     ]
     target = (out / "hello.target").read_text()
     assert "Wants=hello@0.service hello@1.service hello@2.service hello@3.service" in target
@@ -62,6 +63,7 @@ def test_reuseport_writes_a_socket_template(tmp_path: Path) -> None:
         "hello.target",
         "hello@.service",
         "hello@.socket",
+        "run-private-clusterkit-backoff-hello.mount",
     ]
     socket = (out / "hello@.socket").read_text()
     assert "ReusePort=yes" in socket and "Service=hello@%i.service" in socket
@@ -271,7 +273,7 @@ def test_regenerating_is_idempotent_and_removes_stale_units(tmp_path: Path) -> N
     args = ["--name", "app", "--exec", PYTHON]
     generate(out, *args)
     r = generate(out, *args)
-    assert r.stdout.count("unchanged") == 5 and "wrote" not in r.stdout
+    assert r.stdout.count("unchanged") == 6 and "wrote" not in r.stdout
     r = generate(out, *args, "--scheduling", "reuseport")
     assert "removed" in r.stdout and not (out / "app.socket").exists()
     assert (out / "app@.socket").exists()

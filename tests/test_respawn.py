@@ -41,7 +41,7 @@ def of_kind(records: list[dict[str, object]], message_id: str) -> list[dict[str,
 
 def recorded_runs(cl: Cluster, k: int) -> int | None:
     """How many runs of worker ``k`` the back-off's record holds (None: no record at all)."""
-    r = cl.c.run("cat", f"/run/clusterkit/{cl.name}@{k}/starts")
+    r = cl.c.run("cat", f"/run/clusterkit/backoff/{cl.name}/{k}/starts")
     return len(r.stdout.split()) if r.returncode == 0 else None
 
 
@@ -194,7 +194,7 @@ def test_requested_restarts_do_not_count_and_the_back_off_leaves_the_worker_alon
         ),
     )
 
-    record = f"/run/clusterkit/{cl.name}@0/starts"
+    record = f"/run/clusterkit/backoff/{cl.name}/0/starts"
     c.write_file(
         record, "garbage\n$(touch /run/ck-pwned)\n`touch /run/ck-pwned`\n9" + "9" * 30 + "\n"
     )

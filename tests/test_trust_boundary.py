@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from scenario import APPS, ck, wait_for
+from scenario import APPS, ck, deploy, wait_for
 
 from clusterkit.container import Container
 
@@ -243,3 +243,49 @@ def test_exit_events_survive_a_worker_flooding_the_journal(
     assert sorted(e["pid"] for e in events if e["event"] == "exit") == pids
     suppressed = c.run("journalctl", "-o", "cat", "--no-pager", "-u", "systemd-journald").stdout
     print("journald:", [line for line in suppressed.splitlines() if "Suppressed" in line])
+
+
+@pytest.mark.parametrize(
+    ("user", "mount_point"),
+    [
+        pytest.param((), "/run/private/clusterkit/backoff/filler", id="dynamic-user"),
+        pytest.param(("--run-as", "app"), "/run/clusterkit/backoff/filler", id="named-user"),
+    ],
+)
+def test_a_worker_cannot_fill_run_through_its_back_off_directory(
+    container: Container, tmp_path: Path, user: tuple[str, ...], mount_point: str
+) -> None:
+    """The back-off's RuntimeDirectory is the one place under /run a sandboxed worker can
+    write; /run is the file system of systemd's own state. It lives on its cluster's own
+    small tmpfs (a mount unit of the cluster's): a worker that fills it gets ENOSPC there,
+    /run keeps its room, and the cluster still serves."""
+    c = container
+    if user:
+        c.run("useradd", "-u", str(APP_UID), "-M", "app", check=True)
+    free_before = int(c.run("df", "--output=avail", "-B1", "/run", check=True).stdout.split()[1])
+    cl = deploy(c, tmp_path, *user, name="filler", exec_line=f"{PY} {APPS / 'fill_run.py'}")
+    said = wait_for(
+        "both workers' filler lines",
+        lambda: (
+            lines
+            if len(
+                lines := [
+                    str(r["MESSAGE"])
+                    for r in c.journal("_SYSTEMD_SLICE=system-filler.slice")
+                    if str(r.get("MESSAGE", "")).startswith("filler:")
+                ]
+            )
+            == 2
+            else None
+        ),
+    )
+    written = sorted(int(line.split()[1]) for line in said)
+    assert all(line.endswith("then No space left on device") for line in said), said
+    assert sum(written) <= 4 * 2**20, said  # the mount's size, for the whole cluster
+    free_after = int(c.run("df", "--output=avail", "-B1", "/run", check=True).stdout.split()[1])
+    assert free_before - free_after < 2**20, (free_before, free_after)
+    assert cl.get().ok
+    mount = c.run("findmnt", "-n", "-o", "FSTYPE,SIZE", mount_point).stdout
+    assert mount.split() == ["tmpfs", "4M"], mount
+    c.systemctl("stop", "filler.target")  # the file system goes with the cluster (PartOf=)
+    wait_for("the unmount", lambda: c.run("findmnt", mount_point).returncode != 0)

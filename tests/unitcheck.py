@@ -20,7 +20,8 @@ def instances(directory: Path, name: str, ids: tuple[int, ...] = (0,)) -> list[s
 
 def verify(directory: Path, name: str) -> subprocess.CompletedProcess[str]:
     """systemd-analyze verify on every unit of cluster ``name``, instances included."""
-    units = [p.name for p in directory.iterdir() if p.suffix in (".socket", ".service", ".target")]
+    suffixes = (".socket", ".service", ".target", ".mount")
+    units = [p.name for p in directory.iterdir() if p.suffix in suffixes]
     units = [u for u in units if "@." not in u] + instances(directory, name)
     return subprocess.run(
         ["systemd-analyze", "verify", *sorted(set(units))],
