@@ -29,9 +29,11 @@ runs in a subshell so that no variable of it reaches the worker's environment.
 The directory is the only place under ``/run`` the sandbox lets a worker write, and
 ``/run`` is the file system of systemd's own state: under the system manager the
 records of cluster NAME live on a file system of their own, ``MOUNT_SIZE`` small
-(``run-clusterkit-backoff-NAME.mount``), so a worker that fills its directory spoils
-at most its own cluster's pacing. (A user's manager keeps them in the user's own
-runtime directory, which logind already bounds.)
+(``run-private-clusterkit-backoff-NAME.mount``: with ``DynamicUser=yes`` systemd keeps
+the directory in its private tree; ``run-clusterkit-backoff-NAME.mount`` for a named
+user), so a worker that fills its directory spoils at most its own cluster's pacing.
+(A user's manager keeps them in the user's own runtime directory, which logind
+already bounds.)
 """
 
 from __future__ import annotations
