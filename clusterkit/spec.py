@@ -72,6 +72,11 @@ class Listen:
     def is_unix(self) -> bool:
         return self.port is None
 
+    @property
+    def host(self) -> str:
+        """A TCP address's host, without brackets: "" for a bare port (every address)."""
+        return self.address.rpartition(":")[0].strip("[]")
+
 
 @dataclass(frozen=True)
 class Spec:

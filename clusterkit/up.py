@@ -34,7 +34,7 @@ START_TIMEOUT = 60.0
 PROBE_SECONDS = 10  # for the app's whole answer to GET /
 PROBE_BYTES = 4096  # of its body: enough to show its start
 #: where a probe of a wildcard address goes
-_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "::1"}
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 NOTIFY_HINT_AFTER = 5.0  # seconds without READY=1 before up suggests --type exec
 Say = Callable[[str], None]
 
@@ -159,8 +159,7 @@ def _unusable_address(spec: Spec) -> str | None:
     for listen in spec.listen:
         if listen.is_unix:
             continue
-        host, _, _ = listen.address.rpartition(":")
-        host = host.strip("[]") or "::"
+        host = listen.host or "::"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -326,8 +325,7 @@ def _start(spec: Spec, manager: Manager, say: Say) -> bool:
 
 def _probe_host(listen: Listen) -> str:
     """The address a probe of *listen* connects to: loopback for a wildcard."""
-    host = listen.address.rpartition(":")[0]
-    return _LOOPBACK.get(host, host.strip("[]"))
+    return _LOOPBACK.get(listen.host, listen.host)
 
 
 def _probe(host: str, port: int) -> str:
