@@ -264,21 +264,14 @@ def test_a_worker_cannot_fill_run_through_its_back_off_directory(
         c.run("useradd", "-u", str(APP_UID), "-M", "app", check=True)
     free_before = int(c.run("df", "--output=avail", "-B1", "/run", check=True).stdout.split()[1])
     cl = deploy(c, tmp_path, *user, name="filler", exec_line=f"{PY} {APPS / 'fill_run.py'}")
-    said = wait_for(
-        "both workers' filler lines",
-        lambda: (
-            lines
-            if len(
-                lines := [
-                    str(r["MESSAGE"])
-                    for r in c.journal("_SYSTEMD_SLICE=system-filler.slice")
-                    if str(r.get("MESSAGE", "")).startswith("filler:")
-                ]
-            )
-            == 2
-            else None
-        ),
-    )
+
+    def filler_lines() -> list[str] | None:
+        records = c.journal("_SYSTEMD_SLICE=system-filler.slice")
+        said = [str(r.get("MESSAGE", "")) for r in records]
+        lines = [line for line in said if line.startswith("filler:")]
+        return lines if len(lines) == 2 else None
+
+    said = wait_for("both workers' filler lines", filler_lines)
     written = sorted(int(line.split()[1]) for line in said)
     assert all(line.endswith("then No space left on device") for line in said), said
     assert sum(written) <= 4 * 2**20, said  # the mount's size, for the whole cluster
