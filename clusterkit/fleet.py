@@ -198,14 +198,16 @@ class Runner:
 
 
 def haproxy_config(fleet: Fleet, bind: str, socket_path: str | None) -> str:
-    """A complete HAProxy 2.6 configuration for the fleet (templates/haproxy.cfg.j2)."""
+    """A complete HAProxy 2.6 configuration for the fleet (templates/haproxy.cfg.j2), with
+    clusterkit's header: *bind* is checked (:func:`fleetspec.haproxy_bind`) by the caller."""
     from clusterkit.render import render_template
+    from clusterkit.unitfiles import with_header
 
     hosts = [
         {"name": h.name, "address": f"[{h.address}]" if ":" in h.address else h.address}
         for h in fleet.hosts
     ]
-    return render_template(
+    body = render_template(
         "haproxy.cfg.j2",
         backend=fleet.backend,
         hosts=hosts,
@@ -215,6 +217,7 @@ def haproxy_config(fleet: Fleet, bind: str, socket_path: str | None) -> str:
         health_path=fleet.health_path,
         server_timeout="2s",
     )
+    return with_header("haproxy.cfg", body, command="fleet haproxy-config")
 
 
 @dataclass

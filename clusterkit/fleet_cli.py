@@ -57,27 +57,50 @@ def _play(args: argparse.Namespace, playbook: str, **extra: object) -> int:
     return 0
 
 
-def cmd_install(args: argparse.Namespace) -> int:
+def _haproxy_config(fleet, flag: str, bind: str) -> str:
+    from clusterkit.cli import USAGE_ERROR, CommandError
     from clusterkit.fleet import haproxy_config
+    from clusterkit.fleetspec import FleetError, haproxy_bind
 
+    try:
+        haproxy_bind(flag, bind)
+    except FleetError as e:
+        raise CommandError(str(e), USAGE_ERROR) from None
+    return haproxy_config(fleet, bind, str(fleet.haproxy_socket or "") or None)
+
+
+def _write_haproxy_config(flag: str, path: Path, text: str, force: bool) -> None:
+    """Atomically, and never over a file clusterkit did not write (or, without --force, one
+    edited by hand since): HAProxy's config is often the operator's own /etc/haproxy/haproxy.cfg."""
+    from clusterkit import unitfiles
+    from clusterkit.cli import USAGE_ERROR, CommandError
+
+    try:
+        result = unitfiles.write_all(path.parent, {path.name: text}, force=force)
+    except unitfiles.HandEditedError as e:
+        raise CommandError(f"{flag}: {e}") from None
+    except unitfiles.UnsafePathError as e:
+        raise CommandError(f"{flag}: {e}", USAGE_ERROR) from None
+    except OSError as e:
+        raise CommandError(f"{flag}: cannot write {path}: {e.strerror}") from None
+    print(f"{'wrote' if result.written else 'unchanged'} {path}")
+
+
+def cmd_install(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
     if args.haproxy_config is not None:
-        text = haproxy_config(fleet, args.haproxy_bind, str(fleet.haproxy_socket or "") or None)
-        args.haproxy_config.write_text(text)
-        print(f"wrote {args.haproxy_config}")
+        text = _haproxy_config(fleet, "--haproxy-bind", args.haproxy_bind)
+        _write_haproxy_config("--haproxy-config", args.haproxy_config, text, args.force)
     return _play(args, "install")
 
 
 def cmd_haproxy_config(args: argparse.Namespace) -> int:
-    from clusterkit.fleet import haproxy_config
-
     fleet = _fleet(args)
-    text = haproxy_config(fleet, args.bind, str(fleet.haproxy_socket or "") or None)
+    text = _haproxy_config(fleet, "--bind", args.bind)
     if args.output is None:
         sys.stdout.write(text)
     else:
-        args.output.write_text(text)
-        print(f"wrote {args.output}")
+        _write_haproxy_config("--output", args.output, text, args.force)
     return 0
 
 
@@ -221,10 +244,14 @@ def add_parser(sub) -> None:
         "--haproxy-config", type=Path, metavar="FILE", help="also write HAProxy's config"
     )
     p.add_argument("--haproxy-bind", default="*:80", help="HAProxy's frontend address (*:80)")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite a --haproxy-config file edited by hand"
+    )
 
     p = add("haproxy-config", "print HAProxy's configuration for the hosts", cmd_haproxy_config)
     p.add_argument("--bind", default="*:80", help="the frontend's bind address (default *:80)")
     p.add_argument("--output", "-o", type=Path, help="write it to FILE")
+    p.add_argument("--force", action="store_true", help="overwrite a FILE edited by hand")
 
     p = add("status", "every host's workers and HAProxy's view of it", cmd_status)
     p.add_argument("--json", action="store_true", help="a JSON list, one object per host")

@@ -31,6 +31,8 @@ COLLECTOR_GROUP = "clusterkit_collector"
 _HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
 _HTTP_PATH = re.compile(r"/[!-~]*")
 _SIZE = re.compile(r"[1-9][0-9]{0,5}[KMGT]")  # journalctl's size syntax, from 1K on
+#: a path HAProxy's configuration holds as one word: no space, quote, backslash or #
+_CONFIG_PATH = re.compile(r"/[A-Za-z0-9_./@+-]*")
 
 
 class FleetError(ValueError):
@@ -159,6 +161,11 @@ def build_fleet(
     for key in ("ssh_key", "known_hosts", "collector_directory", "haproxy_socket"):
         if key in table:
             kw[key] = base / _text(key, table[key])
+    if "haproxy_socket" in kw and not _CONFIG_PATH.fullmatch(str(kw["haproxy_socket"])):
+        raise FleetError(
+            f"fleet.haproxy_socket: {str(kw['haproxy_socket'])!r} cannot be written into "
+            "HAProxy's configuration: use letters, digits and ._-/@+ only"
+        )
     if "collector" in table:
         kw["collector"] = _address("fleet.collector", table["collector"])
     if "collector_max_use" in table:
@@ -249,3 +256,29 @@ def hosts_from_inventory(path: Path) -> tuple[Host, ...]:
         raw = hostvars.get(name, {}).get("ansible_host", name)
         pairs.append((name, _address(f"inventory: host {name}: ansible_host", raw)))
     return _checked_hosts(pairs, "inventory")
+
+
+def haproxy_bind(flag: str, raw: str) -> str:
+    """HAProxy's frontend address from *flag* (``--bind``): ``ADDRESS:PORT``, where ADDRESS is
+    ``*`` or nothing (every address), an IP address (IPv6 in brackets) or a host name."""
+    address, colon, port = raw.rpartition(":")
+    problem = None
+    if not colon or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        problem = "no :PORT (1-65535) at its end"
+    elif address.startswith("[") and address.endswith("]"):
+        try:
+            ipaddress.IPv6Address(address[1:-1])
+        except ValueError:
+            problem = f"{address} is not an IPv6 address in brackets"
+    elif address not in ("*", "") and not _HOST_NAME.fullmatch(address):
+        problem = f"{address!r} is not *, an IP address or a host name"
+    elif re.fullmatch(r"[0-9.]+", address):
+        try:
+            ipaddress.IPv4Address(address)
+        except ValueError:
+            problem = f"{address} is not an IPv4 address"
+    if problem is not None:
+        raise FleetError(
+            f"{flag}: {raw!r}: {problem}; give ADDRESS:PORT, e.g. *:80, 198.18.0.1:80, [::]:80"
+        )
+    return raw
