@@ -11,6 +11,7 @@ Measured figures go to ``bench/FLEET.md`` at the end.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import http.server
 import json
@@ -390,7 +391,7 @@ def test_fleet_table_and_haproxy_config(tmp_path: Path) -> None:
     assert fleet.port == 8000 and fleet.backend == "web" and fleet.package == "clusterkit-systemd"
     text = haproxy_config(fleet, "*:80", "/run/haproxy/admin.sock")
     assert "option httpchk GET /healthz" in text
-    assert "server a 198.18.0.11:8000 check inter 1s fall 2 rise 2 observe layer7" in text
+    assert "server a 198.18.0.11:8000 check inter 1s fall 2 rise 2 observe layer4" in text
     assert "stats socket /run/haproxy/admin.sock mode 600 level admin" in text
     remote = tmp_path / "remote"
     remote.mkdir()
@@ -415,9 +416,12 @@ def test_fleet_table_and_haproxy_config(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _loopback_haproxy(tmp_path: Path, backend_port: int) -> Iterator[tuple[object, int]]:
+def _loopback_haproxy(
+    tmp_path: Path, backend_port: int, addresses: tuple[str, ...] = ("127.0.0.1",)
+) -> Iterator[tuple[object, int]]:
     """Real HAProxy on the loopback with ``fleet haproxy-config``'s configuration, one
-    server ("a") at *backend_port*: (the fleet, the frontend's port). Stopped after."""
+    server per address ("a", "b", ...) at *backend_port*: (the fleet, the frontend's
+    port). Stopped after."""
     from clusterkit.fleet import haproxy_config
     from clusterkit.fleetspec import load_fleet
 
@@ -429,10 +433,11 @@ def _loopback_haproxy(tmp_path: Path, backend_port: int) -> Iterator[tuple[objec
         probe.bind(("127.0.0.1", 0))
         front = probe.getsockname()[1]
     admin = tmp_path / "admin.sock"
+    hosts = ", ".join(f'{chr(ord("a") + i)} = "{a}"' for i, a in enumerate(addresses))
     config = tmp_path / "pyproject.toml"
     config.write_text(
         f'[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\nlisten = ["{backend_port}"]\n'
-        '[tool.clusterkit.fleet]\nhosts = { a = "127.0.0.1" }\n'
+        f"[tool.clusterkit.fleet]\nhosts = {{ {hosts} }}\n"
         f'collector = "127.0.0.1"\nhaproxy_socket = "{admin}"\n'
     )
     fleet = load_fleet(config)
@@ -471,6 +476,125 @@ def test_status_shows_haproxy_check_without_its_in_progress_marker(tmp_path: Pat
             assert row["check"] and not str(row["check"]).startswith("*"), row
 
 
+class _BackendHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _any(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path != "/":
+            self.server.arrived[self.command, self.path] += 1  # type: ignore[attr-defined]
+        if self.path in ("/500", "/503"):  # the app's own error, or a worker shedding load
+            self.send_response(int(self.path[1:]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path == "/vanish":  # read whole, then gone unanswered: a host dying mid-request
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(3 + len(body)))
+        self.end_headers()
+        self.wfile.write(b"ok\n" + body)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_LOCK = _any  # noqa: N815
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Backend(http.server.ThreadingHTTPServer):
+    """A plain HTTP/1.1 server in a thread, for real HAProxy to balance: 200 to ``/``;
+    ``/500`` and ``/503`` answer that status; ``/vanish`` is read and dropped unanswered.
+    ``arrived`` counts the requests other than ``/`` by (method, path)."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.arrived: collections.Counter[tuple[str, str]] = collections.Counter()
+        super().__init__(address, _BackendHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # HAProxy's health checks close without reading the whole answer
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def _wait_all_up(fleet) -> None:
+    from clusterkit.fleet import haproxy_view
+
+    wait_for(
+        "HAProxy to see every server UP",
+        lambda: all(
+            row.get("status") == "UP" for row in (haproxy_view(fleet) or {"-": {}}).values()
+        ),
+        timeout=20,
+    )
+
+
+def test_haproxy_never_replays_a_request_whose_method_is_not_idempotent(tmp_path: Path) -> None:
+    """HAProxy's l7 retries replay a request that got no answer on another host; it does
+    not know which methods are idempotent (RFC 9110, 9.2.2), so the configuration must
+    say. Two hosts that read a request and vanish without answering: a GET is replayed on
+    the other one; a POST, a PATCH and a method HAProxy has no name for are sent once."""
+    first = _Backend(("127.0.0.1", 0))
+    port = first.server_address[1]
+    second = _Backend(("127.0.0.2", port))
+    try:
+        with _loopback_haproxy(tmp_path, port, ("127.0.0.1", "127.0.0.2")) as (fleet, front):
+            for method in ("GET", "POST", "PATCH", "LOCK"):
+                _wait_all_up(fleet)  # a vanished request marks its host down for a while
+                with socket.create_connection(("127.0.0.1", front), timeout=10) as c:
+                    c.sendall(
+                        f"{method} /vanish HTTP/1.1\r\nHost: lb\r\nContent-Length: 2\r\n"
+                        "Connection: close\r\n\r\nhi".encode()
+                    )
+                    reply = c.makefile("rb").read()
+                assert not reply.startswith(b"HTTP/1.1 2"), reply[:100]
+            sent = first.arrived + second.arrived
+            assert sent["GET", "/vanish"] >= 2, sent  # replayed: the retries are on
+            once = [sent[m, "/vanish"] for m in ("POST", "PATCH", "LOCK")]
+            assert once == [1, 1, 1], sent
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_client_making_the_app_answer_500_takes_no_host_down(tmp_path: Path) -> None:
+    """Any client that can make the app answer 500 (a bug, a bad input) could, if HAProxy
+    counted the app's 500s as a host's failures, mark every host down in turn: with
+    `observe layer7 error-limit 1` two such requests left both hosts DOWN and everyone got
+    503. Each 500 must reach the client as it is, run once, and leave every host UP; a 503
+    (a worker shedding load) is still tried on the other host."""
+    from clusterkit.fleet import haproxy_view
+
+    first = _Backend(("127.0.0.1", 0))
+    port = first.server_address[1]
+    second = _Backend(("127.0.0.2", port))
+    try:
+        with _loopback_haproxy(tmp_path, port, ("127.0.0.1", "127.0.0.2")) as (fleet, front):
+            _wait_all_up(fleet)
+            for path, status in (("/500", 500),) * 4 + (("/503", 503),):
+                with socket.create_connection(("127.0.0.1", front), timeout=10) as c:
+                    c.sendall(
+                        f"GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n".encode()
+                    )
+                    reply = c.makefile("rb").read()
+                assert reply.startswith(b"HTTP/1.1 %d" % status), reply[:100]
+            rows = haproxy_view(fleet) or {}
+            assert {name: row["status"] for name, row in rows.items()} == {"a": "UP", "b": "UP"}
+            sent = first.arrived + second.arrived
+            assert sent["GET", "/500"] == 4, sent
+            assert sent["GET", "/503"] >= 2, sent
+            with socket.create_connection(("127.0.0.1", front), timeout=10) as c:
+                c.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+                assert c.makefile("rb").read().startswith(b"HTTP/1.1 200")
+    finally:
+        first.close()
+        second.close()
+
+
 SLOW_CLIENTS = 40
 HAPROXY_REQUEST_TIMEOUT = 10.0  # templates/haproxy.cfg.j2, timeout http-request
 
@@ -481,34 +605,12 @@ def test_haproxy_closes_slowloris_connections_that_the_workers_never_see(tmp_pat
     slow client sends a header line every second (which restarts `timeout client` every
     time); each must get 408 and lose its connection within `timeout http-request`, while
     an ordinary request is still answered."""
-    from clusterkit.fleet import haproxy_view
 
-    class Ok(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.send_header("Content-Length", "3")
-            self.end_headers()
-            self.wfile.write(b"ok\n")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    class Backend(http.server.ThreadingHTTPServer):
-        def handle_error(self, request: object, client_address: object) -> None:
-            pass  # HAProxy's health checks close without reading the whole answer
-
-    backend = Backend(("127.0.0.1", 0), Ok)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    backend = _Backend(("127.0.0.1", 0))
     slow: list[tuple[socket.socket, float]] = []
     try:
         with _loopback_haproxy(tmp_path, backend.server_address[1]) as (fleet, front):
-            wait_for(
-                "HAProxy to see the server UP",
-                lambda: ((haproxy_view(fleet) or {}).get("a") or {}).get("status") == "UP",
-                timeout=15,
-            )
+            _wait_all_up(fleet)
             for _ in range(SLOW_CLIENTS):
                 s = socket.create_connection(("127.0.0.1", front), timeout=5)
                 s.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\n")
@@ -546,8 +648,7 @@ def test_haproxy_closes_slowloris_connections_that_the_workers_never_see(tmp_pat
     finally:
         for s, _ in slow:
             s.close()
-        backend.shutdown()
-        backend.server_close()
+        backend.close()
 
 
 # ---- the topology -------------------------------------------------------------------------
@@ -567,10 +668,11 @@ def test_install_renders_haproxy_and_status_shows_every_host(topo: Topology) -> 
     for setting in (
         "option httpchk GET /",
         "option redispatch 1",
-        "retry-on all-retryable-errors",
-        "http-request disable-l7-retry if METH_POST",
+        "retry-on conn-failure empty-response junk-response response-timeout 0rtt-rejected 502",
+        "http-request disable-l7-retry unless METH_GET || METH_HEAD || METH_OPTIONS || METH_PUT"
+        " || METH_DELETE || METH_TRACE",
         "timeout connect 500ms",
-        "observe layer7 error-limit 1 on-error mark-down",
+        "observe layer4 error-limit 1 on-error mark-down",
     ):
         assert setting in text
     check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
