@@ -443,6 +443,8 @@ def _loopback_haproxy(
     fleet = load_fleet(config)
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(haproxy_config(fleet, f"127.0.0.1:{front}", str(admin)))
+    check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
     proxy = subprocess.Popen(
         ["haproxy", "-db", "-f", str(cfg)],
         stdout=subprocess.DEVNULL,
@@ -488,7 +490,9 @@ class _BackendHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if self.path == "/vanish":  # read whole, then gone unanswered: a host dying mid-request
+        if self.path == "/echo":  # the header fields as the app receives them
+            body = "".join(f"{k.lower()}: {v}\n" for k, v in self.headers.items()).encode()
+        elif self.path == "/vanish":  # read whole, then gone unanswered: a host dying mid-request
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             return
@@ -505,7 +509,8 @@ class _BackendHandler(http.server.BaseHTTPRequestHandler):
 
 class _Backend(http.server.ThreadingHTTPServer):
     """A plain HTTP/1.1 server in a thread, for real HAProxy to balance: 200 to ``/``;
-    ``/500`` and ``/503`` answer that status; ``/vanish`` is read and dropped unanswered.
+    ``/500`` and ``/503`` answer that status; ``/vanish`` is read and dropped unanswered;
+    ``/echo`` answers the request's header fields, one ``name: value`` line each.
     ``arrived`` counts the requests other than ``/`` by (method, path)."""
 
     def __init__(self, address: tuple[str, int]) -> None:
@@ -593,6 +598,37 @@ def test_a_client_making_the_app_answer_500_takes_no_host_down(tmp_path: Path) -
     finally:
         first.close()
         second.close()
+
+
+def test_the_app_gets_the_clients_address_and_no_client_can_forge_it(tmp_path: Path) -> None:
+    """Behind HAProxy the app sees HAProxy's address; it learns the client's from
+    X-Forwarded-For, and whether it came over TLS from X-Forwarded-Proto. A client that
+    sends those fields itself (or Forwarded, X-Real-IP) must not be believed: an app that
+    trusts them from the proxy would take a forged address (an allow-list, a rate limit, a
+    log) or think a plain request came over TLS."""
+    backend = _Backend(("127.0.0.1", 0))
+    try:
+        with _loopback_haproxy(tmp_path, backend.server_address[1]) as (fleet, front):
+            _wait_all_up(fleet)
+            with socket.create_connection(("127.0.0.1", front), timeout=10) as c:
+                c.sendall(
+                    b"GET /echo HTTP/1.1\r\nHost: lb\r\nX-Forwarded-For: 10.6.6.6\r\n"
+                    b"x-forwarded-for: 10.7.7.7\r\nForwarded: for=10.6.6.6;proto=https\r\n"
+                    b"X-Real-IP: 10.6.6.6\r\nX-Forwarded-Proto: https\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+                reply = c.makefile("rb").read().decode("latin-1")
+        head, _, fields = reply.partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 200"), reply
+        seen = [line.partition(": ") for line in fields.splitlines()]
+        forwarding = sorted(
+            (name, value)
+            for name, _, value in seen
+            if name.startswith(("x-forw", "forw", "x-real"))
+        )
+        assert forwarding == [("x-forwarded-for", "127.0.0.1"), ("x-forwarded-proto", "http")]
+    finally:
+        backend.close()
 
 
 SLOW_CLIENTS = 40
