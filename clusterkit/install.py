@@ -191,12 +191,14 @@ def uninstall(name: str, manager: Manager) -> list[str]:
     manager.systemctl(
         "disable", "--now", names.target(name), names.socket(name, names.SHARED), check=False
     )
-    manager.systemctl(
+    workers = f"{name}@*.service"
+    manager.systemctl_bounded(
         "stop",
-        f"{name}@*.service",
+        workers,
         f"{name}@*.socket",
         names.back_off_mount(name, dynamic_user=True),
         names.back_off_mount(name, dynamic_user=False),
+        units=[workers],
         check=False,
     )
     # Under the directory's lock, through its descriptor: never through a symlink.

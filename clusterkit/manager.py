@@ -11,14 +11,23 @@ clusterkit runs ``systemctl``.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 #: PATH for commands run inside a container (``env -i`` drops the caller's).
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: how long past its own TimeoutStopSec= (TimeoutStartSec=) a unit may still be stopping
+#: (starting) before :meth:`Manager.systemctl_bounded` kills it
+OVERDUE_MARGIN_S = 5.0
+_TIMESPAN_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_TIMESPAN_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(us|ms|s|min|h|d)")
+log = logging.getLogger("clusterkit.manager")
 
 
 class ManagerError(Exception):
@@ -103,10 +112,74 @@ class Manager:
         """``systemctl ARGS`` for this manager; ManagerError with systemd's words on failure."""
         argv = self.systemctl_argv(*args)
         r = self.run(*argv, timeout=timeout)
-        if check and r.returncode != 0:
-            detail = (r.stderr or r.stdout).strip().splitlines()
-            raise ManagerError(f"{' '.join(argv)} failed: {detail[-1] if detail else r.returncode}")
+        if check:
+            _check(argv, r.returncode, r.stdout, r.stderr)
         return r.stdout
+
+    def systemctl_bounded(self, *args: str, units: Sequence[str], check: bool = True) -> list[str]:
+        """``systemctl ARGS``, a stop or restart of ``units`` (names or patterns), waited for
+        as long as it takes; meanwhile a unit still stopping (starting) past its own
+        TimeoutStopSec= (TimeoutStartSec=) and OVERDUE_MARGIN_S is killed: SIGKILL to every
+        process of it. Returns the units killed.
+
+        Those timeouts bind a worker only until it sends EXTEND_TIMEOUT_USEC= (sd_notify(3)),
+        which it may repeat for ever: systemd then never kills it, and a stop, and whoever
+        waits for it, would wait for ever.
+        """
+        argv = self.systemctl_argv(*args)
+        proc = subprocess.Popen(
+            self.command(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/"
+        )
+        killed: list[str] = []
+        while True:
+            try:
+                out, err = proc.communicate(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                late = [(u, s) for u, s in self._overdue(units) if u not in killed]
+                if late:
+                    self.systemctl(
+                        "kill",
+                        "--kill-who=all",
+                        "--signal=SIGKILL",
+                        *(u for u, _ in late),
+                        check=False,
+                    )
+                for unit, state in late:
+                    log.warning(
+                        "%s was still %s past its Timeout%sSec= (the worker kept asking systemd "
+                        "for more time, EXTEND_TIMEOUT_USEC=): killed it (SIGKILL)",
+                        unit,
+                        state,
+                        "Stop" if state == "stopping" else "Start",
+                    )
+                    killed.append(unit)
+        if check:
+            _check(argv, proc.returncode, out, err)
+        return killed
+
+    def _overdue(self, units: Sequence[str]) -> list[tuple[str, str]]:
+        """(unit, "stopping" or "starting") of ``units`` in that state past its timeout."""
+        listed = self.systemctl(
+            "list-units", "--state=activating,deactivating", "--plain", "--no-legend", *units,
+            check=False,
+        )  # fmt: skip
+        names = [line.split()[0] for line in listed.splitlines() if line.strip()]
+        props = (
+            "ActiveState",
+            "StateChangeTimestampMonotonic",
+            "TimeoutStartUSec",
+            "TimeoutStopUSec",
+        )
+        now = time.monotonic()  # CLOCK_MONOTONIC, as systemd's *Monotonic timestamps
+        late = []
+        for name, row in zip(names, self.show(names, props), strict=True):
+            stopping = row["ActiveState"] == "deactivating"
+            limit = _timespan_s(row["TimeoutStopUSec" if stopping else "TimeoutStartUSec"])
+            since = int(row["StateChangeTimestampMonotonic"] or 0) / 1e6
+            if limit is not None and since and now - since > limit + OVERDUE_MARGIN_S:
+                late.append((name, "stopping" if stopping else "starting"))
+        return late
 
     def show(self, units: Iterable[str], properties: Sequence[str]) -> list[dict[str, str]]:
         """``systemctl show`` of each unit: one dict of the asked properties per unit.
@@ -122,6 +195,24 @@ class Manager:
         blocks = out.strip("\n").split("\n\n")
         parsed = [dict(ln.split("=", 1) for ln in b.splitlines() if "=" in ln) for b in blocks]
         return [{p: block.get(p, "") for p in properties} for block in parsed]
+
+
+def _check(argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+    if returncode != 0:
+        detail = (stderr or stdout).strip().splitlines()
+        raise ManagerError(f"{' '.join(argv)} failed: {detail[-1] if detail else returncode}")
+
+
+def _timespan_s(text: str) -> float | None:
+    """A timespan as ``systemctl show`` prints it (``1min 30s``, ``500ms``) in seconds;
+    None for ``infinity`` (or anything else)."""
+    total = 0.0
+    for part in text.split() or ["-"]:
+        m = _TIMESPAN_PART.fullmatch(part)
+        if m is None:
+            return None
+        total += float(m.group(1)) * _TIMESPAN_UNITS[m.group(2)]
+    return total
 
 
 # ---- finding a cluster: installed on the host, or run by `clusterkit up` ----

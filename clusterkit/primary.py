@@ -169,6 +169,19 @@ def systemctl(*args: str, settings: Settings | None = None, check: bool = True) 
         raise PrimaryError(str(e)) from None
 
 
+def _bounded(*args: str, units: list[str], settings: Settings, check: bool = True) -> None:
+    """``systemctl stop`` or ``restart`` of ``units`` that no worker can make wait for ever
+    (:meth:`Manager.systemctl_bounded`: one that keeps delaying its stop is killed)."""
+    try:
+        settings.manager.systemctl_bounded(*args, units=units, check=check)
+    except ManagerError as e:
+        raise PrimaryError(str(e)) from None
+
+
+def _services(ids: Iterable[int], s: Settings) -> list[str]:
+    return [names.service(s.name, i) for i in ids]
+
+
 def _show(units: Iterable[str], props: tuple[str, ...], settings: Settings) -> list[dict[str, str]]:
     try:
         return settings.manager.show(units, props)
@@ -249,7 +262,8 @@ class Worker:
 
     def disconnect(self) -> None:
         """Graceful stop: SIGTERM, drain, exit; returns once it has exited."""
-        systemctl("stop", *_with_socket([self.id], self.settings), settings=self.settings)
+        stop = _with_socket([self.id], self.settings)
+        _bounded("stop", *stop, units=[self.unit], settings=self.settings)
         self.exited_after_disconnect = True
         self.refresh()
 
@@ -387,7 +401,7 @@ def disconnect(callback: Callable[[], Any] | None = None, *, settings: Settings 
     s = settings or _current()
     ids = [w.id for w in get_workers(s).values() if w.is_running]
     if ids:
-        systemctl("stop", *_with_socket(ids, s), settings=s)
+        _bounded("stop", *_with_socket(ids, s), units=_services(ids, s), settings=s)
     if callback is not None:
         callback()
 
@@ -400,7 +414,7 @@ def scale(count: int, *, settings: Settings | None = None) -> tuple[list[int], l
     start = [i for i in range(count) if i not in running]
     stop = sorted(i for i in running if i >= count)
     if stop:
-        systemctl("stop", *_with_socket(stop, s), settings=s)
+        _bounded("stop", *_with_socket(stop, s), units=_services(stop, s), settings=s)
     if start:
         _start(start, s)
     return start, stop
@@ -425,7 +439,8 @@ def reload(
     done = []
     for start in range(0, len(old), size):
         chunk = old[start : start + size]
-        systemctl("restart", *(w.unit for w in chunk), settings=s)
+        units = [w.unit for w in chunk]
+        _bounded("restart", *units, units=units, settings=s)
         fresh = get_workers(s)
         for n, w in enumerate(chunk, start + 1):
             new = fresh[w.id]
@@ -539,7 +554,10 @@ def stop(*, settings: Settings | None = None, timeout: float | None = None) -> N
     s = settings or _current()
     name = s.name
     sockets = (names.socket(name, names.SHARED), f"{name}@*.socket")
-    systemctl("stop", names.target(name), *sockets, f"{name}@*.service", settings=s, check=False)
+    workers = f"{name}@*.service"
+    _bounded(
+        "stop", names.target(name), *sockets, workers, units=[workers], settings=s, check=False
+    )
     drain = s.spec.drain_timeout if s.spec else 30.0
     deadline = time.monotonic() + (drain + 5 if timeout is None else timeout)
     while time.monotonic() < deadline:

@@ -282,3 +282,48 @@ def test_a_worker_cannot_fill_run_through_its_back_off_directory(
     assert mount.split() == ["tmpfs", "4M"], mount
     c.systemctl("stop", "filler.target")  # the file system goes with the cluster (PartOf=)
     wait_for("the unmount", lambda: c.run("findmnt", mount_point).returncode != 0)
+
+
+def test_a_worker_that_keeps_delaying_its_stop_is_killed(container: Container, tmp_path: Path):
+    """TimeoutStopSec= binds a worker only until it sends EXTEND_TIMEOUT_USEC= (sd_notify(3)),
+    which it may repeat for ever: systemd then never kills it, and `systemctl stop` (so a
+    reload, a stop, an uninstall) waits for ever. clusterkit's own commands kill a worker
+    still stopping past its TimeoutStopSec= and 5 s, say so, and go on."""
+    c = container
+    # --drain-timeout 1: TimeoutStopSec=6s
+    cl = deploy(
+        c, tmp_path, "--drain-timeout", "1", name="stubborn", workers=1,
+        exec_line=f"{PY} {APPS / 'extend_stop.py'}",
+    )  # fmt: skip
+    before = cl.main_pid(0)
+    r = cl.ck("reload", "stubborn", timeout=90)
+    assert "stubborn@0.service was still stopping past its TimeoutStopSec=" in r.stderr, r.stderr
+    assert "killed it (SIGKILL)" in r.stderr
+    after = cl.wait_active([0])[0]
+    assert after != before
+    cl.wait_exit(
+        "the killed worker's exit event",
+        lambda e: e["worker"] == 0 and e["pid"] == before and e["signal"] == "SIGKILL",
+    )
+    r = cl.ck("stop", "stubborn", timeout=90)
+    assert "stubborn@0.service was still stopping" in r.stderr, r.stderr
+    assert cl.running_ids() == []
+    assert cl.state(cl.unit(0)).startswith(("inactive/", "failed/")), cl.state(cl.unit(0))
+
+
+def test_stop_and_start_timeouts_are_read_as_systemd_writes_them() -> None:
+    """The kill above reads TimeoutStopSec= from `systemctl show`, which prints a timespan
+    for people (``1min 30s``); systemd-analyze is the oracle of what each one means."""
+    from clusterkit.manager import _timespan_s
+
+    spans = ["90s", "35.5s", "500ms", "1h 2min 3.25s", "2d", "6s", "1min 35s"]
+    out = subprocess.run(
+        ["systemd-analyze", "timespan", *spans], capture_output=True, text=True, check=True
+    ).stdout
+    blocks = [
+        dict(line.strip().split(": ", 1) for line in b.splitlines()) for b in out.split("\n\n")
+    ]
+    assert len(blocks) == len(spans)
+    for block in blocks:
+        assert _timespan_s(block["Human"]) == pytest.approx(int(block["μs"]) / 1e6), block
+    assert _timespan_s("infinity") is None and _timespan_s("") is None
