@@ -117,7 +117,7 @@ class Manager:
         return r.stdout
 
     def systemctl_bounded(self, *args: str, units: Sequence[str], check: bool = True) -> list[str]:
-        """``systemctl ARGS``, a stop or restart of ``units`` (names or patterns), waited for
+        """``systemctl ARGS``, a start, stop or restart of ``units`` (names or patterns), waited for
         as long as it takes; meanwhile a unit still stopping (starting) past its own
         TimeoutStopSec= (TimeoutStartSec=) and OVERDUE_MARGIN_S is killed: SIGKILL to every
         process of it. Returns the units killed.

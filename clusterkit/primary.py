@@ -170,8 +170,8 @@ def systemctl(*args: str, settings: Settings | None = None, check: bool = True) 
 
 
 def _bounded(*args: str, units: list[str], settings: Settings, check: bool = True) -> None:
-    """``systemctl stop`` or ``restart`` of ``units`` that no worker can make wait for ever
-    (:meth:`Manager.systemctl_bounded`: one that keeps delaying its stop is killed)."""
+    """``systemctl start``, ``stop`` or ``restart`` of ``units`` that no worker can make wait
+    for ever (:meth:`Manager.systemctl_bounded`: one that keeps delaying is killed)."""
     try:
         settings.manager.systemctl_bounded(*args, units=units, check=check)
     except ManagerError as e:
@@ -393,7 +393,7 @@ def _start(ids: list[int], s: Settings) -> None:
     units = list(reversed(_with_socket(ids, s)))  # each socket before its service
     # An instance that hit its start limit (reuseport mode) stays refused until reset.
     systemctl("reset-failed", *units, settings=s, check=False)
-    systemctl("start", *units, settings=s)
+    _bounded("start", *units, units=_services(ids, s), settings=s)
 
 
 def disconnect(callback: Callable[[], Any] | None = None, *, settings: Settings | None = None):

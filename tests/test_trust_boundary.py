@@ -288,7 +288,8 @@ def test_a_worker_that_keeps_delaying_its_stop_is_killed(container: Container, t
     """TimeoutStopSec= binds a worker only until it sends EXTEND_TIMEOUT_USEC= (sd_notify(3)),
     which it may repeat for ever: systemd then never kills it, and `systemctl stop` (so a
     reload, a stop, an uninstall) waits for ever. clusterkit's own commands kill a worker
-    still stopping past its TimeoutStopSec= and 5 s, say so, and go on."""
+    still stopping past its TimeoutStopSec= and 5 s, say so, and go on; the same for a worker
+    that delays its start (TimeoutStartSec=)."""
     c = container
     # --drain-timeout 1: TimeoutStopSec=6s
     cl = deploy(
@@ -305,6 +306,14 @@ def test_a_worker_that_keeps_delaying_its_stop_is_killed(container: Container, t
         "the killed worker's exit event",
         lambda e: e["worker"] == 0 and e["pid"] == before and e["signal"] == "SIGKILL",
     )
+    # worker 1 delays its start for ever: `scale` gives up on it after TimeoutStartSec= (3 s)
+    c.write_file(
+        "/run/systemd/system/stubborn@.service.d/start.conf", "[Service]\nTimeoutStartSec=3s\n"
+    )
+    c.systemctl("daemon-reload")
+    r = cl.ck("scale", "stubborn", "2", check=False, timeout=90)
+    assert "stubborn@1.service was still starting past its TimeoutStartSec=" in r.stderr, r.stderr
+    assert r.returncode == 1 and "stubborn@1.service" in r.stderr.splitlines()[-1], r.stderr
     r = cl.ck("stop", "stubborn", timeout=90)
     assert "stubborn@0.service was still stopping" in r.stderr, r.stderr
     assert cl.running_ids() == []
