@@ -187,13 +187,15 @@ def uninstall(name: str, manager: Manager) -> list[str]:
     files = cluster_files(manager.unit_dir, name)
     if not files:
         raise InstallError(f"cluster {name!r} is not installed in {manager.unit_dir}")
-    # Best effort: a unit that is already gone is fine.
-    manager.systemctl(
-        "disable", "--now", names.target(name), names.socket(name, names.SHARED), check=False
-    )
+    # Best effort: a unit that is already gone is fine. Not `disable --now`: its stop waits
+    # for the workers with no bound (systemctl_bounded has one).
+    target, shared_socket = names.target(name), names.socket(name, names.SHARED)
+    manager.systemctl("disable", target, shared_socket, check=False)
     workers = f"{name}@*.service"
     manager.systemctl_bounded(
         "stop",
+        target,
+        shared_socket,
         workers,
         f"{name}@*.socket",
         names.back_off_mount(name, dynamic_user=True),
@@ -201,6 +203,8 @@ def uninstall(name: str, manager: Manager) -> list[str]:
         units=[workers],
         check=False,
     )
+    # a worker killed on the way out (or one that had failed) would stay listed as failed
+    manager.systemctl("reset-failed", workers, f"{name}@*.socket", check=False)
     # Under the directory's lock, through its descriptor: never through a symlink.
     removed = list(unitfiles.write_all(manager.unit_dir, {}, stale=tuple(files)).removed)
     if manager.generator_dir is not None:

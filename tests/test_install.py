@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from scenario import ck, wait_for
+from scenario import APPS, ck, wait_for
 
 from clusterkit.container import Container
 
@@ -84,6 +84,29 @@ def test_install_enable_start_and_uninstall(container: Container, tmp_path: Path
     assert "active\n" not in state.replace("inactive", "")
     with pytest.raises(OSError):
         container.http_get(8000, timeout=2)
+
+
+def test_uninstall_kills_a_worker_that_keeps_delaying_its_stop(
+    container: Container, tmp_path: Path
+) -> None:
+    """A worker repeating EXTEND_TIMEOUT_USEC= (sd_notify(3)) is never killed by systemd;
+    `systemctl disable --now` waited for it until clusterkit's call timed out (a traceback
+    after 120 s). uninstall kills it past its TimeoutStopSec= (6 s here) and 5 s."""
+    out = tmp_path / "units"
+    r = subprocess.run(
+        [*CK, "generate", "--output", str(out), "--name", "web", "--exec",
+         f"{PY} {APPS / 'extend_stop.py'}", "--workers", "1", "--drain-timeout", "1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ck(container, "install", "web", "--from", push(container, out), "--now")
+    active = ("is-active", "web@0.service")
+    wait_for("web@0 active", lambda: container.systemctl(*active, check=False).returncode == 0)
+    r = ck(container, "uninstall", "web", check=False, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "web@0.service was still stopping past its TimeoutStopSec=" in r.stderr, r.stderr
+    state = container.systemctl("show", "-p", "LoadState,ActiveState", "web@0.service").stdout
+    assert state.split() == ["LoadState=not-found", "ActiveState=inactive"], state
 
 
 def test_drop_ins_survive_reinstall_and_hand_edits_are_refused(
