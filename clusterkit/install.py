@@ -86,6 +86,12 @@ def install(
     done = unitfiles.write_all(manager.unit_dir, files, force=force, stale=stale)
     generated = _install_generator(manager, name, generator, force=force)
     _systemctl(manager, "daemon-reload")
+    # The back-off's file system for the other kind of user (DynamicUser= or --run-as): its
+    # unit file is gone, but it would stay mounted until reboot. The running workers keep
+    # their own view of it until they restart into the new one.
+    old_mounts = [n for n in stale if n.endswith(".mount")]
+    if old_mounts:
+        manager.systemctl("stop", *old_mounts, check=False)
     shared_socket = names.socket(name, names.SHARED)
     enable = [names.target(name)] + ([shared_socket] if shared_socket in files else [])
     _systemctl(manager, "enable", *enable)

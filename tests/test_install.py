@@ -109,6 +109,33 @@ def test_uninstall_kills_a_worker_that_keeps_delaying_its_stop(
     assert state.split() == ["LoadState=not-found", "ActiveState=inactive"], state
 
 
+def test_switching_to_a_named_user_unmounts_the_old_back_off_file_system(
+    container: Container, tmp_path: Path
+) -> None:
+    """The back-off's tmpfs is a mount unit whose path depends on the kind of user
+    (DynamicUser=yes or --run-as). Installing the other kind removes the old unit file; its
+    file system must go too, not stay mounted until reboot."""
+    dynamic = "/run/private/clusterkit/backoff/web"
+    named = "/run/clusterkit/backoff/web"
+
+    def mounted(path: str) -> bool:
+        return container.run("findmnt", "-n", path).returncode == 0
+
+    container.run("useradd", "-M", "app", check=True)
+    out = generate(tmp_path, "--workers", "1", "--listen", "8002")
+    ck(container, "install", "web", "--from", push(container, out), "--now")
+    wait_for("the dynamic user's back-off mount", lambda: mounted(dynamic))
+    out = generate(tmp_path, "--workers", "1", "--listen", "8002", "--run-as", "app")
+    r = ck(container, "install", "web", "--from", push(container, out), check=False)
+    assert r.returncode == 0, r.stderr
+    ck(container, "reload", "web")
+    wait_for("the named user's back-off mount", lambda: mounted(named))
+    wait_for("the old mount to go", lambda: not mounted(dynamic))
+    assert container.http_get(8002)[0] == 200
+    ck(container, "uninstall", "web")
+    assert not mounted(named)
+
+
 def test_drop_ins_survive_reinstall_and_hand_edits_are_refused(
     container: Container, tmp_path: Path
 ) -> None:
