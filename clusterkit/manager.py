@@ -147,8 +147,9 @@ class Manager:
                     )
                 for unit, state in late:
                     log.warning(
-                        "%s was still %s past its Timeout%sSec= (the worker kept asking systemd "
-                        "for more time, EXTEND_TIMEOUT_USEC=): killed it (SIGKILL)",
+                        "%s was still %s past its Timeout%sSec= (systemd never kills a worker "
+                        "that keeps asking for more time, EXTEND_TIMEOUT_USEC=): killed it "
+                        "(SIGKILL)",
                         unit,
                         state,
                         "Stop" if state == "stopping" else "Start",
