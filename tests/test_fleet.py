@@ -637,19 +637,25 @@ HAPROXY_REQUEST_TIMEOUT = 10.0  # templates/haproxy.cfg.j2, timeout http-request
 
 def test_haproxy_closes_slowloris_connections_that_the_workers_never_see(tmp_path: Path) -> None:
     """HAProxy reads a request's whole head before it forwards a byte, so behind it the
-    workers' header_timeout never sees a slow client: HAProxy's own must close it. Each
-    slow client sends a header line every second (which restarts `timeout client` every
-    time); each must get 408 and lose its connection within `timeout http-request`, while
-    an ordinary request is still answered."""
+    workers' header_timeout never sees a slow client: HAProxy's own must close it. Half the
+    slow clients send a header line every second (which restarts `timeout client` every
+    time), half a whole head and then a body byte a second (a slow POST); each must get 408
+    and lose its connection within `timeout http-request`, no slow body may reach the host
+    (it would hold a connection of a worker), and an ordinary request is still answered."""
 
     backend = _Backend(("127.0.0.1", 0))
     slow: list[tuple[socket.socket, float]] = []
     try:
         with _loopback_haproxy(tmp_path, backend.server_address[1]) as (fleet, front):
             _wait_all_up(fleet)
-            for _ in range(SLOW_CLIENTS):
+            for i in range(SLOW_CLIENTS):
                 s = socket.create_connection(("127.0.0.1", front), timeout=5)
-                s.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\n")
+                if i % 2:
+                    s.sendall(
+                        b"POST /slow-body HTTP/1.1\r\nHost: lb\r\nContent-Length: 100\r\n\r\n"
+                    )
+                else:
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\n")
                 slow.append((s, time.monotonic()))
             answers: dict[int, bytes] = {}
             deadline = slow[-1][1] + HAPROXY_REQUEST_TIMEOUT + 5
@@ -660,7 +666,7 @@ def test_haproxy_closes_slowloris_connections_that_the_workers_never_see(tmp_pat
                     if i in answers:
                         continue
                     try:
-                        s.sendall(b"X-Slow-%d: 1\r\n" % n)
+                        s.sendall(b"x" if i % 2 else b"X-Slow-%d: 1\r\n" % n)
                     except OSError:
                         pass  # closed: what it got is read below
                     s.setblocking(False)
@@ -681,6 +687,7 @@ def test_haproxy_closes_slowloris_connections_that_the_workers_never_see(tmp_pat
             still_open = len(slow) - len(answers)
             assert still_open == 0, f"{still_open} slow clients still connected"
             assert all(a.startswith(b"HTTP/1.1 408") for a in answers.values()), answers
+            assert not backend.arrived, backend.arrived
     finally:
         for s, _ in slow:
             s.close()
