@@ -635,6 +635,31 @@ SLOW_CLIENTS = 40
 HAPROXY_REQUEST_TIMEOUT = 10.0  # templates/haproxy.cfg.j2, timeout http-request
 
 
+def test_haproxy_runs_as_its_own_user_in_a_chroot(tmp_path: Path) -> None:
+    """HAProxy parses every byte from the network; started by root (as Debian's unit does),
+    it must not go on as root."""
+    import pwd
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        with _loopback_haproxy(tmp_path, silent.getsockname()[1]) as (_, front):
+            pids = subprocess.run(
+                ["pgrep", "-f", f"haproxy -db -f {tmp_path / 'haproxy.cfg'}"],
+                capture_output=True, text=True, check=True,
+            ).stdout.split()  # fmt: skip
+            assert pids
+            for pid in pids:
+                status = Path(f"/proc/{pid}/status").read_text()
+                uids = next(
+                    line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")
+                )
+                assert set(uids) == {str(pwd.getpwnam("haproxy").pw_uid)}, uids
+                assert os.readlink(f"/proc/{pid}/root") == "/var/lib/haproxy"
+            with socket.create_connection(("127.0.0.1", front), timeout=5):
+                pass  # and it still accepts
+
+
 def test_haproxy_closes_slowloris_connections_that_the_workers_never_see(tmp_path: Path) -> None:
     """HAProxy reads a request's whole head before it forwards a byte, so behind it the
     workers' header_timeout never sees a slow client: HAProxy's own must close it. Half the
