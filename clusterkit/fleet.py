@@ -215,6 +215,7 @@ def haproxy_config(fleet: Fleet, bind: str, socket_path: str | None) -> str:
         bind=bind,
         socket=socket_path,
         health_path=fleet.health_path,
+        health_host=fleet.health_host,
         server_timeout="2s",
     )
     return with_header("haproxy.cfg", body, command="fleet haproxy-config")

@@ -29,7 +29,10 @@ from clusterkit.spec import Spec, SpecError, build_spec, load_config
 GROUP = "clusterkit"
 COLLECTOR_GROUP = "clusterkit_collector"
 _HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
-_HTTP_PATH = re.compile(r"/[!-~]*")
+#: a path (and query) HAProxy's configuration holds as one word: no quote, backslash or #
+_HTTP_PATH = re.compile(r"/[A-Za-z0-9._~!$&()*+,;=:@%/?-]*")
+#: a Host header value: a host name, an IPv4 address or a bracketed IPv6 one, maybe a port
+_HTTP_HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _SIZE = re.compile(r"[1-9][0-9]{0,5}[KMGT]")  # journalctl's size syntax, from 1K on
 #: a path HAProxy's configuration holds as one word: no space, quote, backslash or #
 _CONFIG_PATH = re.compile(r"/[A-Za-z0-9_./@+-]*")
@@ -62,6 +65,7 @@ class Fleet:
     runtime: bool = False  # install --runtime (units gone at reboot)
     port: int = 3000  # the port every host serves on (HAProxy's servers)
     health_path: str = "/"
+    health_host: str = ""  # the Host header of HAProxy's health check ("": HTTP/1.0, none)
     collector: str | None = None  # the address the hosts upload their journal to
     collector_port: int = 19532
     collector_ssh: bool = False  # configure the collector over ssh (else: this machine)
@@ -93,6 +97,7 @@ _KEYS = {
     "runtime",
     "port",
     "health_path",
+    "health_host",
     "collector",
     "collector_port",
     "collector_ssh",
@@ -158,6 +163,13 @@ def build_fleet(
         if not _HTTP_PATH.fullmatch(path):
             raise FleetError(f"fleet.health_path: {path!r} is not an HTTP path starting with /")
         kw["health_path"] = path
+    if "health_host" in table:
+        host = _text("health_host", table["health_host"])
+        if not _HTTP_HOST.fullmatch(host):
+            raise FleetError(
+                f"fleet.health_host: {host!r} is not a host name or address, with an optional :port"
+            )
+        kw["health_host"] = host
     for key in ("ssh_key", "known_hosts", "collector_directory", "haproxy_socket"):
         if key in table:
             kw[key] = base / _text(key, table[key])

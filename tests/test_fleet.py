@@ -255,6 +255,10 @@ def test_bad_inventory_exits_2(tmp_path: Path) -> None:
         # rendered into HAProxy's configuration: one word, never a second keyword
         "fleet.haproxy_socket": base + '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\n'
         'haproxy_socket = "/run/a.sock mode 666"\n',
+        "fleet.health_path": base + '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\n'
+        'health_path = "/health#x"\n',
+        "fleet.health_host": base + '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\n'
+        'health_host = "app.example hdr X-Admin yes"\n',
     }
     inventory = tmp_path / "inventory.ini"
     inventory.write_text("[clusterkit]\nweb1 ansible_host=web1.example\n")
@@ -417,11 +421,14 @@ def test_fleet_table_and_haproxy_config(tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def _loopback_haproxy(
-    tmp_path: Path, backend_port: int, addresses: tuple[str, ...] = ("127.0.0.1",)
+    tmp_path: Path,
+    backend_port: int,
+    addresses: tuple[str, ...] = ("127.0.0.1",),
+    fleet_keys: str = "",
 ) -> Iterator[tuple[object, int]]:
     """Real HAProxy on the loopback with ``fleet haproxy-config``'s configuration, one
-    server per address ("a", "b", ...) at *backend_port*: (the fleet, the frontend's
-    port). Stopped after."""
+    server per address ("a", "b", ...) at *backend_port*, *fleet_keys* (TOML lines) added to
+    the fleet table: (the fleet, the frontend's port). Stopped after."""
     from clusterkit.fleet import haproxy_config
     from clusterkit.fleetspec import load_fleet
 
@@ -438,13 +445,14 @@ def _loopback_haproxy(
     config.write_text(
         f'[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\nlisten = ["{backend_port}"]\n'
         f"[tool.clusterkit.fleet]\nhosts = {{ {hosts} }}\n"
-        f'collector = "127.0.0.1"\nhaproxy_socket = "{admin}"\n'
+        f'collector = "127.0.0.1"\nhaproxy_socket = "{admin}"\n{fleet_keys}'
     )
     fleet = load_fleet(config)
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(haproxy_config(fleet, f"127.0.0.1:{front}", str(admin)))
     check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+    admin.unlink(missing_ok=True)  # an earlier HAProxy's: wait for this one's
     proxy = subprocess.Popen(
         ["haproxy", "-db", "-f", str(cfg)],
         stdout=subprocess.DEVNULL,
@@ -483,6 +491,12 @@ class _BackendHandler(http.server.BaseHTTPRequestHandler):
 
     def _any(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        wanted = self.server.only_host  # type: ignore[attr-defined]
+        if wanted and self.headers.get("Host") != wanted:  # as Django's ALLOWED_HOSTS
+            self.send_response(400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path != "/":
             self.server.arrived[self.command, self.path] += 1  # type: ignore[attr-defined]
         if self.path in ("/500", "/503"):  # the app's own error, or a worker shedding load
@@ -513,8 +527,9 @@ class _Backend(http.server.ThreadingHTTPServer):
     ``/echo`` answers the request's header fields, one ``name: value`` line each.
     ``arrived`` counts the requests other than ``/`` by (method, path)."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], only_host: str = "") -> None:
         self.arrived: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.only_host = only_host  # else 400, as an app that checks the Host header
         super().__init__(address, _BackendHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -633,6 +648,35 @@ def test_the_app_gets_the_clients_address_and_no_client_can_forge_it(tmp_path: P
 
 SLOW_CLIENTS = 40
 HAPROXY_REQUEST_TIMEOUT = 10.0  # templates/haproxy.cfg.j2, timeout http-request
+
+
+def test_health_check_sends_the_host_the_app_accepts(tmp_path: Path) -> None:
+    """HAProxy's plain `option httpchk GET /` is HTTP/1.0 with no Host: an app that checks
+    the Host header (Django's ALLOWED_HOSTS) answers 400 and every host stays DOWN.
+    fleet.health_host makes the check HTTP/1.1 with that Host."""
+    from clusterkit.fleet import haproxy_view
+
+    backend = _Backend(("127.0.0.1", 0), only_host="app.example")
+    try:
+        port = backend.server_address[1]
+        with _loopback_haproxy(tmp_path, port) as (fleet, _):
+            row = wait_for(
+                "a failed health check",
+                lambda: (
+                    ((haproxy_view(fleet) or {}).get("a") or {}).get("check") == "L7STS"
+                    and (haproxy_view(fleet) or {})["a"]
+                ),
+                timeout=15,
+            )
+            assert str(row["status"]).startswith("DOWN"), row
+        keys = 'health_host = "app.example"\n'
+        with _loopback_haproxy(tmp_path, port, fleet_keys=keys) as (fleet, front):
+            _wait_all_up(fleet)
+            with socket.create_connection(("127.0.0.1", front), timeout=10) as c:
+                c.sendall(b"GET / HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n")
+                assert c.makefile("rb").read().startswith(b"HTTP/1.1 200")
+    finally:
+        backend.close()
 
 
 def test_haproxy_runs_as_its_own_user_in_a_chroot(tmp_path: Path) -> None:
