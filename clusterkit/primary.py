@@ -548,8 +548,9 @@ def start(*, settings: Settings | None = None) -> None:
 def stop(*, settings: Settings | None = None, timeout: float | None = None) -> None:
     """Stop every worker and close the port (the sockets too); returns once they are down.
 
-    ``systemctl stop NAME.target`` returns before the workers have stopped, so
-    this waits, at most the drain time and its margin.
+    The stop waits for the workers' stop jobs, killing one that keeps delaying its stop
+    (:meth:`Manager.systemctl_bounded`); then this waits, at most the drain time and its
+    margin, until no instance is listed as active or deactivating any more.
     """
     s = settings or _current()
     name = s.name
