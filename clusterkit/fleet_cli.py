@@ -199,8 +199,17 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_lb(args: argparse.Namespace) -> int:
+    from clusterkit.cli import USAGE_ERROR, CommandError
     from clusterkit.fleet import HAProxy
+    from clusterkit.fleetspec import FleetError, haproxy_name
 
+    try:
+        haproxy_name("SERVER", args.server)
+        haproxy_name("--backend", args.backend)
+    except FleetError as e:
+        raise CommandError(str(e), USAGE_ERROR) from None
+    if not 0 < args.timeout <= 3600:  # also false for NaN
+        raise CommandError(f"--timeout: {args.timeout:g} is outside 0-3600 seconds", USAGE_ERROR)
     lb = HAProxy(args.socket, args.backend)
     if args.action == "drain":
         _failure(lb.drain, args.server, args.timeout)

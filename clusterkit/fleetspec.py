@@ -294,3 +294,11 @@ def haproxy_bind(flag: str, raw: str) -> str:
             f"{flag}: {raw!r}: {problem}; give ADDRESS:PORT, e.g. *:80, 198.18.0.1:80, [::]:80"
         )
     return raw
+
+
+def haproxy_name(flag: str, raw: str) -> str:
+    """A server or backend name for HAProxy's runtime API, where ``;`` and a newline would
+    start another command: letters, digits, ``_``, ``.`` and ``-`` only."""
+    if not _HOST_NAME.fullmatch(raw):
+        raise FleetError(f"{flag}: {raw!r} is not a name (letters, digits, _ . - only)")
+    return raw

@@ -377,6 +377,25 @@ def test_haproxy_config_is_written_whole_and_never_over_the_operators_own(tmp_pa
     assert not any((tmp_path / "elsewhere").iterdir())
 
 
+def test_lb_refuses_what_would_be_a_second_runtime_api_command(tmp_path: Path) -> None:
+    """`fleet lb` writes SERVER and --backend into a line of HAProxy's runtime API, where
+    `;` or a newline starts another command (e.g. one disabling every other server)."""
+    sock = str(tmp_path / "admin.sock")  # never reached: refused before
+    cases = [
+        (["drain", "web1; disable server web/web2", "--backend", "web"], "SERVER"),
+        (["ready", "web1\nshutdown sessions server web/web2", "--backend", "web"], "SERVER"),
+        (["show", "web1", "--backend", "web;disable frontend web_front"], "--backend"),
+        (["drain", "web1", "--backend", "web", "--timeout", "nan"], "--timeout"),
+        (["drain", "web1", "--backend", "web", "--timeout", "-1"], "--timeout"),
+    ]
+    for argv, flag in cases:
+        r = subprocess.run(
+            [*CLI, "fleet", "lb", *argv, "--socket", sock], capture_output=True, text=True
+        )
+        assert r.returncode == 2, (argv, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and f"{flag}: " in r.stderr, r.stderr
+
+
 def test_fleet_table_and_haproxy_config(tmp_path: Path) -> None:
     from clusterkit.fleet import collector_files, haproxy_config
     from clusterkit.fleetspec import load_fleet
