@@ -228,3 +228,69 @@ def test_keepalive_connection_idle_at_sigterm_gets_one_more_request(
     finally:
         conn.close()
     assert p.wait(15) == 0
+
+
+FORWARDED_APP = r"""
+import sys
+from clusterkit.serve import serve_asgi, serve_wsgi
+
+mode, trusted = sys.argv[1], sys.argv[2]
+
+async def asgi(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = f"{scope['client'][0]} {scope['scheme']}".encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+def wsgi(environ, start_response):
+    body = f"{environ['REMOTE_ADDR']} {environ['wsgi.url_scheme']}".encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+if mode == "asgi":
+    serve_asgi(asgi, 3000, forwarded_allow_ips=trusted)
+else:
+    serve_wsgi(wsgi, 3000, trusted_proxy=trusted,
+               trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"})
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "trusted", "seen"),
+    [
+        ("asgi", "127.0.0.2,::ffff:127.0.0.2", "198.18.0.77 https"),
+        ("asgi", "127.0.0.2", "::ffff:127.0.0.2 http"),  # the socket is IPv6: not trusted
+        ("wsgi", "::ffff:127.0.0.2", "198.18.0.77 https"),
+        ("wsgi", "127.0.0.2", "::ffff:127.0.0.2 http"),
+    ],
+)
+def test_the_proxys_address_as_the_dual_stack_socket_sees_it(
+    mode, trusted, seen, procs, tmp_path, notify_socket
+):
+    """README, "HAProxy settings, and why": behind HAProxy the server must trust its
+    X-Forwarded-For/-Proto from HAProxy's address only. systemd's socket for a bare port
+    is IPv6 and takes IPv4 too, so an IPv4 peer shows as ::ffff:a.b.c.d: that is the form
+    to trust (with the plain one, uvicorn and waitress ignore the fields). The "proxy"
+    here connects from 127.0.0.2, another address of the loopback."""
+    script = tmp_path / "forwarded.py"
+    script.write_text(FORWARDED_APP)
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)  # as ListenStream=PORT
+    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listener.bind(("::", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="http")
+    env.update(unit_env(notify_socket))
+    procs.append(with_socket_as_fd3(listener, [PYTHON, str(script), mode, trusted], env=env))
+    wait_for("READY=1", lambda: notify_socket.count("READY=1") == 1, timeout=15)
+    with socket.socket() as c:
+        c.bind(("127.0.0.2", 0))
+        c.connect(("127.0.0.1", port))
+        c.sendall(
+            b"GET / HTTP/1.1\r\nHost: app\r\nX-Forwarded-For: 198.18.0.77\r\n"
+            b"X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n"
+        )
+        reply = c.makefile("rb").read()
+    assert reply.split(b"\r\n\r\n", 1)[1].decode() == seen, reply
