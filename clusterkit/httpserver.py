@@ -76,10 +76,16 @@ def http_date(seconds: float) -> bytes:
 
 
 class Request:
-    __slots__ = ("method", "target", "raw_headers", "_headers", "body", "version")
+    __slots__ = ("method", "target", "raw_headers", "_headers", "body", "version", "client")
 
     def __init__(
-        self, method: str, target: str, raw_headers: list, body: bytes, version: str
+        self,
+        method: str,
+        target: str,
+        raw_headers: list,
+        body: bytes,
+        version: str,
+        client: tuple | None = None,
     ) -> None:
         self.method = method
         #: the request target as sent, e.g. ``/path?q=1``
@@ -89,6 +95,11 @@ class Request:
         self._headers: list[tuple[str, str]] | None = None
         self.body = body
         self.version = version
+        #: the peer's address as the socket sees it, ``(host, port)`` (Node's
+        #: ``req.socket.remoteAddress``); on systemd's IPv6 socket an IPv4 peer is
+        #: ``::ffff:a.b.c.d``. Behind a proxy it is the proxy's: trust its X-Forwarded-For
+        #: only when it is.
+        self.client = client
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -238,6 +249,7 @@ class HttpProtocol(asyncio.Protocol):
         "state",
         "limits",
         "transport",
+        "client",
         "parser",
         "url",
         "headers",
@@ -264,6 +276,7 @@ class HttpProtocol(asyncio.Protocol):
         self.state = state
         self.limits = state.limits
         self.transport: asyncio.Transport | None = None
+        self.client: tuple | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -289,6 +302,8 @@ class HttpProtocol(asyncio.Protocol):
     # -- transport events --------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client = tuple(peer[:2]) if isinstance(peer, tuple) else None  # not a unix socket
         connections = self.state.connections
         if len(connections) >= self.state.max_connections:
             self.state.make_room()
@@ -452,6 +467,7 @@ class HttpProtocol(asyncio.Protocol):
             self.headers,
             body,
             version,
+            self.client,
         )
         if self.busy:
             if len(self.pending) >= self.limits.max_pipelined:

@@ -249,7 +249,13 @@ def wsgi(environ, start_response):
     start_response("200 OK", [("Content-Length", str(len(body)))])
     return [body]
 
-if mode == "asgi":
+def plain(req):  # serve_asyncio trusts nothing: the app reads the peer and the field
+    return f"{req.client[0]} {req.header('x-forwarded-for')}"
+
+if mode == "asyncio":
+    from clusterkit.serve import serve_asyncio
+    serve_asyncio(plain, 3000)
+elif mode == "asgi":
     serve_asgi(asgi, 3000, forwarded_allow_ips=trusted)
 else:
     serve_wsgi(wsgi, 3000, trusted_proxy=trusted,
@@ -264,6 +270,7 @@ else:
         ("asgi", "127.0.0.2", "::ffff:127.0.0.2 http"),  # the socket is IPv6: not trusted
         ("wsgi", "::ffff:127.0.0.2", "198.18.0.77 https"),
         ("wsgi", "127.0.0.2", "::ffff:127.0.0.2 http"),
+        ("asyncio", "-", "::ffff:127.0.0.2 198.18.0.77"),
     ],
 )
 def test_the_proxys_address_as_the_dual_stack_socket_sees_it(
@@ -272,8 +279,9 @@ def test_the_proxys_address_as_the_dual_stack_socket_sees_it(
     """README, "HAProxy settings, and why": behind HAProxy the server must trust its
     X-Forwarded-For/-Proto from HAProxy's address only. systemd's socket for a bare port
     is IPv6 and takes IPv4 too, so an IPv4 peer shows as ::ffff:a.b.c.d: that is the form
-    to trust (with the plain one, uvicorn and waitress ignore the fields). The "proxy"
-    here connects from 127.0.0.2, another address of the loopback."""
+    to trust (with the plain one, uvicorn and waitress ignore the fields). serve_asyncio
+    gives the app the peer as ``req.client``. The "proxy" here connects from 127.0.0.2,
+    another address of the loopback."""
     script = tmp_path / "forwarded.py"
     script.write_text(FORWARDED_APP)
     listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)  # as ListenStream=PORT
