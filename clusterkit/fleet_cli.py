@@ -8,8 +8,10 @@ an Ansible inventory instead (group ``clusterkit``). Bad input: exit 2, one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from clusterkit import terminal
@@ -57,15 +59,24 @@ def _play(args: argparse.Namespace, playbook: str, **extra: object) -> int:
     return 0
 
 
-def _haproxy_config(fleet, flag: str, bind: str) -> str:
+@contextlib.contextmanager
+def _bad_input() -> Iterator[None]:
+    """A FleetError from checking a flag, as the one-line exit 2 of bad input."""
     from clusterkit.cli import USAGE_ERROR, CommandError
-    from clusterkit.fleet import haproxy_config
-    from clusterkit.fleetspec import FleetError, haproxy_bind
+    from clusterkit.fleetspec import FleetError
 
     try:
-        haproxy_bind(flag, bind)
+        yield
     except FleetError as e:
         raise CommandError(str(e), USAGE_ERROR) from None
+
+
+def _haproxy_config(fleet, flag: str, bind: str) -> str:
+    from clusterkit.fleet import haproxy_config
+    from clusterkit.fleetspec import haproxy_bind
+
+    with _bad_input():
+        haproxy_bind(flag, bind)
     return haproxy_config(fleet, bind, str(fleet.haproxy_socket or "") or None)
 
 
@@ -201,13 +212,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_lb(args: argparse.Namespace) -> int:
     from clusterkit.cli import USAGE_ERROR, CommandError
     from clusterkit.fleet import HAProxy
-    from clusterkit.fleetspec import FleetError, haproxy_name
+    from clusterkit.fleetspec import haproxy_name
 
-    try:
+    with _bad_input():
         haproxy_name("SERVER", args.server)
         haproxy_name("--backend", args.backend)
-    except FleetError as e:
-        raise CommandError(str(e), USAGE_ERROR) from None
     if not 0 < args.timeout <= 3600:  # also false for NaN
         raise CommandError(f"--timeout: {args.timeout:g} is outside 0-3600 seconds", USAGE_ERROR)
     lb = HAProxy(args.socket, args.backend)

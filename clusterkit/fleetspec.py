@@ -140,8 +140,8 @@ def build_fleet(
         raise FleetError(f"fleet.clusterkit: {kw['clusterkit']!r} must be an absolute path")
     if "clusterkit" in table and "package" not in table:
         kw["package"] = ""  # a CLI the operator installed: do not pip-install over it
-    if "haproxy_backend" in kw and not _HOST_NAME.fullmatch(kw["haproxy_backend"]):
-        raise FleetError(f"fleet.haproxy_backend: {kw['haproxy_backend']!r} is not a name")
+    if "haproxy_backend" in kw:
+        haproxy_name("fleet.haproxy_backend", kw["haproxy_backend"])
     for key in ("become", "runtime", "collector_ssh"):
         if key in table:
             if not isinstance(table[key], bool):
@@ -297,8 +297,8 @@ def haproxy_bind(flag: str, raw: str) -> str:
 
 
 def haproxy_name(flag: str, raw: str) -> str:
-    """A server or backend name for HAProxy's runtime API, where ``;`` and a newline would
-    start another command: letters, digits, ``_``, ``.`` and ``-`` only."""
+    """A server or backend name for HAProxy's configuration and runtime API, where ``;`` and
+    a newline would start another command: letters, digits, ``_``, ``.`` and ``-`` only."""
     if not _HOST_NAME.fullmatch(raw):
         raise FleetError(f"{flag}: {raw!r} is not a name (letters, digits, _ . - only)")
     return raw
