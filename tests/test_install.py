@@ -17,7 +17,7 @@ CK = [PY, "-m", "clusterkit.cli"]
 APP = Path(__file__).resolve().parent / "apps" / "hello_any_port.py"
 
 
-def generate(tmp_path: Path, *args: str) -> Path:
+def generate(tmp_path: Path, *args: str, app: Path = APP) -> Path:
     """Render units on the host; install them from the container's copy (see push)."""
     out = tmp_path / "units"
     r = subprocess.run(
@@ -29,7 +29,7 @@ def generate(tmp_path: Path, *args: str) -> Path:
             "--name",
             "web",
             "--exec",
-            f"{PY} {APP}",
+            f"{PY} {app}",
             *args,
         ],
         capture_output=True,
@@ -92,13 +92,7 @@ def test_uninstall_kills_a_worker_that_keeps_delaying_its_stop(
     """A worker repeating EXTEND_TIMEOUT_USEC= (sd_notify(3)) is never killed by systemd;
     `systemctl disable --now` waited for it until clusterkit's call timed out (a traceback
     after 120 s). uninstall kills it past its TimeoutStopSec= (6 s here) and 5 s."""
-    out = tmp_path / "units"
-    r = subprocess.run(
-        [*CK, "generate", "--output", str(out), "--name", "web", "--exec",
-         f"{PY} {APPS / 'extend_stop.py'}", "--workers", "1", "--drain-timeout", "1"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    out = generate(tmp_path, "--workers", "1", "--drain-timeout", "1", app=APPS / "extend_stop.py")
     ck(container, "install", "web", "--from", push(container, out), "--now")
     active = ("is-active", "web@0.service")
     wait_for("web@0 active", lambda: container.systemctl(*active, check=False).returncode == 0)
