@@ -38,6 +38,12 @@ class _DropTransport:
     def write(self, data: bytes) -> None:
         pass
 
+    def get_extra_info(self, name: str) -> object:  # the peer, read once per connection
+        return ("127.0.0.1", 40000) if name == "peername" else None
+
+    def get_write_buffer_size(self) -> int:  # every response taken at once
+        return 0
+
 
 class _Bare:
     """The floor: llhttp's callbacks into Python, and one write of a fixed response."""
