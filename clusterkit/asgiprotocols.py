@@ -4,7 +4,8 @@
 request head is whole is :mod:`clusterkit.asgilimits`' middleware.
 
 - both: at ``limit_concurrency`` connections uvicorn answers every new request 503;
-  a new connection past it closes the oldest one with no response in progress.
+  a new connection past it closes the oldest one with no response in progress. And
+  ``send_timeout``: a response the client stops taking is dropped, not kept for ever.
 - :func:`guarded_h11`: h11 bounds a head itself (``h11_max_incomplete_event_size``);
   this adds ``header_timeout`` and ``body_timeout``.
 - :func:`guarded_httptools`: uvicorn's httptools protocol buffers a head or trailer
@@ -64,12 +65,14 @@ class _Deadline:
     byte, must come (0: none is awaited), and its one timer, armed again only when it
     fires, not a timer per request."""
 
-    __slots__ = ("deadline", "timer", "refused")
+    __slots__ = ("deadline", "timer", "refused", "send_timer", "unsent")
 
     def __init__(self) -> None:
         self.deadline = 0.0
         self.timer: Any = None
         self.refused: int | str | None = None  # a refusal: nothing more is awaited
+        self.send_timer: Any = None  # while a response waits for the client to take it
+        self.unsent = 0  # bytes of it not sent at the last look
 
 
 class _Timed:
@@ -88,9 +91,10 @@ class _Timed:
 
     def connection_lost(self, exc: Exception | None) -> None:
         reading = self.reading
-        if reading.timer is not None:
-            reading.timer.cancel()
-            reading.timer = None
+        for timer in (reading.timer, reading.send_timer):  # the send timer: _SendWatch's
+            if timer is not None:
+                timer.cancel()
+        reading.timer = reading.send_timer = None
         super().connection_lost(exc)  # type: ignore[misc]  # uvicorn's protocol's
 
     def timer_fired(self) -> None:
@@ -121,6 +125,48 @@ class _Timed:
         else:
             self.reading.refused = 408  # nothing more is read
             end_stalled_body(self.cycle, self.transport)
+
+
+class _SendWatch:
+    """``send_timeout``, which uvicorn has no setting for: a response the client stops
+    taking would be kept for ever, the app's task blocked in ``send()`` (uvicorn's flow
+    control) or, once the app is done, the connection closing only when it is all sent.
+    A mixin before uvicorn's protocol: when the write buffer passes its high-water mark,
+    or a response ends with bytes of it still unsent, a timer looks every
+    ``send_timeout`` seconds; if the client took nothing in between, the connection is
+    dropped (the app gets ``http.disconnect``), as serve_asyncio does."""
+
+    reading: _Deadline
+    loop: Any  # uvicorn's protocol's
+    transport: Any
+    send_timeout: float  # the guarded class's
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]  # uvicorn's protocol's
+        self.watch_send()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self.transport.get_write_buffer_size():
+            self.watch_send()
+
+    def watch_send(self) -> None:
+        reading = self.reading
+        if reading.send_timer is None:
+            reading.unsent = self.transport.get_write_buffer_size()
+            reading.send_timer = self.loop.call_later(self.send_timeout, self.send_looked)
+
+    def send_looked(self) -> None:
+        reading = self.reading
+        reading.send_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if not unsent or upgraded(self):
+            return  # all sent: watched again at the next pause or unsent end
+        if unsent == reading.unsent:  # nothing taken for send_timeout
+            self.transport.abort()
+            return
+        reading.unsent = unsent
+        reading.send_timer = self.loop.call_later(self.send_timeout, self.send_looked)
 
 
 class _MakesRoom:
@@ -194,8 +240,9 @@ def guarded_h11(limits: Limits) -> type:
     header_timeout = limits.header_timeout
     body_timeout = limits.body_timeout
 
-    class GuardedH11Protocol(_MakesRoom, _Timed, H11Protocol):
+    class GuardedH11Protocol(_MakesRoom, _SendWatch, _Timed, H11Protocol):
         opened: dict[Any, None] = {}  # noqa: RUF012 - this class's connections, oldest first
+        send_timeout = limits.send_timeout
         awaited: Any = h11.IDLE  # their_state when the deadline was last set
 
         def connection_made(self, transport: Any) -> None:
@@ -278,8 +325,9 @@ def guarded_httptools(limits: Limits) -> type:
     # uvicorn's methods called directly, not through super(): this runs on every request
     base = HttpToolsProtocol
 
-    class GuardedHttpToolsProtocol(_MakesRoom, _Timed, HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(_MakesRoom, _SendWatch, _Timed, HttpToolsProtocol):
         opened: dict[Any, None] = {}  # noqa: RUF012 - this class's connections, oldest first
+        send_timeout = limits.send_timeout
         reading: _Reading
 
         def connection_made(self, transport: Any) -> None:

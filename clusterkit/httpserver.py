@@ -216,7 +216,7 @@ class ConnectionSet:
         self.shed.flush()
         for conn in list(self.connections):
             if conn.deadline and now >= conn.deadline:
-                conn.close_waiting(408)
+                conn.timed_out(now)
 
     def start_ticking(self, loop: asyncio.AbstractEventLoop) -> None:
         """Call :meth:`tick` every ``limits.tick`` seconds from *loop*."""
@@ -270,6 +270,7 @@ class HttpProtocol(asyncio.Protocol):
         "stopped",
         "deadline",
         "write_paused",
+        "unsent",
     )
 
     def __init__(self, state: ConnectionSet) -> None:
@@ -298,6 +299,8 @@ class HttpProtocol(asyncio.Protocol):
         #: monotonic time at which the connection times out; 0: no timeout running
         self.deadline = state.now + self.limits.header_timeout
         self.write_paused = False
+        #: bytes of responses the client had not taken at the last look (-1: no look yet)
+        self.unsent = -1
 
     # -- transport events --------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -354,6 +357,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.unsent = -1
+        if not (self.closing or self.busy or self.pending or self.in_message):
+            # the response is (nearly) out: the connection is idle from now on
+            self.deadline = self.state.now + self.limits.keep_alive_timeout
         self._maybe_resume_reading()
 
     def _maybe_resume_reading(self) -> None:
@@ -593,6 +600,7 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
         elif not self.busy and not self.in_message and not self.pending:
             self.deadline = state.now + self.limits.keep_alive_timeout
+            self.unsent = -1
             if self.held:  # idle: nothing of it is held any more
                 self._release()
 
@@ -622,8 +630,30 @@ class HttpProtocol(asyncio.Protocol):
     def _close(self) -> None:
         self.closing = True
         self.deadline = 0.0
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            self.unsent = transport.get_write_buffer_size()
+            if self.unsent:  # what the client has not taken yet goes first, while it takes it
+                self.deadline = self.state.now + self.limits.send_timeout
+            transport.close()
+
+    def timed_out(self, now: float) -> None:
+        """The ticker found the deadline passed. A response the client is still taking
+        (bytes of it unsent, and not as many as at the last look) gets ``send_timeout``
+        more, however long it has taken so far; one the client stopped taking is dropped;
+        else :meth:`close_waiting` (408)."""
+        transport = self.transport
+        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        if not unsent:
+            self.unsent = -1
+            self.close_waiting(408)
+        elif unsent != self.unsent:  # the first look, or the client took some since
+            self.unsent = unsent
+            self.deadline = now + self.limits.send_timeout
+        else:  # nothing taken for send_timeout: let go of the connection and what it holds
+            self.deadline = 0.0
+            self.closing = True
+            transport.abort()
 
     def close_waiting(self, status: int) -> bool:
         """Close the connection unless a response is in progress (then False): the ticker's

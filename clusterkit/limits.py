@@ -12,6 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from math import inf
+
+#: the Limits fields checked to be seconds above 0, and whole numbers above 0
+_TIMEOUTS = ("header_timeout", "body_timeout", "keep_alive_timeout", "send_timeout")
+_SIZES = (
+    "max_request_line",
+    "max_header_fields",
+    "max_header_field_size",
+    "max_head_size",
+    "max_body_size",
+    "max_pipelined",
+)
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,13 @@ class Limits:
     header_timeout: float = 10.0
     #: seconds a request body may go without receiving a byte
     body_timeout: float = 30.0
-    #: seconds an idle keep-alive connection is kept (uvicorn's timeout_keep_alive)
+    #: seconds an idle keep-alive connection is kept (uvicorn's timeout_keep_alive), from
+    #: when its last response is (nearly) all sent
     keep_alive_timeout: float = 5.0
+    #: seconds a response may go without the client taking a byte of it (nginx's
+    #: send_timeout); then the connection is dropped, and what it held with it. A client
+    #: that keeps taking it is never cut, however long the response takes
+    send_timeout: float = 30.0
     #: connections one worker holds (serve_asyncio); a new one past it closes the oldest
     #: connection that has no response in progress (idle, or a request still arriving),
     #: so a client holding connections open cannot lock others out. Default (None): the
@@ -51,6 +68,14 @@ class Limits:
     max_connections: int | None = None
 
     def __post_init__(self) -> None:
+        for name in _TIMEOUTS:  # 0 would make the ticker spin, NaN or inf would stop it
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < inf:
+                raise ValueError(f"Limits: {name} must be seconds above 0, not {value!r}")
+        for name in _SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits: {name} must be a whole number above 0, not {value!r}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(
                 f"Limits: max_connections must be at least 1, not {self.max_connections}"
@@ -67,7 +92,7 @@ class Limits:
     @property
     def tick(self) -> float:
         """How often timeouts are checked: they fire up to this late."""
-        return min(1.0, self.header_timeout / 4, self.body_timeout / 4, self.keep_alive_timeout / 4)
+        return min(1.0, *(getattr(self, name) / 4 for name in _TIMEOUTS))
 
 
 class CountedWarning:

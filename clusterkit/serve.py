@@ -58,7 +58,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from clusterkit import responsefields
@@ -345,6 +345,28 @@ class _CloseWhenDraining:
 
 # -- WSGI (waitress) --------------------------------------------------------------
 
+
+def drop_stalled_senders(channels: Iterable[Any], send_timeout: float) -> None:
+    """Close each waitress channel holding a response its client has taken nothing of for
+    *send_timeout* seconds. waitress alone keeps it for ever, with the response (in a
+    temporary file past 1 MiB) and a file descriptor: ``channel_timeout`` marks such a
+    channel to close, but waitress acts on the mark only when the socket can take data
+    again, which it never does; and while the app is still writing, a thread more than
+    ``outbuf_high_watermark`` (16 MiB) ahead of the client waits for it. Closing the
+    channel wakes that thread (the app's next write raises waitress's ClientDisconnected).
+    Small unsent output of an app still running is waitress's to hold, not the client's
+    doing: waitress sends it once ``send_bytes`` (18000) have gathered or the app ends."""
+    now = time.time()  # waitress's clock for last_activity (a byte sent or received)
+    for ch in list(channels):
+        unsent = ch.total_outbufs_len
+        if (
+            unsent
+            and (not ch.requests or unsent >= ch.adj.send_bytes)
+            and now - ch.last_activity >= send_timeout
+        ):
+            ch.handle_close()
+
+
 #: waitress settings for the baseline; any can be overridden by passing it to serve_wsgi.
 #: waitress answers 431 for a large head and 413 for a large body; channel_timeout
 #: closes a connection inactive that long (idle keep-alive, or a stalled request).
@@ -364,6 +386,7 @@ def serve_wsgi(
     drain_timeout: float | None = None,
     fresh_grace: float = 1.0,
     threads: int = 8,
+    send_timeout: float = _LIMITS.send_timeout,
     **waitress_options: Any,
 ) -> None:
     """Serve a WSGI app with waitress on the worker's socket, then return after a drain.
@@ -382,7 +405,7 @@ def serve_wsgi(
     ones). The watchdog also stops pinging when requests wait in the queue while no request finished
     during a whole ping interval: a pool of hung app threads cannot hide
     behind a healthy loop. waitress gets :data:`WSGI_LIMITS` unless
-    *waitress_options* say otherwise.
+    *waitress_options* say otherwise. *send_timeout*: see :func:`drop_stalled_senders`.
     """
     from waitress import wasyncore
     from waitress.channel import HTTPChannel
@@ -459,9 +482,13 @@ def serve_wsgi(
                 return
 
     deadline = None
+    senders_looked_at = 0.0
     try:
         while True:
             wasyncore.loop(timeout=tick, map=server._map, use_poll=True, count=1)
+            if time.monotonic() >= senders_looked_at + min(1.0, send_timeout / 4):
+                senders_looked_at = time.monotonic()  # not at every request: a few times a timeout
+                drop_stalled_senders(server.active_channels.values(), send_timeout)
             if wd.due() and healthy():
                 wd.ping()
             if (

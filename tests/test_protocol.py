@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from apps.protocol_app import BAD_HEADERS
+from apps.protocol_app import BAD_HEADERS, BIG_SIZE
 
 from clusterkit.limits import Limits
 
@@ -607,6 +607,57 @@ def test_idle_keep_alive_closed_after_timeout(server):
     assert r.closed(timeout=TIMEOUT + 5)
 
 
+def _small_window(server: Server) -> socket.socket:
+    """A connection with a small receive buffer: what its client has not read stays
+    mostly in the server, not in the kernel."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", server.port))
+    return sock
+
+
+def _download(sock: socket.socket, seconds: float) -> tuple[int, int]:
+    """Read one response, its body taken steadily over about *seconds*: its Content-Length
+    and how much of the body came before it was whole or the server closed."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(65536)
+        assert data, "closed before a response head"
+        head += data
+    head, _, body = head.partition(b"\r\n\r\n")
+    found = re.search(rb"(?im)^content-length: *(\d+)", head)
+    assert found, head
+    length, got = int(found[1]), len(body)
+    buf = bytearray(65536)
+    began = time.monotonic()
+    while got < length:
+        try:
+            n = sock.recv_into(buf, min(len(buf), length - got))
+        except ConnectionResetError:
+            break
+        if not n:
+            break
+        got += n
+        lag = began + seconds * got / length - time.monotonic()
+        if lag > 0:
+            time.sleep(lag)
+    return length, got
+
+
+def test_a_response_the_client_keeps_taking_is_never_cut(server):
+    """64 MiB taken steadily over three times every timeout (keep-alive's, and the send
+    timeout's): it arrives whole. serve_asyncio used to cut it at keep_alive_timeout;
+    it keeps the connection too (uvicorn closes it once sent: its keep-alive timer ran)."""
+    sock = _small_window(server)
+    sock.sendall(get("/big"))
+    length, got = _download(sock, seconds=3 * TIMEOUT)
+    assert (length, got) == (BIG_SIZE, BIG_SIZE)
+    if server.kind == "asyncio":
+        assert still_serves(Reader(sock))
+    sock.close()
+
+
 # -- hostile clients against the serve_asyncio worker ------------------------------
 
 
@@ -628,6 +679,52 @@ def timed_out(r: Reader, timeout: float, answers: tuple[int, ...] = (408,)) -> b
     if resp is not None and resp[0] not in answers:
         return False
     return r.closed(timeout=max(0.01, deadline - time.monotonic()))
+
+
+def _open_fds(server: Server) -> int:
+    return len(os.listdir(f"/proc/{server.pid}/fd"))
+
+
+def _taken_until_closed(sock: socket.socket) -> int:
+    """Bytes read off *sock* until the server closes it."""
+    sock.settimeout(10)
+    buf = bytearray(1 << 20)
+    got = 0
+    with contextlib.suppress(ConnectionResetError):
+        while n := sock.recv_into(buf):
+            got += n
+    return got
+
+
+def _drops_clients_that_stop_taking(server: Server, within: float) -> None:
+    """Four clients ask for 64 MiB (two keep-alive, two with Connection: close) and read
+    nothing: within *within* seconds the server lets go of each connection, and of what
+    it held for it; reading then, each client gets what the kernels' buffers held, not
+    the whole response."""
+    fds = _open_fds(server)
+    rss = server.rss()
+    socks = [_small_window(server) for _ in range(4)]
+    for i, sock in enumerate(socks):
+        sock.sendall(get("/big", "Connection: close\r\n" if i % 2 else ""))
+    _wait(lambda: _open_fds(server) >= fds + 4, 10, "the server did not take the connections")
+    _wait(lambda: _open_fds(server) <= fds, within, "a connection that takes nothing is kept")
+    assert server.rss() - rss < RSS_BOUND
+    for sock in socks:
+        assert _taken_until_closed(sock) < BIG_SIZE
+        sock.close()
+    statuses, _, _ = exchange(server, get("/"))
+    assert statuses == [200]
+
+
+def test_a_client_that_stops_taking_a_response_is_dropped(server):
+    """send_timeout (TIMEOUT here): uvicorn alone would keep such a connection for ever,
+    and serve_asyncio did when the response said Connection: close, with the response
+    in memory and a file descriptor each; a client could fill the worker's."""
+    _drops_clients_that_stop_taking(server, within=4 * TIMEOUT + 5)
+
+
+def test_wsgi_drops_a_client_that_stops_taking_a_response(wsgi_server):
+    _drops_clients_that_stop_taking(wsgi_server, within=4 * TIMEOUT + 10)
 
 
 def test_slowloris_connections_closed_within_header_timeout(asyncio_server):
@@ -1075,6 +1172,24 @@ def test_request_buffer_holds_at_least_one_largest_request():
         Limits(max_body_size=2 << 20, max_request_buffer=1 << 20)
     with pytest.raises(ValueError, match="max_connections must be at least 1, not 0"):
         Limits(max_connections=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("send_timeout", 0, "send_timeout must be seconds above 0, not 0"),  # the ticker spins
+        ("header_timeout", -1.0, "header_timeout must be seconds above 0, not -1.0"),
+        ("keep_alive_timeout", float("nan"), "keep_alive_timeout must be seconds above 0"),
+        ("body_timeout", float("inf"), "body_timeout must be seconds above 0, not inf"),
+        ("body_timeout", "30", "body_timeout must be seconds above 0, not '30'"),
+        ("max_body_size", 0, "max_body_size must be a whole number above 0, not 0"),
+        ("max_pipelined", 1.5, "max_pipelined must be a whole number above 0, not 1.5"),
+        ("max_header_fields", True, "max_header_fields must be a whole number above 0"),
+    ],
+)
+def test_limits_refuse_what_no_server_could_keep(field, value, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Limits(**{field: value})
 
 
 # -- serve_wsgi: the waitress settings clusterkit passes ------------------------------

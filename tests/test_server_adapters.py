@@ -37,8 +37,9 @@ def test_waitress_has_the_loop_map_and_channel_state_serve_wsgi_reads() -> None:
             assert isinstance(server.adj.connection_limit, int)  # where it stops accepting
         finally:
             server.close()
-    for attribute in ("requests", "request", "total_outbufs_len", "will_close"):
+    for attribute in ("requests", "request", "total_outbufs_len", "will_close", "last_activity"):
         assert attribute in vars(HTTPChannel) or attribute in HTTPChannel.__init__.__code__.co_names
+    assert callable(HTTPChannel.handle_close)  # drop_stalled_senders closes a channel with it
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

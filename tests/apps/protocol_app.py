@@ -9,6 +9,7 @@ keep-alive timeouts so the suite sees them fire. Routes, the same in each:
 - ``/none``: the handler returns nothing; ``/raise``: it raises;
 - ``/bad-header/N``: it sets ``BAD_HEADERS[N]`` (the first: CR/LF in a value);
 - ``/length``: it sets its own ``Content-Length``; ``/204``: No Content;
+- ``/big``: ``BIG_SIZE`` bytes, more than the kernel's socket buffers hold;
 - a websocket (the ``-ws`` kinds): each text message echoed.
 """
 
@@ -21,8 +22,12 @@ import sys
 from clusterkit.limits import Limits
 
 TIMEOUT = float(os.environ.get("CK_TIMEOUT", "1"))
-#: the header, body and keep-alive timeouts every server here is given
-LIMITS = Limits(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
+#: the header, body, keep-alive and send timeouts every server here is given
+LIMITS = Limits(
+    header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT, send_timeout=TIMEOUT
+)
+BIG_SIZE = 64 << 20
+BIG = b"x" * BIG_SIZE
 SPLIT = "a\r\nSet-Cookie: evil=1"
 #: response fields no server may send (RFC 9110, 5.1 and 5.5: a name is a token, a value
 #: has no control character but tab), each with the part that is wrong
@@ -61,6 +66,8 @@ def run_asyncio() -> None:
             return Response("hello", headers=[("Content-Length", "5")])
         if path == "/204":
             return Response(b"", 204, headers=[])
+        if path == "/big":
+            return BIG
         return "hello"
 
     serve_asyncio(handler, None, limits=LIMITS, drain_timeout=1)
@@ -88,6 +95,8 @@ def run_uvicorn(**options) -> None:
         headers = [(b"content-type", b"text/plain")]
         if path == "/echo":
             out = body
+        elif path == "/big":
+            out = BIG
         elif path == "/xff":
             out = dict(scope["headers"]).get(b"x-forwarded-for", b"-")
         elif path == "/slow":
@@ -122,7 +131,7 @@ def run_wsgi() -> None:
     def app(environ, start_response):
         body = environ["wsgi.input"].read()
         path = environ["PATH_INFO"]
-        out = body if path == "/echo" else b"hello"
+        out = body if path == "/echo" else BIG if path == "/big" else b"hello"
         headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))]
         if path.startswith("/bad-header/"):
             name, value, _ = BAD_HEADERS[int(path.rpartition("/")[2])]
@@ -130,7 +139,14 @@ def run_wsgi() -> None:
         start_response("200 OK", headers)
         return [out]
 
-    serve_wsgi(app, None, drain_timeout=1, threads=2, channel_timeout=max(1, int(TIMEOUT)))
+    serve_wsgi(
+        app,
+        None,
+        drain_timeout=1,
+        threads=2,
+        channel_timeout=max(1, int(TIMEOUT)),
+        send_timeout=TIMEOUT,
+    )
 
 
 KINDS = {
