@@ -21,9 +21,12 @@ Trailer fields of a chunked body are dropped, and count as part of the head.
 A request's head must arrive within ``header_timeout`` (counted from the first
 byte of its target: until then the connection is idle), a body must not stall
 for ``body_timeout``, an idle keep-alive connection closes after
-``keep_alive_timeout``. A worker holds at most ``max_connections``: past it, a new
-connection closes the oldest one that has no response in progress (a client holding
-connections open would otherwise lock every other client out). Reading pauses
+``keep_alive_timeout`` (counted from when its last response has gone), and a
+connection whose client takes nothing of a response for ``send_timeout`` is dropped,
+while one that keeps taking it is never cut. A worker holds at most
+``max_connections``: past it, a new connection closes the oldest one that has no
+response in progress (a client holding connections open would otherwise lock every
+other client out). Reading pauses
 while a pipelined request waits for the one before it, and while the client does
 not read its responses, so neither queue grows without bound. A handler that
 raises, returns something other than bytes/str/Response, or sets a header

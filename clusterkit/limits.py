@@ -14,6 +14,14 @@ import time
 from dataclasses import dataclass
 from math import inf
 
+
+def check_seconds(what: str, value: object) -> None:
+    """Refuse a timeout that is not a number of seconds above 0 (ValueError naming *what*):
+    0 would make a ticker spin, NaN or infinity would stop it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < inf:
+        raise ValueError(f"{what} must be seconds above 0, not {value!r}")
+
+
 #: the Limits fields checked to be seconds above 0, and whole numbers above 0
 _TIMEOUTS = ("header_timeout", "body_timeout", "keep_alive_timeout", "send_timeout")
 _SIZES = (
@@ -68,10 +76,8 @@ class Limits:
     max_connections: int | None = None
 
     def __post_init__(self) -> None:
-        for name in _TIMEOUTS:  # 0 would make the ticker spin, NaN or inf would stop it
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < inf:
-                raise ValueError(f"Limits: {name} must be seconds above 0, not {value!r}")
+        for name in _TIMEOUTS:
+            check_seconds(f"Limits: {name}", getattr(self, name))
         for name in _SIZES:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

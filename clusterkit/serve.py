@@ -63,7 +63,7 @@ from typing import Any
 
 from clusterkit import responsefields
 from clusterkit import worker as worker_mod
-from clusterkit.limits import Limits, connections_shed
+from clusterkit.limits import Limits, check_seconds, connections_shed
 from clusterkit.watchdog import Watchdog
 from clusterkit.worker import BACKLOG, Address, ThisWorker
 
@@ -407,6 +407,7 @@ def serve_wsgi(
     behind a healthy loop. waitress gets :data:`WSGI_LIMITS` unless
     *waitress_options* say otherwise. *send_timeout*: see :func:`drop_stalled_senders`.
     """
+    check_seconds("serve_wsgi: send_timeout", send_timeout)
     from waitress import wasyncore
     from waitress.channel import HTTPChannel
     from waitress.server import create_server

@@ -1192,6 +1192,14 @@ def test_limits_refuse_what_no_server_could_keep(field, value, says):
         Limits(**{field: value})
 
 
+def test_serve_wsgi_refuses_a_send_timeout_that_would_drop_every_response():
+    from clusterkit.serve import serve_wsgi
+
+    says = "serve_wsgi: send_timeout must be seconds above 0, not 0"
+    with pytest.raises(ValueError, match=re.escape(says)):  # before it looks for a socket
+        serve_wsgi(lambda environ, start_response: [], send_timeout=0)
+
+
 # -- serve_wsgi: the waitress settings clusterkit passes ------------------------------
 
 
