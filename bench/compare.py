@@ -41,13 +41,19 @@ def _command(meta: dict) -> str:
     return re.sub(r"(?<![\w.])/\S*/", "", meta.get("command", "?"))
 
 
+def _when_and_what(meta: dict) -> str:
+    """A run's date, command and the commit it measured."""
+    commit = meta.get("commit", "? (not recorded by this run)")
+    return f"{meta.get('date', '?')}, `{_command(meta)}`, code: commit {commit}"
+
+
 def compare(a: dict, b: dict, a_label: str, b_label: str) -> list[str]:
     ra, rb = a["runs"], b["runs"]
     lines = [
         "# Benchmark reproducibility: two full runs compared",
         "",
-        f"- run A: `{a_label}`, {a['meta'].get('date', '?')}, `{_command(a['meta'])}`",
-        f"- run B: `{b_label}`, {b['meta'].get('date', '?')}, `{_command(b['meta'])}`",
+        f"- run A: `{a_label}`, {_when_and_what(a['meta'])}",
+        f"- run B: `{b_label}`, {_when_and_what(b['meta'])}",
         f'- ratios are to `{BASELINE}` within each run; "allowed" is run A\'s spread '
         "((max-min)/median of its runs) of the system plus that of the baseline.",
         "",
