@@ -27,7 +27,14 @@ LIMITS = Limits(
     header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT, send_timeout=TIMEOUT
 )
 BIG_SIZE = 64 << 20
-BIG = b"x" * BIG_SIZE
+
+
+def big() -> bytes:
+    """The /big body, made for each request (and let go of with it): not in every server,
+    nor in the suite that imports this module, and not kept where the suite measures RSS."""
+    return b"x" * BIG_SIZE
+
+
 SPLIT = "a\r\nSet-Cookie: evil=1"
 #: response fields no server may send (RFC 9110, 5.1 and 5.5: a name is a token, a value
 #: has no control character but tab), each with the part that is wrong
@@ -67,7 +74,7 @@ def run_asyncio() -> None:
         if path == "/204":
             return Response(b"", 204, headers=[])
         if path == "/big":
-            return BIG
+            return big()
         return "hello"
 
     serve_asyncio(handler, None, limits=LIMITS, drain_timeout=1)
@@ -96,7 +103,7 @@ def run_uvicorn(**options) -> None:
         if path == "/echo":
             out = body
         elif path == "/big":
-            out = BIG
+            out = big()
         elif path == "/xff":
             out = dict(scope["headers"]).get(b"x-forwarded-for", b"-")
         elif path == "/slow":
@@ -131,7 +138,7 @@ def run_wsgi() -> None:
     def app(environ, start_response):
         body = environ["wsgi.input"].read()
         path = environ["PATH_INFO"]
-        out = body if path == "/echo" else BIG if path == "/big" else b"hello"
+        out = body if path == "/echo" else big() if path == "/big" else b"hello"
         headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))]
         if path.startswith("/bad-header/"):
             name, value, _ = BAD_HEADERS[int(path.rpartition("/")[2])]
