@@ -63,7 +63,7 @@ def end_stalled_body(cycle: Any, transport: Any) -> None:
 class _Deadline:
     """One connection's deadline: the loop time by which a whole head, or a body's next
     byte, must come (0: none is awaited), and its one timer, armed again only when it
-    fires, not a timer per request."""
+    fires, not a timer per request. Also _SendWatch's timer and what it last saw unsent."""
 
     __slots__ = ("deadline", "timer", "refused", "send_timer", "unsent")
 

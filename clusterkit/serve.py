@@ -483,12 +483,14 @@ def serve_wsgi(
                 return
 
     deadline = None
+    look_every = min(1.0, send_timeout / 4)  # not at every request: a few times a timeout
     senders_looked_at = 0.0
     try:
         while True:
             wasyncore.loop(timeout=tick, map=server._map, use_poll=True, count=1)
-            if time.monotonic() >= senders_looked_at + min(1.0, send_timeout / 4):
-                senders_looked_at = time.monotonic()  # not at every request: a few times a timeout
+            now = time.monotonic()
+            if now >= senders_looked_at + look_every:
+                senders_looked_at = now
                 drop_stalled_senders(server.active_channels.values(), send_timeout)
             if wd.due() and healthy():
                 wd.ping()
