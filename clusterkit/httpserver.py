@@ -353,10 +353,15 @@ class HttpProtocol(asyncio.Protocol):
                 return
             self._hold()
 
-    def pause_writing(self) -> None:  # the client does not read: stop reading too
+    def pause_writing(self) -> None:
+        """The client is 64 KiB behind: stop reading too, and look at what it takes every
+        ``send_timeout`` (from now, not from the end of keep-alive's timer)."""
         self.write_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        transport = self.transport
+        if transport is not None:
+            transport.pause_reading()
+            self.unsent = transport.get_write_buffer_size()
+            self.deadline = self.state.now + self.limits.send_timeout
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -598,14 +603,16 @@ class HttpProtocol(asyncio.Protocol):
             body = b""
         state = self.state
         close = not keep or app_close or state.draining
+        if not close and not self.busy and not self.in_message and not self.pending:
+            # idle from now on; set before the write, which calls pause_writing (and so
+            # starts the send watch instead) if the client is slow to take the response
+            self.deadline = state.now + self.limits.keep_alive_timeout
+            self.unsent = -1
+            if self.held:  # nothing of it is held any more
+                self._release()
         transport.write(b"".join((head, state.date, _END_CLOSE if close else _END, body)))
         if close:
             self._close()
-        elif not self.busy and not self.in_message and not self.pending:
-            self.deadline = state.now + self.limits.keep_alive_timeout
-            self.unsent = -1
-            if self.held:  # idle: nothing of it is held any more
-                self._release()
 
     # -- refusals and closing ---------------------------------------------
     def _reject(self, status: int) -> None:

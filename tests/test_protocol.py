@@ -53,6 +53,7 @@ class Server:
         timeout: float = TIMEOUT,
         nofile: int | None = None,
         concurrency: int | None = None,
+        keep_alive: float | None = None,
     ) -> None:
         self.kind = kind
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
@@ -69,6 +70,8 @@ class Server:
         )
         if concurrency is not None:
             env["CK_CONCURRENCY"] = str(concurrency)
+        if keep_alive is not None:
+            env["CK_KEEP_ALIVE"] = str(keep_alive)
         for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "INVOCATION_ID", "JOURNAL_STREAM"):
             env.pop(k, None)
         fd = self.listener.fileno()
@@ -725,6 +728,19 @@ def test_a_client_that_stops_taking_a_response_is_dropped(server):
 
 def test_wsgi_drops_a_client_that_stops_taking_a_response(wsgi_server):
     _drops_clients_that_stop_taking(wsgi_server, within=4 * TIMEOUT + 10)
+
+
+@pytest.mark.parametrize("kind", [*SERVERS, "wsgi"])
+def test_send_timeout_runs_from_the_response_not_from_keep_alive(kind, tmp_path):
+    """A kept connection whose client takes nothing is dropped send_timeout (TIMEOUT)
+    after its response, whatever keep_alive_timeout (here a minute) says: serve_asyncio
+    used to look first when keep-alive ran out, so a client held its response and a
+    file descriptor for keep_alive_timeout + send_timeout."""
+    server = Server(kind, tmp_path, keep_alive=60)
+    try:
+        _drops_clients_that_stop_taking(server, within=4 * TIMEOUT + 10)
+    finally:
+        server.stop()
 
 
 def test_slowloris_connections_closed_within_header_timeout(asyncio_server):

@@ -1,8 +1,9 @@
 """The app the protocol suite (tests/test_protocol.py) serves, one per server.
 
 ``python protocol_app.py KIND`` (one of ``KINDS``): the socket comes as fd 3
-(LISTEN_FDS=1); ``CK_TIMEOUT`` (seconds) shortens the header, body and
-keep-alive timeouts so the suite sees them fire. Routes, the same in each:
+(LISTEN_FDS=1); ``CK_TIMEOUT`` (seconds) shortens the header, body, keep-alive and
+send timeouts so the suite sees them fire, ``CK_KEEP_ALIVE`` sets keep-alive's apart.
+Routes, the same in each:
 
 - ``/``: ``hello``; ``/echo``: the request body; ``/slow``: ``slow`` after 0.2 s;
 - ``/xff``: the request's ``X-Forwarded-For`` header, or ``-``;
@@ -22,9 +23,14 @@ import sys
 from clusterkit.limits import Limits
 
 TIMEOUT = float(os.environ.get("CK_TIMEOUT", "1"))
+#: the keep-alive timeout (waitress: its channel_timeout), unless a test sets it apart
+KEEP_ALIVE = float(os.environ.get("CK_KEEP_ALIVE", TIMEOUT))
 #: the header, body, keep-alive and send timeouts every server here is given
 LIMITS = Limits(
-    header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT, send_timeout=TIMEOUT
+    header_timeout=TIMEOUT,
+    body_timeout=TIMEOUT,
+    keep_alive_timeout=KEEP_ALIVE,
+    send_timeout=TIMEOUT,
 )
 BIG_SIZE = 64 << 20
 
@@ -151,7 +157,7 @@ def run_wsgi() -> None:
         None,
         drain_timeout=1,
         threads=2,
-        channel_timeout=max(1, int(TIMEOUT)),
+        channel_timeout=max(1, int(KEEP_ALIVE)),
         send_timeout=TIMEOUT,
     )
 
