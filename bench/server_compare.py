@@ -15,7 +15,12 @@ more. Servers:
   (guarded: clusterkit.asgiprotocols), what adopting uvicorn's protocol for
   serve_asyncio would cost;
 - ``uvicorn-httptools-stock``: uvicorn's HttpToolsProtocol as uvicorn ships it, to
-  show what the guard costs.
+  show what the guard costs;
+- ``floor``: the least a Python server on uvloop and httptools can do per request: a
+  protocol that feeds the parser and writes a fixed response when a request ends,
+  closing if the client asked (no limits, no timeouts, no Request, no handler): the
+  ceiling of any such server on this machine;
+- ``node``: the seed's worker, Node's ``http.createServer`` hello world, one process.
 
 It prints a Markdown table of medians (and min–max) for bench/SERVER.md.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -76,7 +82,53 @@ else:
     serve_asgi(app, None, drain_timeout=1, http=http, log_level="warning", access_log=False)
 """
 
-SERVERS = ("own", "uvicorn-httptools", "uvicorn-httptools-stock", "uvicorn-h11")
+FLOOR = r"""
+import asyncio, sys, httptools, uvloop
+
+HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 12\r\n"
+    b"Date: Mon, 30 Nov 2026 10:00:00 GMT\r\n"
+)  # what serve_asyncio sends, its Date fixed
+KEEP = HEAD + b"\r\nhello world\n"
+CLOSE = HEAD + b"Connection: close\r\n\r\nhello world\n"
+
+
+class Floor(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+        self.parser = httptools.HttpRequestParser(self)
+
+    def data_received(self, data):
+        self.parser.feed_data(data)
+
+    def on_message_complete(self):
+        if self.parser.should_keep_alive():
+            self.transport.write(KEEP)
+        else:  # wrk's Connection: close
+            self.transport.write(CLOSE)
+            self.transport.close()
+
+
+async def main():
+    import socket
+
+    sock = socket.socket(fileno=3)
+    server = await asyncio.get_running_loop().create_server(Floor, sock=sock)
+    await server.serve_forever()
+
+
+uvloop.run(main())
+"""
+
+NODE = """
+const http = require('http');
+http.createServer((req, res) => {
+  res.writeHead(200);
+  res.end('hello world\\n');
+}).listen({fd: 3});
+"""
+
+SERVERS = ("own", "uvicorn-httptools", "uvicorn-httptools-stock", "uvicorn-h11", "floor", "node")
 
 LAUNCH = (
     "import os, sys; fd = int(sys.argv[1]); fd != 3 and (os.dup2(fd, 3), os.close(fd)); "
@@ -98,8 +150,13 @@ def start(kind: str, pythonpath: str, server_cpu: str | None) -> tuple[subproces
     env = dict(os.environ, LISTEN_FDS="1", CLUSTERKIT_NAME="bench", CLUSTERKIT_WORKER_ID="0")
     env["PYTHONPATH"] = pythonpath
     pin = ["taskset", "-c", server_cpu] if server_cpu else []
-    argv = [*pin, sys.executable, "-c", LAUNCH, str(fd), sys.executable, "-c", SERVER]
-    argv.append("own" if kind.startswith("own") else kind)
+    argv = [*pin, sys.executable, "-c", LAUNCH, str(fd)]
+    if kind == "node":
+        argv += [shutil.which("node") or "/usr/bin/node", "-e", NODE]
+    elif kind == "floor":
+        argv += [sys.executable, "-c", FLOOR]
+    else:
+        argv += [sys.executable, "-c", SERVER, "own" if kind.startswith("own") else kind]
     p = subprocess.Popen(argv, pass_fds=(fd,), env=env, stderr=subprocess.DEVNULL)
     listener.close()
     deadline = time.monotonic() + 15
