@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench import measure, procfs, report
 from bench import run as bench_run
-from bench.systems import BASELINE, SYSTEMS
+from bench.systems import BASELINE, REFERENCES, SYSTEMS
 from clusterkit.unitfiles import atomic_write
 
 DEFAULT_SYSTEMS = (BASELINE, "clusterkit-shared", "clusterkit-reuseport")
@@ -32,7 +32,9 @@ DEFAULT_SYSTEMS = (BASELINE, "clusterkit-shared", "clusterkit-reuseport")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS), choices=list(SYSTEMS))
+    p.add_argument(
+        "--systems", nargs="+", default=list(DEFAULT_SYSTEMS), choices=[*SYSTEMS, *REFERENCES]
+    )
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--pinned", action="store_true", help="1 worker each, on CPU 0; wrk apart")

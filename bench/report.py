@@ -503,6 +503,8 @@ def interleaved_tables(groups: list[dict]) -> list[str]:
             lines.append("")
             if pinned:
                 lines += [_load_busy(names, by_name), ""]
+        for name, summary in group.get("references", {}).items():
+            lines += [f"A reference, not a system under test: **{name}**: {summary}.", ""]
     return lines
 
 
@@ -519,6 +521,10 @@ def _load_busy(names: list[str], by_name: dict[str, list[dict]]) -> str:
         "where wrk and not the server sets the pace and the server's throughput is "
         f"understated): {', '.join(busy)}."
     )
+
+
+#: bench/systems REFERENCES' floor: serve_asyncio's units, a fixed response and nothing else
+FLOOR = "clusterkit-floor"
 
 
 def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> list[str]:
@@ -548,18 +554,20 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
         line(what, fmt.format(value) if value is not None else "not measured", ok)
 
     def throughput(
-        what: str, key: str, name: str, base: str, goal: float, pinned: bool = False
+        what: str, key: str, name: str, base: str, goal: float | None, pinned: bool = False
     ) -> None:
+        """A throughput ratio's row; *goal* None: for reference, no verdict (a reference
+        has no runs of its own, so only the rounds show it)."""
         load = INTERLEAVED_LOADS[key][0]
         ratios = round_ratios(groups or [], load, name, base, pinned)
-        if pinned and not ratios:
-            return  # not measured pinned: this machine pins wrk apart from every group
+        if (pinned or goal is None) and not ratios:
+            return  # not measured pinned (this machine pins wrk apart), or no reference run
         of_medians = None if pinned else _ratio(runs, key, name, base)
         medians = "not measured" if of_medians is None else f"{of_medians:.2f}×"
         if ratios:
             r = median(ratios)
             parts = [f"rounds {min(ratios):.2f}–{max(ratios):.2f}×"]
-            if not pinned:  # the runs measure N workers, unpinned: no pinned counterpart
+            if not pinned and goal is not None:  # the runs measure N workers, unpinned
                 parts.append(f"medians of runs {medians}")
             cpu = round_cpu_ratio(groups or [], load, name, base, pinned)
             if cpu is not None:  # what the servers themselves use, wrk's share left out
@@ -568,7 +576,7 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
         else:
             r = of_medians
             shown = f"{medians} (medians of runs)" if r is not None else medians
-        line(what, shown, None if r is None else r >= goal)
+        line(what, shown, None if r is None or goal is None else r >= goal)
 
     for mode in ("shared", "reuseport"):
         name = f"clusterkit-{mode}"
@@ -592,6 +600,26 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
         )
         r = _ratio(runs, "memory", name, BASELINE)
         row(f"{name} memory ≤ 0.4× Node cluster", r, r is not None and r <= 0.4)
+    # what the keep-alive target asks of a Python server here: the floor (a fixed response,
+    # nothing else) against Node, and how much of it serve_asyncio keeps
+    for pinned, alone in ((False, ""), (True, ", 1 worker each, pinned apart from wrk")):
+        throughput(
+            f"for reference: {FLOOR} (the most a Python server serves here) keep-alive vs "
+            f"Node cluster{alone}",
+            "ka_rps",
+            FLOOR,
+            BASELINE,
+            None,
+            pinned,
+        )
+        throughput(
+            f"for reference: clusterkit-shared keep-alive vs {FLOOR}{alone}",
+            "ka_rps",
+            "clusterkit-shared",
+            FLOOR,
+            None,
+            pinned,
+        )
     for kind in ("ka_rps", "nc_rps"):
         label = "keep-alive" if kind == "ka_rps" else "new connection"
         what = f"clusterkit-asgi ≥ 1.0× uvicorn --workers ({label})"

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import measure, procfs, report  # noqa: E402
-from bench.systems import BASELINE, SYSTEMS  # noqa: E402
+from bench.systems import BASELINE, REFERENCES, SYSTEMS  # noqa: E402
 from bench.systems.base import NPROC, REGISTRY, ROOT, System  # noqa: E402
 
 RUNNING: list[System] = []
@@ -34,14 +34,14 @@ CRASH_LOOP_SYSTEMS = ("clusterkit-shared", "clusterkit-reuseport")
 #: the throughput targets' comparisons, each measured again with the loads alternating within
 #: rounds: the systems of a group run side by side (the first on the host's port 3000, so
 #: one host-port system per group), and each round loads each of them in turn with each of
-#: report.INTERLEAVED_LOADS
+#: report.INTERLEAVED_LOADS. A group's REFERENCES join it whenever its systems all run.
 INTERLEAVED_GROUPS = (
-    (BASELINE, "clusterkit-shared", "clusterkit-reuseport"),
+    (BASELINE, "clusterkit-shared", "clusterkit-reuseport", "clusterkit-floor"),
     ("uvicorn", "clusterkit-asgi"),
 )
 #: where the machine has too few CPUs to pin wrk apart from N workers: serve_asyncio's group
 #: again with one worker per system, the servers on CPU 0 and wrk on the others (measure.Pinned)
-PINNED_GROUP = (BASELINE, "clusterkit-shared", "clusterkit-reuseport")
+PINNED_GROUP = (BASELINE, "clusterkit-shared", "clusterkit-reuseport", "clusterkit-floor")
 
 
 def _interrupt(signum, frame):
@@ -67,7 +67,7 @@ def log(msg: str) -> None:
 
 
 def started(name: str, workers: int) -> tuple[System, float]:
-    system = SYSTEMS[name]()
+    system = (SYSTEMS.get(name) or REFERENCES[name])()
     if system.netns_pid is None and not port_free(system.host, system.port):
         raise RuntimeError(f"{system.host}:{system.port} is in use; cannot start {name}")
     RUNNING.append(system)
@@ -129,6 +129,9 @@ def group_record(names: list[str], workers: int, pinned: measure.Pinned | None) 
     """An interleaved group's record, as report.py reads it: its systems and, if it was
     pinned, how (its results, or its error, are added to it)."""
     record: dict = {"names": list(names)}
+    references = {n: REFERENCES[n]().summary for n in names if n in REFERENCES}
+    if references:  # described here: a reference has no run of its own to carry it
+        record["references"] = references
     if pinned:
         record["pinned"] = {"workers": workers, "description": pinned.describe()}
     return record
@@ -144,7 +147,7 @@ def interleaved(
         plan.append((PINNED_GROUP, 1, pinned))
     groups = []
     for group, n, pin in plan:
-        if rounds < 1 or not all(name in names for name in group):
+        if rounds < 1 or not all(name in names or name in REFERENCES for name in group):
             continue
         log(f"interleaved: {', '.join(group)}, {n} worker(s), {rounds} rounds")
         entry = group_record(list(group), n, pin)

@@ -16,10 +16,9 @@ more. Servers:
   serve_asyncio would cost;
 - ``uvicorn-httptools-stock``: uvicorn's HttpToolsProtocol as uvicorn ships it, to
   show what the guard costs;
-- ``floor``: the least a Python server on uvloop and httptools can do per request: a
-  protocol that feeds the parser and writes a fixed response when a request ends,
-  closing if the client asked (no limits, no timeouts, no Request, no handler): the
-  ceiling of any such server on this machine;
+- ``floor``: bench/systems/python/clusterkit_floor.py, the least a Python server on
+  uvloop and httptools can do per request (a fixed response when a request ends; no
+  limits, no timeouts, no Request, no handler): the ceiling of any such server here;
 - ``node``: the seed's worker, Node's ``http.createServer`` hello world, one process.
 
 It prints a Markdown table of medians (and min–max) for bench/SERVER.md.
@@ -82,43 +81,7 @@ else:
     serve_asgi(app, None, drain_timeout=1, http=http, log_level="warning", access_log=False)
 """
 
-FLOOR = r"""
-import asyncio, sys, httptools, uvloop
-
-HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 12\r\n"
-    b"Date: Mon, 30 Nov 2026 10:00:00 GMT\r\n"
-)  # what serve_asyncio sends, its Date fixed
-KEEP = HEAD + b"\r\nhello world\n"
-CLOSE = HEAD + b"Connection: close\r\n\r\nhello world\n"
-
-
-class Floor(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.transport = transport
-        self.parser = httptools.HttpRequestParser(self)
-
-    def data_received(self, data):
-        self.parser.feed_data(data)
-
-    def on_message_complete(self):
-        if self.parser.should_keep_alive():
-            self.transport.write(KEEP)
-        else:  # wrk's Connection: close
-            self.transport.write(CLOSE)
-            self.transport.close()
-
-
-async def main():
-    import socket
-
-    sock = socket.socket(fileno=3)
-    server = await asyncio.get_running_loop().create_server(Floor, sock=sock)
-    await server.serve_forever()
-
-
-uvloop.run(main())
-"""
+FLOOR = ROOT / "bench" / "systems" / "python" / "clusterkit_floor.py"
 
 NODE = """
 const http = require('http');
@@ -154,7 +117,7 @@ def start(kind: str, pythonpath: str, server_cpu: str | None) -> tuple[subproces
     if kind == "node":
         argv += [shutil.which("node") or "/usr/bin/node", "-e", NODE]
     elif kind == "floor":
-        argv += [sys.executable, "-c", FLOOR]
+        argv += [sys.executable, str(FLOOR)]
     else:
         argv += [sys.executable, "-c", SERVER, "own" if kind.startswith("own") else kind]
     p = subprocess.Popen(argv, pass_fds=(fd,), env=env, stderr=subprocess.DEVNULL)

@@ -30,3 +30,10 @@ SYSTEMS: dict[str, Callable[[], System]] = {
     "clusterkit-wsgi": lambda: Clusterkit("shared", kind="wsgi"),
     "clusterkit-gunicorn": lambda: Clusterkit("shared", kind="gunicorn"),
 }
+
+#: references, not systems under test: measured only beside the systems of an interleaved
+#: group (bench/run.py), never run alone nor given targets
+REFERENCES: dict[str, Callable[[], System]] = {
+    # serve_asyncio's units, their workers on the least a Python server can do per request
+    "clusterkit-floor": lambda: Clusterkit("shared", kind="floor"),
+}

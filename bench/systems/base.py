@@ -94,6 +94,11 @@ class System:
     netns_pid: int | None = None
     description = ""
 
+    @property
+    def summary(self) -> str:
+        """What it runs, before it has run (a reference's line in RESULTS.md)."""
+        return self.description
+
     def __init__(self) -> None:
         self.workers = 0
         self.commands: dict[str, str] = {}  # operation -> exact command, for RESULTS.md

@@ -48,6 +48,13 @@ KINDS = {
         os.path.join(APP_DIR, "clusterkit_wsgi.py"),
         "workers on `serve_wsgi` (waitress), the WSGI app `gunicorn -w N` serves",
     ),
+    "floor": (
+        os.path.join(APP_DIR, "clusterkit_floor.py"),
+        "workers on the floor protocol (`bench/systems/python/clusterkit_floor.py`: uvloop + "
+        "httptools and a fixed response, no limits, timeouts, Request or handler), the most "
+        "any Python server on uvloop and httptools can serve here: a reference, not a server "
+        "to deploy, measured only in the interleaved groups",
+    ),
     "gunicorn": (
         None,
         "each unit runs stock `gunicorn --workers 1 app:wsgi` (sync worker, `Type=notify`: "
@@ -83,12 +90,17 @@ class Clusterkit(System):
         self._cgroup_base: Path | None = None
 
     @property
+    def summary(self) -> str:
+        return (
+            f"clusterkit `--scheduling {self.scheduling}` under systemd (systemd-nspawn, private "
+            f"network; load generators join its network namespace), {self.serving}"
+        )
+
+    @property
     def description(self) -> str:  # type: ignore[override]
         boot = f"{self.boot_s:.2f} s" if self.boot_s is not None else "not measured"
         return (
-            f"clusterkit `--scheduling {self.scheduling}` under systemd (systemd-nspawn, private "
-            f"network; load generators join its network namespace), {self.serving}. "
-            "Memory counts the workers + the container's PID 1 (systemd, "
+            f"{self.summary}. Memory counts the workers + the container's PID 1 (systemd, "
             "the primary); journald, dbus-daemon and logind are reported apart. Container boot "
             f"(not part of the start time): {boot}"
         )
