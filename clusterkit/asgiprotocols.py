@@ -4,7 +4,8 @@
 request head is whole is :mod:`clusterkit.asgilimits`' middleware.
 
 - both: at ``limit_concurrency`` connections uvicorn answers every new request 503;
-  a new connection past it closes the oldest one with no response in progress. And
+  a new connection past it closes the oldest one with no response in progress (else
+  drops the oldest whose client is a write buffer behind on its response). And
   ``send_timeout``: a response the client stops taking is dropped, not kept for ever.
 - :func:`guarded_h11`: h11 bounds a head itself (``h11_max_incomplete_event_size``);
   this adds ``header_timeout`` and ``body_timeout``.
@@ -173,9 +174,10 @@ class _MakesRoom:
     """At ``limit_concurrency`` connections uvicorn answers every new request 503, so one
     client holding that many, silent or half-sent, would lock every other client out
     until they time out. A mixin before uvicorn's protocol: a new connection past the
-    limit closes the oldest one with no response in progress instead, as serve_asyncio
-    does, and the worker logs how many (at most a line a second). ``opened`` is the
-    guarded class's own: its connections, oldest first."""
+    limit closes the oldest one with no response in progress instead (else drops the
+    oldest slow reader), as serve_asyncio does, and the worker logs how many (at most a
+    line a second). ``opened`` is the guarded class's own: its connections, oldest
+    first."""
 
     opened: dict[Any, None]
     shed: CountedWarning | None = None  # the class's, made at the first room made
@@ -200,15 +202,31 @@ class _MakesRoom:
         super().handle_websocket_upgrade(*args)  # type: ignore[misc]
 
     def make_room(self) -> None:
+        """Close the oldest connection with no response in progress; failing that, drop
+        the oldest whose client is a write buffer behind on a response (a slow reader
+        holds it, and taking nothing, until send_timeout; trickling, for ever)."""
         for conn in self.opened:
             cycle = conn.cycle
             if (cycle is None or cycle.response_complete) and not getattr(conn, "pipeline", ()):
-                conn.transport.close()  # a request still arriving is dropped with it
-                # counted out now, not when its close completes: uvicorn's 503 test counts
-                # connections, and a request on the new one may come first
-                self.connections.discard(conn)
-                self.count_shed()
+                self.let_go(conn)
                 return
+        for conn in self.opened:
+            if conn.flow.write_paused:
+                self.let_go(conn)
+                return
+
+    def let_go(self, conn: Any) -> None:
+        transport = conn.transport
+        if transport.get_write_buffer_size():  # close() would wait for the client to read
+            transport.abort()
+        else:
+            transport.close()  # a request still arriving is dropped with it
+        # counted out now, not when its close completes: uvicorn's 503 test counts
+        # connections, and a request on the new one may come first; and out of opened,
+        # so that the next new connection does not choose it again
+        self.connections.discard(conn)
+        self.opened.pop(conn, None)
+        self.count_shed()
 
     def count_shed(self) -> None:
         cls = type(self)

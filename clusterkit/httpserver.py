@@ -25,10 +25,13 @@ for ``body_timeout``, an idle keep-alive connection closes after
 connection whose client takes nothing of a response for ``send_timeout`` is dropped,
 while one that keeps taking it is never cut. A worker holds at most
 ``max_connections``: past it, a new connection closes the oldest one that has no
-response in progress (a client holding connections open would otherwise lock every
-other client out). Reading pauses
-while a pipelined request waits for the one before it, and while the client does
-not read its responses, so neither queue grows without bound. A handler that
+response in progress, else drops the oldest whose client is a write buffer (64 KiB)
+behind on its response (a client holding connections open would otherwise lock every
+other client out). A pipelined request waits, read but not answered, while the one
+before it is answered or the client is a write buffer behind on its response (at most
+``max_pipelined`` wait, then 503); reading pauses meanwhile, so neither requests nor
+responses pile up. What a request holds of ``max_request_buffer`` is given back when
+it is answered. A handler that
 raises, returns something other than bytes/str/Response, or sets a header
 whose name is no token or whose value holds CR/LF or another control character
 but tab gets a 500 and a log record naming it; nothing it set is sent.
@@ -231,9 +234,16 @@ class ConnectionSet:
         loop.call_later(self.limits.tick, again)
 
     def make_room(self) -> None:
-        """At max_connections: close the oldest connection with no response in progress."""
+        """At max_connections: close the oldest connection with no response in progress;
+        failing that, drop the oldest whose client is a write buffer behind on a response
+        (one that takes nothing would hold it until send_timeout, one that trickles for
+        ever, and so many of them would lock every other client out)."""
         for conn in self.connections:
             if conn.close_waiting(503):
+                self.shed.count()
+                return
+        for conn in self.connections:
+            if conn.drop_if_behind():
                 self.shed.count()
                 return
 
@@ -286,7 +296,9 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.body_size = 0
-        self.held = 0  # bytes counted in state.buffer, until the connection is idle or gone
+        #: bytes counted in state.buffer: each request's until it is answered (or the
+        #: connection is gone)
+        self.held = 0
         self.counted = 0  # of them, the request being read
         #: bytes received for the request being read, from the read after the one it began in
         self.raw = 0
@@ -296,7 +308,9 @@ class HttpProtocol(asyncio.Protocol):
         self.expect_continue = False
         self.has_host = False
         self.busy = False
-        self.pending: deque[tuple[Request | int, bool]] = deque()
+        #: requests read whole but not answered yet, with whether to keep the connection
+        #: after each and the bytes each holds in state.buffer (or a refusal's status)
+        self.pending: deque[tuple[Request | int, bool, int]] = deque()
         self.closing = False
         self.stopped = False  # no more requests are parsed (an error or an upgrade)
         #: monotonic time at which the connection times out; 0: no timeout running
@@ -369,7 +383,7 @@ class HttpProtocol(asyncio.Protocol):
         if not (self.closing or self.busy or self.pending or self.in_message):
             # the response is (nearly) out: the connection is idle from now on
             self.deadline = self.state.now + self.limits.keep_alive_timeout
-        self._maybe_resume_reading()
+        self._answer_waiting()
 
     def _maybe_resume_reading(self) -> None:
         if (
@@ -484,39 +498,53 @@ class HttpProtocol(asyncio.Protocol):
             version,
             self.client,
         )
-        if self.busy:
+        held = self.counted  # bytes this request holds, given back once it is answered
+        if self.busy or self.write_paused:
+            # behind a response in progress, or one the client is slow to take: answering
+            # now would pile up responses (a read of pipelined requests makes thousands)
             if len(self.pending) >= self.limits.max_pipelined:
                 raise _Reject(503)  # answered after the ones waiting, then the connection closes
-            self.pending.append((req, keep))
+            self.pending.append((req, keep, held))
             if self.transport is not None:
                 self.transport.pause_reading()
         else:
-            self._serve(req, keep)
+            self._serve(req, keep, held)
 
     # -- requests ----------------------------------------------------------
-    def _dispatch(self, req: Request | int, keep: bool) -> None:
-        """Answer a request that waited in ``pending``, or the refusal that waited there."""
-        if isinstance(req, int):
-            self._send_error(req)
-        else:
-            self._serve(req, keep)
+    def _answer_waiting(self) -> None:
+        """Answer what waited in ``pending``, in order, until a handler runs or the client
+        falls behind again; then, if neither, read on."""
+        pending = self.pending
+        while pending and not (self.busy or self.write_paused) and self.transport is not None:
+            req, keep, held = pending.popleft()
+            if isinstance(req, int):  # a refusal that waited its turn
+                self._send_error(req)
+            else:
+                self._serve(req, keep, held)
+        if self.busy or self.write_paused:
+            return
+        self._maybe_resume_reading()
+        if self.in_message:  # the next request began meanwhile: its timer starts now
+            self.deadline = self.state.now + (
+                self.limits.header_timeout if self.in_head else self.limits.body_timeout
+            )
 
-    def _serve(self, req: Request, keep: bool) -> None:
+    def _serve(self, req: Request, keep: bool, held: int) -> None:
         try:
             result = self.state.handler(req)
         except Exception:
             self.state.logger.exception("handler failed: %s %s", req.method, req.target)
             result = Response(b"Internal Server Error", 500)
         if isinstance(result, _RESULTS):
-            self._respond(req, result, keep)
+            self._respond(req, result, keep, held)
         elif asyncio.iscoroutine(result) or asyncio.isfuture(result):
             self.busy = True
             task = asyncio.ensure_future(result)
-            task.add_done_callback(lambda t: self._done(t, req, keep))
+            task.add_done_callback(lambda t: self._done(t, req, keep, held))
         else:
-            self._respond(req, result, keep)  # refused there, with a log record
+            self._respond(req, result, keep, held)  # refused there, with a log record
 
-    def _done(self, task: asyncio.Future, req: Request, keep: bool) -> None:
+    def _done(self, task: asyncio.Future, req: Request, keep: bool, held: int) -> None:
         self.busy = False
         if task.cancelled():
             result: Result = Response(b"Service Unavailable", 503)
@@ -527,15 +555,8 @@ class HttpProtocol(asyncio.Protocol):
             result = Response(b"Internal Server Error", 500)
         else:
             result = task.result()
-        self._respond(req, result, keep)
-        while self.pending and not self.busy and self.transport is not None:
-            self._dispatch(*self.pending.popleft())
-        if not self.busy:
-            self._maybe_resume_reading()
-            if self.in_message:  # the next request began while this one ran
-                self.deadline = self.state.now + (
-                    self.limits.header_timeout if self.in_head else self.limits.body_timeout
-                )
+        self._respond(req, result, keep, held)
+        self._answer_waiting()
 
     def _head(self, req: Request, result: Result) -> tuple[bytes, bytes, bool]:
         """For a result other than bytes/str: the response head (without Date and the final
@@ -584,12 +605,20 @@ class HttpProtocol(asyncio.Protocol):
         self.state.buffer.give(self.held)
         self.held = self.counted = 0
 
-    def _respond(self, req: Request, result: Result, keep: bool) -> None:
+    def _respond(self, req: Request, result: Result, keep: bool, held: int = 0) -> None:
+        """Write the response to *req*; *held*: the bytes it held in state.buffer."""
         transport = self.transport
         if transport is None or self.closing:
-            return
+            return  # what it held goes back with the connection's
+        if held:
+            self.held -= held
+            self.state.buffer.give(held)
         if not isinstance(result, bytes) and isinstance(result, str):
-            result = result.encode()
+            try:
+                result = result.encode()
+            except UnicodeEncodeError as e:  # a lone surrogate, say: the app's mistake
+                self.state.logger.error("handler for %s %s %s", req.method, req.target, e)
+                result = Response(b"Internal Server Error", 500)
         if isinstance(result, bytes):  # text/plain, 200: the common case, without a call
             body, app_close = result, False
             head = _PLAIN_200_HEADS.get(len(body)) or _plain_200_head(len(body))
@@ -622,7 +651,7 @@ class HttpProtocol(asyncio.Protocol):
         # let go of what it sent now: many refused in one loop turn must not add up
         self.url, self.headers, self.body = b"", [], []
         if self.busy or self.pending:
-            self.pending.append((status, False))
+            self.pending.append((status, False, 0))
         else:
             self._send_error(status)
 
@@ -656,7 +685,8 @@ class HttpProtocol(asyncio.Protocol):
         unsent = transport.get_write_buffer_size() if transport is not None else 0
         if not unsent:
             self.unsent = -1
-            self.close_waiting(408)
+            if not self.close_waiting(408):  # a response in progress sets the next deadline
+                self.deadline = 0.0
         elif unsent != self.unsent:  # the first look, or the client took some since
             self.unsent = unsent
             self.deadline = now + self.limits.send_timeout
@@ -667,8 +697,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def close_waiting(self, status: int) -> bool:
         """Close the connection unless a response is in progress (then False): the ticker's
-        timeouts (408) and make_room (503). A request still arriving is answered *status*."""
-        self.deadline = 0.0
+        timeouts (408) and make_room (503). A request still arriving is answered *status*.
+        What it does not close keeps its deadline (a send watch, say)."""
         transport = self.transport
         if transport is None or self.closing or self.busy or self.pending:
             return False
@@ -678,6 +708,17 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
         if transport.get_write_buffer_size():  # a client that does not read either
             transport.abort()
+        return True
+
+    def drop_if_behind(self) -> bool:
+        """make_room's second choice: drop the connection if its client is a write buffer
+        behind on a response (pause_writing), closing or not, and say so."""
+        if self.transport is None or not self.write_paused:
+            return False
+        self.deadline = 0.0
+        self.closing = True
+        self.state.connections.pop(self, None)  # counted out now: not chosen twice
+        self.transport.abort()
         return True
 
     def close_if_idle(self, grace_over: bool = False) -> None:

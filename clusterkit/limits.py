@@ -71,7 +71,8 @@ class Limits:
     send_timeout: float = 30.0
     #: connections one worker holds (serve_asyncio); a new one past it closes the oldest
     #: connection that has no response in progress (idle, or a request still arriving),
-    #: so a client holding connections open cannot lock others out. Default (None): the
+    #: else the oldest whose client is a write buffer behind on its response, so a client
+    #: holding connections open cannot lock others out. Default (None): the
     #: worker's open-file limit (``LimitNOFILE=``) less 64 descriptors for everything else
     max_connections: int | None = None
 
@@ -129,12 +130,14 @@ class CountedWarning:
 
 def connections_shed(logger: logging.Logger, limit: str, remedy: str) -> CountedWarning:
     """The warning of a worker that closes its oldest connection with no response in
-    progress when it holds *limit* (e.g. ``max_connections (64)``), so that one client
-    holding that many cannot lock every other client out; *remedy* says how to raise it."""
+    progress (else its oldest slow reader) when it holds *limit* (e.g.
+    ``max_connections (64)``), so that one client holding that many cannot lock every
+    other client out; *remedy* says how to raise it."""
     return CountedWarning(
         logger,
-        "closed %d connection(s) with no response in progress to make room: this worker "
-        f"holds {limit}; {remedy} if that is legitimate load",
+        "closed %d connection(s) to make room (the oldest with no response in progress, else "
+        f"the oldest whose client was slow to read): this worker holds {limit}; {remedy} if "
+        "that is legitimate load",
     )
 
 

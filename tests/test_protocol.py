@@ -911,6 +911,157 @@ def test_connections_held_open_do_not_lock_others_out(tmp_path, kind, limit):
         s.stop()
 
 
+def _stalled_download(server: Server, path: str = "/big", close: bool = True) -> socket.socket:
+    """A client that asks for *path* and reads nothing; returns once the response has begun
+    to arrive (the server holds the rest)."""
+    sock = _small_window(server)
+    sock.sendall(get(path, "Connection: close\r\n" if close else ""))
+    assert select.select([sock], [], [], 10)[0], "no response began"
+    return sock
+
+
+def test_making_room_keeps_the_send_watch_of_what_it_passes_over(tmp_path):
+    """serve_asyncio at max_connections (16: LimitNOFILE=80 less 64) passes over the
+    connections with a response in progress. It used to switch their send watch off on
+    the way, so a client that stopped taking a Connection: close response kept it, and a
+    descriptor, for ever."""
+    s = Server("asyncio", tmp_path, nofile=80)
+    try:
+        fds = _open_fds(s)
+        stalled = [_stalled_download(s) for _ in range(3)]
+        silent = [s.connect() for _ in range(16)]  # fills the worker: it makes room
+        # the silent ones go at header_timeout, the stalled ones at send_timeout
+        _wait(lambda: _open_fds(s) <= fds, 4 * TIMEOUT + 10, "a stalled download is kept")
+        for sock in stalled + silent:
+            sock.close()
+    finally:
+        s.stop()
+
+
+def _trickle(socks: list[socket.socket]) -> None:
+    """Take a little of each response: a slow reader, well within send_timeout."""
+    for sock in socks:
+        with contextlib.suppress(BlockingIOError, ConnectionResetError, TimeoutError):
+            sock.recv(16384)
+
+
+def test_slow_readers_past_max_connections_make_room(tmp_path):
+    """40 clients each take an 8 MiB Connection: close response a little at a time, never
+    stalling for send_timeout. serve_asyncio never made room from such a connection (it
+    is closing), so past max_connections (16 here) it took new connections until its
+    descriptors ran out, each holding a response. Now the oldest slow reader goes, and
+    an honest client is served."""
+    s = Server("asyncio", tmp_path, nofile=80)
+    socks: list[socket.socket] = []
+    try:
+        fds = _open_fds(s)
+        for _ in range(40):
+            sock = _small_window(s)
+            sock.sendall(get("/sized/8388608", "Connection: close\r\n"))
+            sock.settimeout(0.001)
+            socks.append(sock)
+            time.sleep(0.05)
+            _trickle(socks)
+        for _ in range(5):
+            _trickle(socks)
+            time.sleep(0.2)
+        assert _open_fds(s) <= fds + 16 + 2  # max_connections, and one in the accept
+        statuses, _, _ = exchange(s, get("/"))
+        assert statuses == [200]
+        s.wait_log("to make room")
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "uvicorn-h11"])
+def test_a_download_in_progress_does_not_stop_making_room(tmp_path, kind):
+    """serve_asgi at limit_concurrency (16 here): a response still going out to a client
+    that reads nothing was chosen to make room, closed (which waits for the client) and
+    chosen again by every later connection, so nothing was freed and every new client got
+    503. It is now dropped, once."""
+    s = Server(kind, tmp_path, timeout=60, concurrency=16)
+    try:
+        stalled = _stalled_download(s, close=False)
+        silent = [s.connect() for _ in range(20)]
+        for _ in range(5):
+            statuses, _, r = exchange(s, get("/"))
+            assert statuses == [200]
+            r.sock.close()
+        for sock in [stalled, *silent]:
+            sock.close()
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("route", ["/sync/4194304", "/sized/4194304"])
+def test_pipelined_responses_wait_for_a_client_that_takes_none(patient_asyncio_server, route):
+    """20 requests for 4 MiB each, pipelined in one send by a client that then reads
+    nothing: serve_asyncio answered them all at once (from a plain handler, every request
+    of the read; from a coroutine, each as the one before finished), 80 MiB held for one
+    client, and a read of small requests made thousands of responses. Now a response
+    waits until the client has taken the one before: the worker grows by a few at most,
+    and the client, reading at last, gets all 20 in order."""
+    server = patient_asyncio_server
+    sock = _small_window(server)
+
+    def ask() -> None:
+        sock.sendall(get(route) * 20)
+        time.sleep(1)
+
+    growth, _ = _peak_rss_while(server, ask)
+    assert growth < 24 * MiB
+    r = Reader(sock)
+    sock.settimeout(30)
+    for _ in range(20):
+        resp = r.response()
+        assert resp is not None and resp[0] == 200 and len(resp[2]) == 4 * MiB
+    assert still_serves(r)
+    sock.close()
+
+
+def test_request_buffer_is_given_back_as_each_request_is_answered(tmp_path):
+    """max_request_buffer (16 MiB) counts what requests hold between reads. An upload's
+    bytes stayed counted until its connection was idle, so a client whose every send
+    ended one upload and began the next kept them all: after 21 uploads of 900 KiB on one
+    connection, another client's upload of 1 MiB got 503 (and after some more, so did
+    the client's own)."""
+    s = Server("asyncio", tmp_path, timeout=60)
+    try:
+        size = 900 * 1024
+        a = s.connect()
+        reader = Reader(a)
+        a.sendall(SIZED_POST % size)
+        for _ in range(40):
+            a.sendall(b"a" * size + SIZED_POST % size)  # one's end, the next one's head
+            resp = reader.response()
+            assert resp is not None and resp[0] == 200
+        b = s.connect()
+        size = MiB - 1
+        b.sendall(SIZED_POST % size)
+        for _ in range(8):  # over several reads, so that it is counted
+            time.sleep(0.02)
+            b.sendall(b"b" * (size // 8))
+        b.sendall(b"b" * (size % 8))
+        resp = Reader(b).response()
+        assert resp is not None and resp[0] == 200
+        a.close()
+        b.close()
+    finally:
+        s.stop()
+
+
+def test_a_str_that_is_no_utf8_is_a_500_and_the_next_request_is_answered(asyncio_server):
+    """A coroutine's str that cannot be UTF-8 (a lone surrogate) was encoded outside the
+    refusal's reach: no response at all, the connection held with no timer, and the
+    request pipelined behind it never answered."""
+    statuses, _, r = exchange(asyncio_server, get("/surrogate") + get("/"), n=2)
+    assert statuses == [500, 200]
+    asyncio_server.wait_log("GET /surrogate", "surrogates not allowed")
+    r.sock.close()
+
+
 def test_stalled_body_and_silent_connection_are_closed(server):
     """uvicorn has no body timeout; serve_asgi adds one to both its protocols (the app,
     waiting for the rest of the body, gets http.disconnect)."""

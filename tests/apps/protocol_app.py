@@ -11,6 +11,8 @@ Routes, the same in each:
 - ``/bad-header/N``: it sets ``BAD_HEADERS[N]`` (the first: CR/LF in a value);
 - ``/length``: it sets its own ``Content-Length``; ``/204``: No Content;
 - ``/big``: ``BIG_SIZE`` bytes, more than the kernel's socket buffers hold;
+- ``asyncio`` only: ``/sync/N`` and ``/sized/N``, N bytes from a handler that answers at
+  once and from a coroutine; ``/surrogate``: a str with a lone surrogate (no UTF-8);
 - a websocket (the ``-ws`` kinds): each text message echoed.
 """
 
@@ -59,8 +61,18 @@ def run_asyncio() -> None:
     from clusterkit.httpserver import Response
     from clusterkit.serve import serve_asyncio
 
-    async def handler(req):
+    def handler(req):
+        """Answers /sync/N itself, at once, as a plain function does; else a coroutine."""
+        if req.path.startswith("/sync/"):
+            return b"x" * min(int(req.path.rpartition("/")[2]), BIG_SIZE)
+        return routes(req)
+
+    async def routes(req):
         path = req.path
+        if path.startswith("/sized/"):
+            return b"x" * min(int(path.rpartition("/")[2]), BIG_SIZE)
+        if path == "/surrogate":  # text an app decoded from JSON, say: "\ud800" is valid there
+            return "hi \ud800"
         if path == "/echo":
             return Response(req.body, headers=[("Content-Type", "application/octet-stream")])
         if path == "/xff":
