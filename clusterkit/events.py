@@ -185,7 +185,7 @@ class EventReader:
                     entry.get("COMMAND") == "ExecStart"
                 ):
                     run.pid1_exit = (str(entry.get("EXIT_CODE")), str(entry.get("EXIT_STATUS")))
-        # The unit's pid line, the run's first at its level: read up to it, no further (a
+        # The run's first line at the unit's level decides the pid: read it, no further (a
         # worker can write millions of lines at that level; reading them all took ~30 us
         # each, for every exit of that run)
         r = self._lookup()
@@ -193,10 +193,9 @@ class EventReader:
         r.seek_head()
         for entry in r:
             if entry.get(m.sender_unit) == unit:
-                run.add_unit_line(entry.get("MESSAGE"))
-                if run.pid is not None:
-                    break
-        if run.pid is None and began is not None:
+                run.first_unit_line(entry)
+                break
+        if not run.first_seen and began is not None:
             # journald may not know the run of a short-lived sender (user units
             # especially): the unit's own lines written between the run's start and end.
             r = self._lookup()
@@ -208,11 +207,9 @@ class EventReader:
             r.seek_realtime(began)
             for entry in r:
                 when = _when(entry)
-                if when is None or when > ended:
-                    break
-                run.add_unit_line(entry.get("MESSAGE"))
-                if run.pid is not None:
-                    break
+                if when is not None and when <= ended:
+                    run.first_unit_line(entry)
+                break
         return run
 
     def _lookup(self) -> journal.Reader:
@@ -247,12 +244,19 @@ class _Run:
     pid: int | None = None
     pid1_exit: tuple[str, str] | None = None  # PID 1's EXIT_CODE, EXIT_STATUS (unclean exits)
     stop_requested: bool = False
+    first_seen: bool = False  # the run's first line at the unit's level was read
 
-    def add_unit_line(self, message: object) -> None:
-        """The unit's own pid line (report.started_shell_command): the run's first one counts,
-        the one its command prints before exec'ing the worker."""
-        if self.pid is None and isinstance(message, str):
-            self.pid = report.parse_started(message)
+    def first_unit_line(self, entry: dict[str, object]) -> None:
+        """The run's first line at the unit's level: its pid line
+        (report.started_shell_command), which the command prints before exec'ing the
+        worker, so through stdout and from that very pid; else the pid stays unknown. A
+        worker can write the same text, naming any pid, and be the first: journald drops
+        the genuine line when the unit has flooded its rate limit."""
+        self.first_seen = True
+        message = entry.get("MESSAGE")
+        pid = report.parse_started(message) if isinstance(message, str) else None
+        if pid is not None and entry.get("_PID") == pid and entry.get("_TRANSPORT") == "stdout":
+            self.pid = pid
 
 
 def _when(entry: dict[str, object]) -> datetime | None:

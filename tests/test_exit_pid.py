@@ -1,0 +1,122 @@
+"""The pid of an exit event: only the unit's own pid line names it, never a worker's.
+
+Each case writes a journal file with systemd-journal-remote (export format in, the
+journal format the host's journald writes out) and reads it with clusterkit's
+EventReader, as `clusterkit events` reads a fleet's collector. No container needed.
+The real attack takes a unit flooding journald's rate limit until its next run's
+genuine pid line is dropped, then printing a line of its own (reproduced on systemd
+252: `events` named pid 1 for a run whose main pid was 66).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from clusterkit.events import EventReader
+
+JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
+UNIT = "t@0.service"
+#: PID 1's message ids: starting, started, process exited, failed
+STARTING, STARTED = "7d4958e842da4a758f6c1cdc7b36dcc5", "39f53479d3a045ac8e11786248231fbf"
+EXITED, FAILED = "98e322203f7a4ed290d09fe03c09fe15", "d9b373ed55a64feb8242e02dbe79a49c"
+
+pytestmark = pytest.mark.skipif(
+    not os.access(JOURNAL_REMOTE, os.X_OK) and not os.environ.get("CI"),
+    reason="needs systemd-journal-remote (apt-get install systemd-journal-remote)",
+)
+
+
+def pid1(message_id: str, invocation: str, message: str, **fields: str) -> dict[str, str]:
+    return {
+        "MESSAGE": message,
+        "MESSAGE_ID": message_id,
+        "UNIT": UNIT,
+        "INVOCATION_ID": invocation,
+        "_PID": "1",
+        "_UID": "0",
+        "_SYSTEMD_UNIT": "init.scope",
+        "PRIORITY": "6",
+        **fields,
+    }
+
+
+def unit_line(invocation: str, message: str, pid: int, transport: str = "stdout"):
+    """A line of the unit's processes at its own level (what `<5>` on stdout makes)."""
+    return {
+        "MESSAGE": message,
+        "PRIORITY": "5",
+        "_PID": str(pid),
+        "_UID": "61000",
+        "_SYSTEMD_UNIT": UNIT,
+        "_SYSTEMD_INVOCATION_ID": invocation,
+        "_TRANSPORT": transport,
+    }
+
+
+def killed_run_pid(tmp_path: Path, *lines) -> int | None:
+    """The pid `events` gives the SIGKILLed run whose unit wrote *lines* (each made by
+    unit_line from the run's invocation id)."""
+    invocation = uuid.uuid4().hex
+    entries = [
+        pid1(STARTING, invocation, "Starting t@0..."),
+        *(line(invocation) for line in lines),
+        pid1(STARTED, invocation, "Started t@0."),
+        pid1(EXITED, invocation, "Main process exited", EXIT_CODE="killed", EXIT_STATUS="9")
+        | {"COMMAND": "ExecStart"},
+        pid1(FAILED, invocation, "Failed with result 'signal'.", UNIT_RESULT="signal"),
+    ]
+    boot, machine = uuid.uuid4().hex, uuid.uuid4().hex
+    export = "".join(
+        "".join(
+            f"{k}={v}\n"
+            for k, v in {
+                "__REALTIME_TIMESTAMP": str(1_700_000_000_000_000 + i),
+                "__MONOTONIC_TIMESTAMP": str(1000 + i),
+                "_BOOT_ID": boot,
+                "_MACHINE_ID": machine,
+                "_HOSTNAME": "h",
+                **entry,
+            }.items()
+        )
+        + "\n"
+        for i, entry in enumerate(entries)
+    )
+    path = tmp_path / "remote.journal"
+    subprocess.run(
+        [JOURNAL_REMOTE, "--compress=no", "-o", str(path), "-"],
+        input=export.encode(),
+        check=True,
+        capture_output=True,
+    )
+    exits = [e for e in EventReader("t", files=[str(path)]) if e.event == "exit"]
+    assert [(e.worker, e.signal) for e in exits] == [(0, "SIGKILL")]
+    return exits[0].pid
+
+
+def test_the_units_pid_line_names_the_pid(tmp_path: Path):
+    line = lambda inv: unit_line(inv, "clusterkit: started pid=777", 777)  # noqa: E731
+    assert killed_run_pid(tmp_path, line) == 777
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        # the genuine line dropped by the rate limit, the worker (pid 777) prints its own
+        pytest.param(lambda inv: unit_line(inv, "clusterkit: started pid=4242", 777), id="pid"),
+        # the same text sent to journald's socket (logger, sd_journal_print), not stdout
+        pytest.param(
+            lambda inv: unit_line(inv, "clusterkit: started pid=777", 777, "journal"),
+            id="transport",
+        ),
+        # the run's first line at that level is not a pid line: no later one counts
+        pytest.param(lambda inv: unit_line(inv, "flood", 777), id="not-first"),
+    ],
+)
+def test_a_line_a_worker_can_write_names_no_pid(tmp_path: Path, forged):
+    later = lambda inv: unit_line(inv, "clusterkit: started pid=777", 777)  # noqa: E731
+    assert killed_run_pid(tmp_path, forged, later) is None
