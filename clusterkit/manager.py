@@ -99,7 +99,12 @@ class Manager:
         """Run ``argv`` there; its output and status come back."""
         try:
             return subprocess.run(
-                self.command(argv), capture_output=True, text=True, timeout=timeout, cwd="/"
+                self.command(argv),
+                capture_output=True,
+                text=True,
+                errors="replace",  # a worker's log lines are any bytes: never a traceback
+                timeout=timeout,
+                cwd="/",
             )
         except FileNotFoundError as e:
             raise ManagerError(f"{e.filename}: not found (is systemd installed?)") from None
@@ -222,13 +227,26 @@ def _timespan_s(text: str) -> float | None:
 UP_REGISTRY = Path("/run/clusterkit/up")
 
 
+def _started_at(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat's 22nd field),
+    if it runs as root: with its pid, what names one process for good."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != 0:
+            return None
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
 def register_up(name: str, container_pid: int) -> None:
     """Say that the container whose PID 1 is ``container_pid`` runs cluster ``name``."""
     from clusterkit import unitfiles
 
     UP_REGISTRY.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(UP_REGISTRY.parent, 0o755)
-    unitfiles.atomic_write(UP_REGISTRY / name, f"{container_pid}\n", mode=0o600)
+    record = f"{container_pid} {_started_at(container_pid)}\n"
+    unitfiles.atomic_write(UP_REGISTRY / name, record, mode=0o600)
 
 
 def unregister_up(name: str) -> None:
@@ -240,14 +258,18 @@ def up_manager(name: str) -> Manager | None:
     path = UP_REGISTRY / name
     try:
         info = path.lstat()
-        text = path.read_text()
-        comm = Path(f"/proc/{text.strip()}/comm").read_text().strip()
+        pid, started = path.read_text().split()
+        comm = Path(f"/proc/{int(pid)}/comm").read_text().strip()
     except (OSError, ValueError):
         return None
-    # Only root's record, of a live systemd: a stale pid may belong to anything now.
-    if info.st_uid != 0 or info.st_mode & 0o077 or not text.strip().isdigit() or comm != "systemd":
+    # Only root's record, of the very process it names: the record outlives an `up` that
+    # was killed, and its pid may belong to anything now, even a user's own "systemd"
+    # (whose journal and namespaces root's commands would then use).
+    if info.st_uid != 0 or info.st_mode & 0o077 or comm != "systemd":
         return None
-    return Manager(container_pid=int(text))
+    if _started_at(int(pid)) != started:
+        return None
+    return Manager(container_pid=int(pid))
 
 
 def running_ups() -> dict[str, Manager]:

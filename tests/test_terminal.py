@@ -24,3 +24,14 @@ def test_line_feeds_become_continuation_lines():
     assert shown == "first\n    | worker 0: forged\\x1b[2J"
     assert terminal.lines("one line", continuation="  ") == "one line"
     assert terminal.lines("a\r\nb\rc\r\n", continuation="  ") == "a\n  b\\rc"  # a bare CR
+
+
+def test_a_workers_bytes_that_are_no_utf8_come_back_replaced():
+    """What root's commands read back through a manager (`up` shows a failing worker's
+    last journal lines, which journalctl passes through as the worker wrote them): bytes
+    that are no UTF-8 are replaced, never a UnicodeDecodeError and a traceback."""
+    from clusterkit.manager import Manager
+
+    out = Manager("system").run("printf", "caf\\351 \\377\\n").stdout
+    assert out == "caf\ufffd \ufffd\n"
+    assert terminal.escaped(out.strip()) == "caf\ufffd \ufffd"
