@@ -806,7 +806,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except CommandError as e:
-        print(f"clusterkit {args.command}: {e}", file=sys.stderr)
+        # escaped: a message can quote a name or path anyone chose (a planted file's)
+        print(f"clusterkit {args.command}: {terminal.lines(str(e), '')}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
         return 130

@@ -122,7 +122,15 @@ _handlers: dict[str, list[Callable[..., Any]]] = {e: [] for e in _events.EVENTS}
 def _name_from_pyproject(path: Path = Path("pyproject.toml")) -> str | None:
     if not path.is_file():
         return None
+    from clusterkit import trust
     from clusterkit.spec import load_config
+
+    reason = trust.why_untrusted(path) if trust.as_root() else None
+    if reason is not None:  # as the CLI: the app's file would choose root's cluster
+        raise PrimaryError(
+            f"./pyproject.toml: not read, {reason}: root takes configuration only from "
+            "root's files; call setup_primary(name=...) or set CLUSTERKIT_NAME"
+        )
 
     name = load_config(path).get("name")
     return name if isinstance(name, str) else None

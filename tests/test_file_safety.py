@@ -225,6 +225,33 @@ def test_root_does_not_read_a_pyproject_another_user_controls(
     assert f"using config {config} (owned by {owner})" in r.stderr
 
 
+def test_the_primary_api_as_root_does_not_take_its_cluster_from_the_apps_pyproject(
+    tmp_path: Path,
+) -> None:
+    """cluster.setup_primary() without a name reads ./pyproject.toml's, as the CLI does;
+    as root, an app-owned file would choose the cluster root forks, scales or kills."""
+    config = tmp_path / "pyproject.toml"
+    config.write_text(CONFIG)
+    os.chown(config, NOBODY, NOBODY)
+    code = "from clusterkit import primary\nprimary.setup_primary()"
+    env = {k: v for k, v in os.environ.items() if k != "CLUSTERKIT_NAME"}
+    r = subprocess.run(
+        [PY, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, check=False
+    )
+    assert r.returncode != 0
+    assert "PrimaryError: ./pyproject.toml: not read, " in r.stderr, r.stderr
+    os.chown(config, 0, 0)  # root's own file: read
+    r = subprocess.run(
+        [PY, "-c", code + "\nprint(primary._current().name)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert r.stdout.strip() == "cfg", r.stderr
+
+
 # ---- install -----------------------------------------------------------------------
 
 
@@ -237,6 +264,23 @@ def test_install_refuses_a_source_another_user_can_write(shared_dir: Path) -> No
     assert generate(out).returncode == 0
     r = install(out)
     assert r.returncode == 2 and "writable by other users" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_planted_file_name_puts_no_escape_on_roots_terminal(tmp_path: Path) -> None:
+    """Another user plants a manifest whose name holds terminal escapes (a title, a screen
+    clear, a colour) in a sticky directory (as /tmp) root installs every cluster from:
+    root's error names the file with each escape spelled out, on one line."""
+    out = tmp_path / "units"
+    out.mkdir()
+    out.chmod(0o1777)
+    planted = out / "\x1b]0;pwned\x07\x1b[2J\x1b[31mevil\u2028x.clusterkit.json"
+    planted.write_text(unitfiles.with_header(planted.name, '{"format": 1}\n'))
+    os.chown(planted, NOBODY, NOBODY)
+    r = ck("install", "--from", str(out), "--runtime")
+    assert r.returncode == 2, r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "\u2028" not in r.stderr
+    assert "\\x1b]0;pwned\\x07" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
