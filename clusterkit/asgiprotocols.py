@@ -203,8 +203,9 @@ class _MakesRoom:
 
     def make_room(self) -> None:
         """Close the oldest connection with no response in progress; failing that, drop
-        the oldest whose client is a write buffer behind on a response (a slow reader
-        holds it, and taking nothing, until send_timeout; trickling, for ever)."""
+        the oldest whose client is a write buffer behind on a response (such a client
+        holds its connection until send_timeout if it takes nothing, for ever if it
+        trickles)."""
         for conn in self.opened:
             cycle = conn.cycle
             if (cycle is None or cycle.response_complete) and not getattr(conn, "pipeline", ()):

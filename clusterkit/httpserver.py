@@ -712,7 +712,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def drop_if_behind(self) -> bool:
         """make_room's second choice: drop the connection if its client is a write buffer
-        behind on a response (pause_writing), closing or not, and say so."""
+        behind on a response (pause_writing), closing or not; True if it was dropped."""
         if self.transport is None or not self.write_paused:
             return False
         self.deadline = 0.0
