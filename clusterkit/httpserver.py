@@ -637,8 +637,6 @@ class HttpProtocol(asyncio.Protocol):
             # starts the send watch instead) if the client is slow to take the response
             self.deadline = state.now + self.limits.keep_alive_timeout
             self.unsent = -1
-            if self.held:  # nothing of it is held any more
-                self._release()
         transport.write(b"".join((head, state.date, _END_CLOSE if close else _END, body)))
         if close:
             self._close()
