@@ -205,11 +205,10 @@ class EventReader:
                 r.add_disjunction()
                 r.add_match(*by_user, f"PRIORITY={report.PRIORITY}")
             r.seek_realtime(began)
-            for entry in r:
-                when = _when(entry)
-                if when is not None and when <= ended:
-                    run.first_unit_line(entry)
-                break
+            entry = next(r, None)
+            when = _when(entry) if entry is not None else None
+            if when is not None and when <= ended:
+                run.first_unit_line(entry)
         return run
 
     def _lookup(self) -> journal.Reader:
