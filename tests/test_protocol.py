@@ -709,9 +709,14 @@ def _drops_clients_that_stop_taking(server: Server, within: float) -> None:
     socks = [_small_window(server) for _ in range(4)]
     for i, sock in enumerate(socks):
         sock.sendall(get("/big", "Connection: close\r\n" if i % 2 else ""))
-    _wait(lambda: _open_fds(server) >= fds + 4, 10, "the server did not take the connections")
+    for sock in socks:  # each was taken and answered (peeking leaves the window shut);
+        # counting descriptors instead raced a loaded machine, where the first could be
+        # dropped before the last was taken
+        assert sock.recv(1, socket.MSG_PEEK), "the server did not answer"
     _wait(lambda: _open_fds(server) <= fds, within, "a connection that takes nothing is kept")
-    assert server.rss() - rss < RSS_BOUND
+    # uvloop closes the descriptor at once but lets go of the unsent response on a later
+    # turn of its loop, so on a busy machine the memory can lag the descriptor a little
+    _wait(lambda: server.rss() - rss < RSS_BOUND, 5, "the server kept what it held for them")
     for sock in socks:
         assert _taken_until_closed(sock) < BIG_SIZE
         sock.close()
