@@ -124,9 +124,15 @@ def load_spec(source: Path, name: str) -> Spec:
             f"run `clusterkit generate --name {name} --output {source}` first"
         )
     try:
-        return manifest.loads(path.read_text(encoding="utf-8"), str(path))
+        spec = manifest.loads(path.read_text(encoding="utf-8"), str(path))
     except SpecError as e:
         raise InstallRefused(str(e)) from None
+    if spec.name != name:  # a renamed copy: its units and NAME's stale ones would mix
+        raise InstallRefused(
+            f"--from: {path} is the manifest of cluster {spec.name!r}, not {name!r}; "
+            f"run `clusterkit generate --name {name} --output {source}` to make {name}'s"
+        )
+    return spec
 
 
 def _check_spec_for(spec: Spec, manager: Manager) -> None:
@@ -135,7 +141,7 @@ def _check_spec_for(spec: Spec, manager: Manager) -> None:
             "--user: these units switch users (DynamicUser=/User=), which a user's manager "
             "cannot do; generate them with --manager user"
         )
-    problem = shadow.refusal(spec.name, user=manager.user)
+    problem = shadow.refusal(spec.name, user=manager.user, root=manager.root)
     if problem is not None:
         raise InstallRefused(problem)
     program = manager.root / spec.exec[0].lstrip("/")

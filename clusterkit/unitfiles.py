@@ -70,7 +70,7 @@ def state(path: Path) -> str:
     """
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no directory, so no unit in it
         return "missing"
     try:
         return _state_at(dir_fd, path.name)

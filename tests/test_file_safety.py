@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from scenario import wait_for
 
-from clusterkit import render, unitfiles
+from clusterkit import render, shadow, unitfiles
 from clusterkit.spec import build_spec
 
 PY = sys.executable
@@ -313,6 +313,65 @@ def test_names_of_existing_system_units_are_refused(tmp_path: Path, name: str) -
     forged.write_text(unitfiles.with_header(forged.name, text.replace('"t"', f'"{name}"')))
     r = ck("install", name, "--from", str(out), "--runtime")
     assert r.returncode == 2 and "would shadow" in r.stderr, r.stderr
+
+
+def test_a_manifest_copied_under_another_name_is_refused(tmp_path: Path) -> None:
+    """u.clusterkit.json holding cluster t's spec: installing u would write t's units and
+    take u's installed ones for stale."""
+    out = tmp_path / "units"
+    assert generate(out).returncode == 0
+    text = unitfiles._strip_header((out / "t.clusterkit.json").read_text())
+    copy = out / "u.clusterkit.json"
+    copy.write_text(unitfiles.with_header(copy.name, text))
+    r = ck("install", "u", "--from", str(out), "--runtime")
+    assert r.returncode == 2, r.stderr
+    assert f"{copy} is the manifest of cluster 't', not 'u'" in r.stderr
+
+
+def _unit_paths(*flags: str) -> list[str]:
+    r = subprocess.run(
+        ["systemd-analyze", *flags, "unit-paths"], capture_output=True, text=True, check=True
+    )
+    return r.stdout.split()
+
+
+def test_names_are_checked_in_every_directory_systemd_loads_units_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The directories are systemd's own list (the vendor's /usr/local, the generators'
+    and transient units' too), for the system manager and a user's."""
+    assert set(_unit_paths()) <= set(shadow.SYSTEM_UNIT_DIRS)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
+    expected = _unit_paths("--user")
+    assert [str(d) for d in shadow.user_unit_dirs()] == expected
+
+
+@pytest.mark.parametrize("where", ["usr/local/lib/systemd/system", "run/systemd/generator"])
+def test_a_unit_in_any_load_directory_is_not_shadowed(tmp_path: Path, where: str) -> None:
+    """A vendor unit under /usr/local or a generated one (a mount, say) was not seen, and
+    a cluster of its name would have replaced it; in a container's tree as on the host."""
+    planted = tmp_path / where / "backup.service"
+    planted.parent.mkdir(parents=True)
+    planted.write_text("[Service]\nExecStart=/bin/true\n")
+    assert shadow.shadowed_unit("backup", root=tmp_path) == planted
+    assert shadow.shadowed_unit("backups", root=tmp_path) is None
+
+
+def test_a_vendor_unit_under_usr_local_is_refused_by_generate(tmp_path: Path) -> None:
+    vendor = Path("/usr/local/lib/systemd/system")
+    created = [d for d in (vendor.parent.parent, vendor.parent, vendor) if not d.exists()]
+    vendor.mkdir(parents=True, exist_ok=True)
+    planted = vendor / "cktest-vendor.service"
+    planted.write_text("[Service]\nExecStart=/bin/true\n")
+    try:
+        out = tmp_path / "units"
+        r = ck("generate", "--name", "cktest-vendor", "--exec", EXEC, "--output", str(out))
+        assert r.returncode == 2 and f"would shadow the existing unit {planted}" in r.stderr
+        assert not out.exists()
+    finally:
+        planted.unlink()
+        for d in reversed(created):
+            d.rmdir()
 
 
 def test_env_file_is_rendered_warned_about_and_refused_at_install(tmp_path: Path) -> None:
