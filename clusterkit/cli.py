@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -292,12 +292,12 @@ def _primary_call(call, *args, **kwargs):
         raise CommandError(str(e)) from None
 
 
-def _last_exits(settings) -> dict[int, object]:
+def _last_exits(settings, workers: Collection[int]) -> dict[int, object]:
     from clusterkit import events
 
     reader = events.EventReader(settings.name, manager=settings.manager, exits_only=True)
     try:
-        return {ev.worker: ev for ev in reader}
+        return reader.last_exits(workers)
     finally:
         reader.close()
 
@@ -346,7 +346,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     workers = _primary_call(primary.get_workers, settings)
-    exits = _last_exits(settings)
+    exits = _last_exits(settings, workers.keys())
     rows = []
     for w in workers.values():
         row = w.to_json()

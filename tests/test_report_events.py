@@ -133,6 +133,8 @@ def test_kills_crashes_and_clean_exits_reach_events_and_status(
     assert [w["id"] for w in status] == [0, 1]
     assert all(w["state"] == "listening" and w["pid"] for w in status)
     assert status[1]["last_exit"]["code"] == 0 and status[1]["restarts"] == 2
+    # the last exit of each (read from the tail back), not the first
+    assert [w["last_exit"]["pid"] for w in status] == [crashed_pid, clean_pid]
 
 
 # A forger with the journal's native protocol: PID 1's record ids and fields,
