@@ -117,6 +117,7 @@ def cmd_haproxy_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from clusterkit import fleet as fl
+    from clusterkit.cli import NOT_HEALTHY
 
     fleet = _fleet(args)
     rows, failure = _failure(fl.status, fleet)
@@ -139,7 +140,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if failure:
         sys.stderr.write(failure)
         return 1
-    return 0
+    # as `clusterkit status`: 3 when some worker does not serve (or a host runs none)
+    serving = all(
+        row["workers"] and all(w.get("why") is None for w in row["workers"]) for row in rows
+    )
+    return 0 if serving else NOT_HEALTHY
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -1231,6 +1231,35 @@ def test_restart_hosts_stops_at_a_failure_and_says_the_host_is_drained(topo: Top
     assert topo.all_up()
 
 
+def test_fleet_status_shows_a_host_whose_worker_does_not_serve(topo: Topology) -> None:
+    """A worker that does not serve (stopped here; a crash loop or a start that never
+    ends alike) makes its host's `clusterkit status` exit 3. The host answered: its rows
+    are shown and it is reachable, and fleet status exits 3 as status does (the host was
+    called UNREACHABLE and its rows hidden, so one worker hid its healthy siblings)."""
+    first = next(iter(topo.hosts))
+    host = topo.hosts[first]
+    host.systemctl("stop", f"{NAME}@1.service")
+    try:
+        r = topo.cli("fleet", "status", "--json", "--config", str(topo.config))
+        assert r.returncode == 3, r.stdout[-3000:] + r.stderr
+        rows = {row["host"]: row for row in json.loads(r.stdout)}
+        assert rows[first]["reachable"] is True, rows[first]
+        states = {w["id"]: w["state"] for w in rows[first]["workers"]}
+        assert states[0] == "listening" and states[1] != "listening", states
+        assert rows[first]["workers"][1]["why"], rows[first]
+        for name in topo.hosts:
+            if name != first:
+                assert all(w["state"] == "listening" for w in rows[name]["workers"]), rows
+        r = topo.cli("fleet", "status", "--config", str(topo.config))
+        assert r.returncode == 3, r.stderr
+        line = next(x for x in r.stdout.splitlines() if x.startswith(first))
+        assert "1/2 workers listening" in line, r.stdout
+    finally:
+        host.systemctl("start", f"{NAME}@1.service")
+    r = topo.fleet("status", "--json")  # all serve again: 0
+    assert all(w["why"] is None for row in json.loads(r.stdout) for w in row["workers"])
+
+
 def _time_to_down(topo: Topology, name: str, since: float, timeout: float = 10) -> float:
     wait_for(
         f"HAProxy to mark {name} down",
