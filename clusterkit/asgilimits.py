@@ -62,6 +62,8 @@ class LimitedApp:
         limits = self.limits
         if scope.get("http_version") not in ("1.0", "1.1"):
             return 505, False
+        if scope["method"] == "CONNECT":  # a tunnel: see httpserver._other_method
+            return 400, False
         target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         if target > limits.max_request_line:
             return 414, False

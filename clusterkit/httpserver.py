@@ -119,7 +119,10 @@ class Request:
 
     @property
     def path(self) -> str:
-        return self.target.partition("?")[0]
+        path = self.target.partition("?")[0]
+        if path[:1] != "/" and "://" in path:  # absolute-form (RFC 9112, 3.2.2), as to a proxy
+            path = "/" + path.partition("://")[2].partition("/")[2]
+        return path
 
     def header(self, name: str, default: str | None = None) -> str | None:
         name = name.lower()
@@ -175,6 +178,20 @@ def _plain_200_head(length: int) -> bytes:
     if len(_PLAIN_200_HEADS) < 256:  # bounded: the lengths are the app's to choose
         _PLAIN_200_HEADS[length] = head
     return head
+
+
+def _other_method(method: bytes) -> str:
+    """A method not in _METHODS, as str; CONNECT is refused: this is an origin server, and a
+    2xx answer opens a tunnel to a proxy in front (HAProxy), which then passes the client's
+    later bytes through untouched, forged X-Forwarded-For and all."""
+    if method == b"CONNECT":
+        raise _Reject(400)
+    return method.decode()
+
+
+class _Stop(Exception):
+    """Raised from on_message_complete: the connection closes after this request, so the
+    parser reads no further (a pipelined request behind it must not run, RFC 9112, 9.6)."""
 
 
 class _Reject(Exception):
@@ -235,9 +252,10 @@ class ConnectionSet:
 
     def make_room(self) -> None:
         """At max_connections: close the oldest connection with no response in progress;
-        failing that, drop the oldest whose client is a write buffer behind on a response
-        (one that takes nothing would hold it until send_timeout, one that trickles for
-        ever, and so many of them would lock every other client out)."""
+        failing that, drop the oldest whose client is behind on a response: a write buffer
+        behind, or closing with part of its last one unsent (one that takes nothing would
+        hold it until send_timeout, one that trickles for ever, and so many of them would
+        lock every other client out)."""
         for conn in self.connections:
             if conn.close_waiting(503):
                 self.shed.count()
@@ -294,7 +312,7 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
+        self.body = bytearray()  # one buffer: a piece each was 9x the size of 5-byte chunks
         self.body_size = 0
         #: bytes counted in state.buffer: each request's until it is answered (or the
         #: connection is gone)
@@ -351,6 +369,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         except httptools.HttpParserCallbackError as e:
             reject = e.__context__
+            if isinstance(reject, _Stop):
+                return
             if not isinstance(reject, _Reject):
                 self.state.logger.error("HTTP server error", exc_info=reject or e)
                 reject = _Reject(500)
@@ -456,7 +476,12 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(400)  # RFC 9112, 3.2: a server MUST answer 400
         if not self.busy:
             self.deadline = self.state.now + self.limits.body_timeout
-            if self.expect_continue and not self.pending and self.transport is not None:
+            if (
+                self.expect_continue
+                and not self.pending
+                and self.transport is not None
+                and self.parser.get_http_version() == "1.1"  # RFC 9110, 10.1.1: 1.0 knows no 100
+            ):
                 # the body is read (and buffered) anyway: ask for it at once
                 self.transport.write(_CONTINUE)
 
@@ -464,7 +489,7 @@ class HttpProtocol(asyncio.Protocol):
         self.body_size += len(body)
         if self.body_size > self.limits.max_body_size:  # chunked: no Content-Length to check
             raise _Reject(413)
-        self.body.append(body)
+        self.body += body
         if not self.busy:
             self.deadline = self.state.now + self.limits.body_timeout
 
@@ -488,10 +513,10 @@ class HttpProtocol(asyncio.Protocol):
         method = p.get_method()
         body = b""
         if self.body:
-            body = b"".join(self.body)
-            self.body = []  # the joined copy is the one kept (until the response is sent)
+            body = bytes(self.body)
+            self.body = bytearray()  # the copy is the one kept (until the response is sent)
         req = Request(
-            _METHODS.get(method) or method.decode(),
+            _METHODS.get(method) or _other_method(method),
             self.url.decode("latin-1"),
             self.headers,
             body,
@@ -509,13 +534,20 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
         else:
             self._serve(req, keep, held)
+        if not keep or self.closing:  # the connection ends with this request's response
+            self._stop_reading()
+            raise _Stop
 
     # -- requests ----------------------------------------------------------
     def _answer_waiting(self) -> None:
         """Answer what waited in ``pending``, in order, until a handler runs or the client
         falls behind again; then, if neither, read on."""
         pending = self.pending
-        while pending and not (self.busy or self.write_paused) and self.transport is not None:
+        while (
+            pending
+            and not (self.busy or self.write_paused or self.closing)
+            and self.transport is not None
+        ):
             req, keep, held = pending.popleft()
             if isinstance(req, int):  # a refusal that waited its turn
                 self._send_error(req)
@@ -647,7 +679,7 @@ class HttpProtocol(asyncio.Protocol):
         self._stop_reading()
         self.in_message = self.in_head = False
         # let go of what it sent now: many refused in one loop turn must not add up
-        self.url, self.headers, self.body = b"", [], []
+        self.url, self.headers, self.body = b"", [], bytearray()
         if self.busy or self.pending:
             self.pending.append((status, False, 0))
         else:
@@ -666,6 +698,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closing = True
+        self.stopped = True  # no request after this one is read
         self.deadline = 0.0
         transport = self.transport
         if transport is not None:
@@ -710,8 +743,13 @@ class HttpProtocol(asyncio.Protocol):
 
     def drop_if_behind(self) -> bool:
         """make_room's second choice: drop the connection if its client is a write buffer
-        behind on a response (pause_writing), closing or not; True if it was dropped."""
-        if self.transport is None or not self.write_paused:
+        behind on a response (pause_writing), or if it is closing with bytes of its last
+        response unsent (less than a write buffer: all that keeps it is a client that
+        does not take them); True if it was dropped."""
+        transport = self.transport
+        if transport is None or not (
+            self.write_paused or (self.closing and transport.get_write_buffer_size())
+        ):
             return False
         self.deadline = 0.0
         self.closing = True

@@ -410,6 +410,7 @@ def serve_wsgi(
     check_seconds("serve_wsgi: send_timeout", send_timeout)
     from waitress import wasyncore
     from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser, ParsingError
     from waitress.server import create_server
     from waitress.task import WSGITask
 
@@ -436,8 +437,15 @@ def serve_wsgi(
             finally:
                 finished[0] += 1
 
+    class Parser(HTTPRequestParser):
+        def parse_header(self, header_plus: bytes) -> None:
+            super().parse_header(header_plus)
+            if self.command == "CONNECT":  # a tunnel: see httpserver._other_method
+                raise ParsingError("CONNECT: this server opens no tunnels")
+
     class Channel(HTTPChannel):
         task_class = Task
+        parser_class = Parser
 
     options: dict[str, Any] = {
         "threads": threads,

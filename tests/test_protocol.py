@@ -17,6 +17,7 @@ import os
 import re
 import resource
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -54,9 +55,12 @@ class Server:
         nofile: int | None = None,
         concurrency: int | None = None,
         keep_alive: float | None = None,
+        sndbuf: int | None = None,
     ) -> None:
         self.kind = kind
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        if sndbuf is not None:  # inherited by each accepted socket, fixed (no autotuning)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.port = self.listener.getsockname()[1]
         self.log_path = tmp / f"{kind}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
@@ -350,6 +354,107 @@ def test_upgrade_gets_one_ordinary_answer(server):
     assert statuses == [200]  # uvicorn without a websocket library ignores Upgrade
 
 
+CLOSES_AFTER = {
+    "client-close": get("/", "Connection: close\r\n"),
+    "http-1.0": b"GET / HTTP/1.0\r\n\r\n",
+    # with these the server decides: waitress keeps HTTP/1.0 alive when asked, and a WSGI
+    # app may not set Connection (PEP 3333)
+    "app-close": get("/close"),  # the app answers Connection: close
+    "http-1.0-keep-alive": b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",  # not kept
+}
+WSGI_CLOSES_AFTER = ["client-close", "http-1.0"]
+
+
+def _runs_nothing_after(server: Server, first: bytes, tag: str) -> None:
+    """*first*, with a POST pipelined behind it in the same packet: the connection closes
+    after the first response, so the POST must not run (RFC 9112, 9.6): its client sees
+    no answer and may send it again. serve_asyncio ran it and dropped its response."""
+    statuses, _, r = exchange(server, first + post(f"/mark/{tag}", b"money"), n=2)
+    assert len(statuses) == 1 and 200 <= statuses[0] < 300, statuses
+    assert r.closed()
+    r.sock.close()
+    exchange(server, post(f"/mark/{tag}-alone", b"money"))  # one alone runs, and says so
+    text = server.wait_log(f"ran {tag}-alone")
+    assert f"ran {tag}\n" not in text
+
+
+@pytest.mark.parametrize("first", list(CLOSES_AFTER))
+def test_nothing_pipelined_after_a_closing_response_runs(server, first):
+    _runs_nothing_after(server, CLOSES_AFTER[first], f"after-{first}")
+
+
+@pytest.mark.parametrize("first", WSGI_CLOSES_AFTER)
+def test_wsgi_runs_nothing_pipelined_after_a_closing_response(wsgi_server, first):
+    _runs_nothing_after(wsgi_server, CLOSES_AFTER[first], f"after-{first}")
+
+
+def test_nothing_pipelined_after_a_plain_handlers_close_runs(asyncio_server):
+    """The same when the handler answers at once (no coroutine): its response closed the
+    connection in the middle of the parser's run over the packet."""
+    _runs_nothing_after(asyncio_server, get("/sync-close"), "after-sync-close")
+
+
+def test_nothing_pipelined_behind_a_drain_runs(tmp_path):
+    """SIGTERM while a request is in progress: its response says Connection: close, and
+    the request pipelined behind it must not run."""
+    s = Server("asyncio", tmp_path)
+    try:
+        sock = s.connect()
+        sock.sendall(get("/slow") + post("/mark/behind-drain", b"money"))
+        time.sleep(0.05)
+        s.popen.send_signal(signal.SIGTERM)
+        r = Reader(sock)
+        resp = r.response()
+        assert resp is not None and resp[0] == 200
+        assert r.closed()
+        s.popen.wait(10)
+        assert "ran behind-drain" not in s.logs()
+    finally:
+        s.stop()
+
+
+CONNECT = b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n"
+
+
+def _refuses_connect(server: Server) -> None:
+    """A server is an origin, not a proxy: CONNECT is refused (4xx) and the connection
+    closed, so nothing after it reaches the app. waitress answered 200 and read on, and a
+    proxy in front (HAProxy) then tunnelled the client's later bytes to it untouched
+    (forged X-Forwarded-For included); serve_asyncio answered 200 with a body."""
+    statuses, _, r = exchange(server, CONNECT + post("/mark/tunnelled", b"money"), n=2)
+    assert len(statuses) == 1 and 400 <= statuses[0] < 500, statuses
+    assert r.closed()
+    time.sleep(0.2)
+    assert "ran tunnelled" not in server.logs()
+
+
+def test_connect_is_refused(server):
+    _refuses_connect(server)
+
+
+def test_wsgi_refuses_connect(wsgi_server):
+    _refuses_connect(wsgi_server)
+
+
+def test_http10_gets_no_100_continue(asyncio_server):
+    """RFC 9110, 10.1.1: an HTTP/1.0 client knows no 100 (Continue); its Expect is ignored."""
+    sock = asyncio_server.connect()
+    sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    assert not select.select([sock], [], [], 0.3)[0], "an interim response was sent"
+    sock.sendall(b"hello")
+    resp = Reader(sock).response()
+    assert resp is not None and resp[0] == 200 and resp[2] == b"hello"
+
+
+def test_absolute_form_target_has_the_origin_path(asyncio_server):
+    """A request target in absolute form (RFC 9112, 3.2.2: what a proxy is sent) gives
+    req.path the path alone, as uvicorn's scope["path"]; it was the whole URL."""
+    data = b"GET http://other:8080/mark/absolute?q=1 HTTP/1.1\r\nHost: other:8080\r\n\r\n"
+    statuses, _, _ = exchange(asyncio_server, data)
+    assert statuses == [200]
+    asyncio_server.wait_log("ran absolute")
+
+
 def test_chunked_request_body(server):
     data = CHUNKED_POST + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     statuses, resps, r = exchange(server, data)
@@ -610,11 +715,11 @@ def test_idle_keep_alive_closed_after_timeout(server):
     assert r.closed(timeout=TIMEOUT + 5)
 
 
-def _small_window(server: Server) -> socket.socket:
+def _small_window(server: Server, rcvbuf: int = 64 * 1024) -> socket.socket:
     """A connection with a small receive buffer: what its client has not read stays
     mostly in the server, not in the kernel."""
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.settimeout(10)
     sock.connect(("127.0.0.1", server.port))
     return sock
@@ -950,6 +1055,15 @@ def _trickle(socks: list[socket.socket]) -> None:
             sock.recv(16384)
 
 
+def _made_room(server: Server, fds: int) -> None:
+    """The worker holds max_connections (16 here) at most, serves an honest client, and
+    says it made room."""
+    assert _open_fds(server) <= fds + 16 + 2  # max_connections, and one in the accept
+    statuses, _, _ = exchange(server, get("/"))
+    assert statuses == [200]
+    server.wait_log("to make room")
+
+
 def test_slow_readers_past_max_connections_make_room(tmp_path):
     """40 clients each take an 8 MiB Connection: close response a little at a time, never
     stalling for send_timeout. serve_asyncio never made room from such a connection (it
@@ -970,14 +1084,57 @@ def test_slow_readers_past_max_connections_make_room(tmp_path):
         for _ in range(5):
             _trickle(socks)
             time.sleep(0.2)
-        assert _open_fds(s) <= fds + 16 + 2  # max_connections, and one in the accept
-        statuses, _, _ = exchange(s, get("/"))
-        assert statuses == [200]
-        s.wait_log("to make room")
+        _made_room(s, fds)
     finally:
         for sock in socks:
             sock.close()
         s.stop()
+
+
+def test_closing_connections_with_a_little_unsent_make_room(tmp_path):
+    """24 clients each ask for 40 KB with Connection: close and read nothing, with small
+    socket buffers on both sides, so the worker holds the rest of each response: less
+    than a write buffer (64 KiB), so not "behind", and closing, so not idle. make_room
+    chose neither: past max_connections (16) every such client kept its descriptor for
+    send_timeout, and enough of them locked everyone else out."""
+    s = Server("asyncio", tmp_path, nofile=80, sndbuf=4096)
+    socks: list[socket.socket] = []
+    try:
+        fds = _open_fds(s)
+        for _ in range(24):
+            sock = _small_window(s, rcvbuf=4096)
+            sock.sendall(get("/sized/40000", "Connection: close\r\n"))
+            assert select.select([sock], [], [], 10)[0], "no response began"
+            socks.append(sock)
+        _made_room(s, fds)
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()
+
+
+def test_tiny_chunks_are_held_at_their_size(asyncio_server):
+    """16 clients each send a chunked body in 5-byte chunks, up to just under
+    max_body_size, and never end it: max_request_buffer (16 MiB) counts the bytes, and the
+    worker's memory must be of that order. Each chunk was kept as its own bytes object,
+    nine times its size (16 MiB counted, 140 MiB held)."""
+    filler = b"5\r\nyyyyy\r\n" * 10_000  # 50,000 bytes of body
+
+    def action():
+        socks = []
+        for _ in range(16):
+            sock = asyncio_server.connect()
+            sock.sendall(CHUNKED_POST)
+            for _ in range(19):  # 950,000 bytes, under max_body_size (1 MiB)
+                sock.sendall(filler)
+            socks.append(sock)
+        time.sleep(0.5)  # the last reads are parsed
+        return socks
+
+    growth, socks = _peak_rss_while(asyncio_server, action)
+    for sock in socks:
+        sock.close()
+    assert growth < 48 * MiB, growth
 
 
 @pytest.mark.parametrize("kind", ["uvicorn", "uvicorn-h11"])

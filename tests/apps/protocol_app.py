@@ -10,9 +10,12 @@ Routes, the same in each:
 - ``/none``: the handler returns nothing; ``/raise``: it raises;
 - ``/bad-header/N``: it sets ``BAD_HEADERS[N]`` (the first: CR/LF in a value);
 - ``/length``: it sets its own ``Content-Length``; ``/204``: No Content;
+- ``/close``: ``bye`` with ``Connection: close`` (the app ends the connection; not WSGI);
+- ``/mark/NAME``: ``hello``, and ``ran NAME`` on stderr: the suite sees which handlers ran;
 - ``/big``: ``BIG_SIZE`` bytes, more than the kernel's socket buffers hold;
 - ``asyncio`` only: ``/sync/N`` and ``/sized/N``, N bytes from a handler that answers at
   once and from a coroutine; ``/surrogate``: a str with a lone surrogate (no UTF-8);
+  ``/sync-close``: ``/close`` from a handler that answers at once;
 - a websocket (the ``-ws`` kinds): each text message echoed.
 """
 
@@ -35,6 +38,14 @@ LIMITS = Limits(
     send_timeout=TIMEOUT,
 )
 BIG_SIZE = 64 << 20
+
+
+def mark(path: str) -> bool:
+    """For /mark/NAME: say on stderr that the handler ran (True)."""
+    if path.startswith("/mark/"):
+        print(f"ran {path[6:]}", file=sys.stderr, flush=True)
+        return True
+    return False
 
 
 def big() -> bytes:
@@ -65,6 +76,10 @@ def run_asyncio() -> None:
         """Answers /sync/N itself, at once, as a plain function does; else a coroutine."""
         if req.path.startswith("/sync/"):
             return b"x" * min(int(req.path.rpartition("/")[2]), BIG_SIZE)
+        if req.path == "/sync-close":
+            return Response("bye", headers=[("Connection", "close")])
+        if mark(req.path):
+            return "hello"
         return routes(req)
 
     async def routes(req):
@@ -91,6 +106,8 @@ def run_asyncio() -> None:
             return Response("hello", headers=[("Content-Length", "5")])
         if path == "/204":
             return Response(b"", 204, headers=[])
+        if path == "/close":
+            return Response("bye", headers=[("Connection", "close")])
         if path == "/big":
             return big()
         return "hello"
@@ -118,12 +135,16 @@ def run_uvicorn(**options) -> None:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         headers = [(b"content-type", b"text/plain")]
+        mark(path)
         if path == "/echo":
             out = body
         elif path == "/big":
             out = big()
         elif path == "/xff":
             out = dict(scope["headers"]).get(b"x-forwarded-for", b"-")
+        elif path == "/close":
+            headers.append((b"connection", b"close"))
+            out = b"bye"
         elif path == "/slow":
             await asyncio.sleep(0.2)
             out = b"slow"
@@ -156,6 +177,7 @@ def run_wsgi() -> None:
     def app(environ, start_response):
         body = environ["wsgi.input"].read()
         path = environ["PATH_INFO"]
+        mark(path)
         out = body if path == "/echo" else big() if path == "/big" else b"hello"
         headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))]
         if path.startswith("/bad-header/"):
