@@ -216,7 +216,7 @@ def haproxy_config(fleet: Fleet, bind: str, socket_path: str | None) -> str:
         socket=socket_path,
         health_path=fleet.health_path,
         health_host=fleet.health_host,
-        server_timeout="2s",
+        server_timeout=f"{fleet.server_timeout}s",
     )
     return with_header("haproxy.cfg", body, command="fleet haproxy-config")
 

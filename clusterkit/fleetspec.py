@@ -74,6 +74,9 @@ class Fleet:
     #: systemd 252 never deletes a file, and any host can upload as fast as it can send
     collector_max_use: str = "4G"
     haproxy_socket: Path | None = None  # HAProxy's runtime API (drain, ready, status)
+    #: seconds HAProxy waits for a host's response (``timeout server``): a slower request
+    #: gets 504, and an idempotent one is first tried again, on up to 3 more hosts
+    server_timeout: int = 30
     haproxy_backend: str = ""  # default: the cluster's name
 
     @property
@@ -105,6 +108,7 @@ _KEYS = {
     "collector_max_use",
     "haproxy_socket",
     "haproxy_backend",
+    "server_timeout",
 }
 
 
@@ -153,6 +157,11 @@ def build_fleet(
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
                 raise FleetError(f"fleet.{key}: {value!r} is not a port (1-65535)")
             kw[key] = value
+    if "server_timeout" in table:
+        value = table["server_timeout"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3600:
+            raise FleetError(f"fleet.server_timeout: {value!r} is not whole seconds (1-3600)")
+        kw["server_timeout"] = value
     if "port" not in kw:
         tcp = [listen.port for listen in spec.listen if listen.port is not None]
         if not tcp:

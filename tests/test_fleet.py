@@ -198,6 +198,7 @@ collector_ssh = true
 collector_directory = "{remote}"
 collector_max_use = "{REMOTE_MAX_USE}"
 haproxy_socket = "{tmp / "haproxy.sock"}"
+server_timeout = 2  # a silent host's requests are given up (and retried) quickly
 """
         )
         topology = Topology(
@@ -259,6 +260,8 @@ def test_bad_inventory_exits_2(tmp_path: Path) -> None:
         'health_path = "/health#x"\n',
         "fleet.health_host": base + '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\n'
         'health_host = "app.example hdr X-Admin yes"\n',
+        "fleet.server_timeout": base + '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\n'
+        'server_timeout = "2s\\n    timeout client 1d"\n',
     }
     inventory = tmp_path / "inventory.ini"
     inventory.write_text("[clusterkit]\nweb1 ansible_host=web1.example\n")
@@ -276,6 +279,21 @@ def test_bad_inventory_exits_2(tmp_path: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert field_name in r.stderr, (field_name, r.stderr)
         assert r.stdout == ""
+
+
+def test_haproxy_waits_server_timeout_for_a_host(tmp_path: Path) -> None:
+    """HAProxy gives a host fleet.server_timeout to answer: 30 s unless set (it was a fixed
+    2 s, so every request slower than that got 504, after running on up to four hosts)."""
+    from clusterkit.fleet import haproxy_config
+    from clusterkit.fleetspec import load_fleet
+
+    config = tmp_path / "pyproject.toml"
+    base = '[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\nlisten = ["8000"]\n'
+    base += '[tool.clusterkit.fleet]\nhosts = { a = "198.18.0.11" }\n'
+    for line, expected in (("", "30s"), ("server_timeout = 120\n", "120s")):
+        config.write_text(base + line)
+        text = haproxy_config(load_fleet(config), "127.0.0.1:8080", None)
+        assert f"\n    timeout server {expected}\n" in text
 
 
 def test_bad_haproxy_bind_exits_2_before_anything_is_written(tmp_path: Path) -> None:
@@ -535,6 +553,7 @@ class _BackendHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"ok\n" + body)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_LOCK = _any  # noqa: N815
+    do_CONNECT = _any  # noqa: N815 - answered 200, as waitress did
 
     def log_message(self, *args: object) -> None:
         pass
@@ -598,6 +617,31 @@ def test_haproxy_never_replays_a_request_whose_method_is_not_idempotent(tmp_path
     finally:
         first.close()
         second.close()
+
+
+def test_haproxy_opens_no_tunnel_to_a_host(tmp_path: Path) -> None:
+    """A host that answers CONNECT with a 2xx (waitress did) made HAProxy tunnel the
+    client's later bytes to it untouched: a request with its own X-Forwarded-For, past
+    the header rules and timeouts. HAProxy refuses CONNECT itself now: it never reaches
+    a host, and what follows on the connection is an ordinary request, rules and all."""
+    backend = _Backend(("127.0.0.1", 0))
+    try:
+        with _loopback_haproxy(tmp_path, backend.server_address[1]) as (fleet, front):
+            _wait_all_up(fleet)
+            with socket.create_connection(("127.0.0.1", front), timeout=10) as c:
+                c.sendall(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n")
+                time.sleep(0.3)
+                c.sendall(
+                    b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.6.6.6\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+                reply = c.makefile("rb").read()
+            assert reply.startswith(b"HTTP/1.1 405"), reply[:200]
+            assert backend.arrived["CONNECT", "x:443"] == 0, backend.arrived
+            assert b"x-forwarded-for: 127.0.0.1\n" in reply, reply
+            assert b"10.6.6.6" not in reply
+    finally:
+        backend.close()
 
 
 def test_a_client_making_the_app_answer_500_takes_no_host_down(tmp_path: Path) -> None:
