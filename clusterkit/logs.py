@@ -17,6 +17,18 @@ from datetime import datetime
 from clusterkit import journals, names, report, terminal
 from clusterkit.manager import Manager
 
+#: characters of one message shown to a person (journalctl shows 4096 bytes of a field
+#: unless --all): a worker can log a message of many MiB, and every command that shows it
+#: would print all of it (--json gives the message whole)
+SHOWN = 4096
+
+
+def shortened(message: str) -> str:
+    """*message*, cut to :data:`SHOWN` characters with a note of how many were left out."""
+    if len(message) <= SHOWN:
+        return message
+    return f"{message[:SHOWN]} [... {len(message) - SHOWN} more characters]"
+
 
 @dataclass(frozen=True)
 class LogLine:
@@ -39,7 +51,7 @@ class LogLine:
         """One line per line of the message, the first with time and worker, the others
         indented: shown safely on a terminal (:mod:`clusterkit.terminal`)."""
         pid = f"[{self.pid}]" if self.pid else ""
-        message = terminal.lines(self.message, continuation="    ")
+        message = terminal.lines(shortened(self.message), continuation="    ")
         return f"{self.time.astimezone():%Y-%m-%d %H:%M:%S} worker {self.worker}{pid}: {message}"
 
 
@@ -141,6 +153,6 @@ def last_lines(
     """The last ``count`` messages of one worker, or of one run of it (why it died, often)."""
     reader = LogReader(name, manager=manager, worker=worker, invocation=invocation, lines=count + 2)
     try:
-        return [line.message for line in reader][-count:]
+        return [shortened(line.message) for line in reader][-count:]
     finally:
         reader.close()

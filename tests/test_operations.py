@@ -138,6 +138,7 @@ from clusterkit import cluster
 from shim_worker import serve
 
 k = cluster.worker.id
+journal.send("huge " + "h" * (1 << 20))  # one message of 1 MiB
 journal.send(__HOSTILE__)  # the native protocol: one record, line feed and all
 print(__HOSTILE__, flush=True)  # the stream: one record per line
 if os.path.exists(f"/run/fail-{k}"):
@@ -184,6 +185,13 @@ def test_app_text_never_acts_on_the_operators_terminal(container: Container, tmp
     # --json keeps the message exactly as the app wrote it, escaped by JSON
     rows = [json.loads(x) for x in ck(c, "logs", "t", "--json").stdout.splitlines()]
     assert HOSTILE in {row["message"] for row in rows}
+    # ... and whole however long; shown to a person, a message is cut at 4096 characters
+    # (a worker logging a few messages of many MiB made every `logs` print all of them)
+    assert {len(row["message"]) for row in rows} >= {5 + (1 << 20)}
+    huge = [line for line in ck(c, "logs", "t").stdout.splitlines() if "huge hhh" in line]
+    assert len(huge) >= 3, [line[:100] for line in huge]  # one in each run of each worker
+    assert all(line.endswith(f"h [... {5 + (1 << 20) - 4096} more characters]") for line in huge)
+    assert all(len(line) < 4096 + 200 for line in huge)
 
 
 def test_stop_closes_the_port_until_start_and_ls_lists_clusters(
