@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from clusterkit import __version__, terminal
+from clusterkit import __version__, terminal, trust
 
 USAGE_ERROR = 2
 FAILURE = 1
@@ -803,6 +803,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if trust.as_root() and (reason := trust.why_code_untrusted()) is not None:
+        print(
+            f"clusterkit: not running as root from code another user can change: "
+            f"{terminal.lines(reason, '')}; install clusterkit where only root can write (a "
+            "venv of root's, such as /opt/clusterkit, as the fleet role does) and run that",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return args.func(args)
     except CommandError as e:

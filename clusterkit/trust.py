@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+import sys
 from pathlib import Path
 
 
@@ -43,6 +44,33 @@ def why_untrusted(path: Path) -> str | None:
         reason = _chain_reason(candidate)
         if reason is not None:
             return reason
+    return None
+
+
+def why_code_untrusted() -> str | None:
+    """Why another user could change the code that runs as clusterkit here, or None: the
+    interpreter's environment (a ``.pth`` file in site-packages runs at start-up), the
+    clusterkit package and its templates (which write the units), each file of them.
+
+    Checked by root's commands before they act. Code already changed has run by then, so
+    this catches the set-up, not the attack: clusterkit installed into the app's own
+    venv, which README step 0 once suggested, lets the app's user run code as root.
+    """
+    import sysconfig
+
+    package = Path(__file__).resolve().parent
+    places = [Path(sys.prefix), Path(sys.executable).parent, Path(sysconfig.get_paths()["purelib"])]
+    # the templates: in the package (a wheel) or beside it (a checkout), as render finds them
+    for place in [*places, package, package.parent / "templates"]:
+        reason = why_untrusted(place)
+        if reason is not None:
+            return reason
+        if place in places:
+            continue
+        for entry in sorted(place.rglob("*")):
+            reason = _entry_reason(entry, os.lstat(entry), last=True)
+            if reason is not None:
+                return reason
     return None
 
 

@@ -315,6 +315,40 @@ def test_names_of_existing_system_units_are_refused(tmp_path: Path, name: str) -
     assert r.returncode == 2 and "would shadow" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("planted", ["package", "file", "templates"])
+def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted: str) -> None:
+    """clusterkit installed where the app's user can write (its own venv, as README step
+    0 said): root's commands would run code that user can change. Root refuses to run
+    from such a place, naming it; the same copy, root's alone, runs."""
+    import shutil
+
+    repo = Path(__file__).resolve().parent.parent
+    tmp_path.chmod(0o755)
+    site = tmp_path / "site"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(repo / "clusterkit", site / "clusterkit", ignore=ignore)
+    shutil.copytree(repo / "templates", site / "templates", ignore=ignore)
+    env = dict(os.environ, PYTHONPATH=str(site))
+
+    def status() -> subprocess.CompletedProcess[str]:
+        argv = [PY, "-B", "-m", "clusterkit.cli", "status", "nosuch"]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    r = status()
+    assert r.returncode != 2 and "another user can change" not in r.stderr, r.stderr
+    target = {
+        "package": site / "clusterkit",
+        "file": site / "clusterkit" / "serve.py",
+        "templates": site / "templates" / "service.j2",
+    }[planted]
+    os.chown(target, NOBODY, NOBODY)
+    r = status()
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("clusterkit: not running as root from code another user can")
+    assert f"{target} is owned by nobody" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_a_manifest_copied_under_another_name_is_refused(tmp_path: Path) -> None:
     """u.clusterkit.json holding cluster t's spec: installing u would write t's units and
     take u's installed ones for stale."""
