@@ -495,7 +495,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = False
-        self.deadline = 0.0
+        if not self.write_paused:  # else the send watch of the response before it runs on
+            self.deadline = 0.0
         p = self.parser
         keep = p.should_keep_alive()
         if keep and not self.has_connection:

@@ -840,6 +840,27 @@ def test_wsgi_drops_a_client_that_stops_taking_a_response(wsgi_server):
     _drops_clients_that_stop_taking(wsgi_server, within=4 * TIMEOUT + 10)
 
 
+@pytest.mark.parametrize("behind", ["", "Connection: close\r\n"])
+def test_a_request_pipelined_behind_a_stalled_response_keeps_its_send_watch(tmp_path, behind):
+    """A large response from a plain handler, a request pipelined behind it, and a client
+    that reads nothing: the request's end switched the response's send watch off, and the
+    connection (with the response, 8 MB) was held for ever."""
+    s = Server("asyncio", tmp_path)
+    try:
+        fds = _open_fds(s)
+        socks = [_small_window(s) for _ in range(4)]
+        for sock in socks:
+            sock.sendall(get("/sync/8000000") + get("/", behind))
+            assert select.select([sock], [], [], 10)[0], "no response began"
+        _wait(
+            lambda: _open_fds(s) <= fds, 4 * TIMEOUT + 5, "a connection that takes nothing is kept"
+        )
+        for sock in socks:
+            sock.close()
+    finally:
+        s.stop()
+
+
 @pytest.mark.parametrize("kind", [*SERVERS, "wsgi"])
 def test_send_timeout_runs_from_the_response_not_from_keep_alive(kind, tmp_path):
     """A kept connection whose client takes nothing is dropped send_timeout (TIMEOUT)
