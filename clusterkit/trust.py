@@ -47,30 +47,86 @@ def why_untrusted(path: Path) -> str | None:
     return None
 
 
+#: what Python imports or runs from a directory on sys.path (.pth: at start-up)
+_IMPORTABLE = frozenset({".py", ".pyc", ".pth", ".so", ".zip", ".egg"})
+
+
 def why_code_untrusted() -> str | None:
-    """Why another user could change the code that runs as clusterkit here, or None: the
-    interpreter's environment (a ``.pth`` file in site-packages runs at start-up), the
-    clusterkit package and its templates (which write the units), each file of them.
+    """Why another user could change the code that runs as clusterkit here, or None.
+
+    What Python runs: the interpreter and its environment's ``pyvenv.cfg``; every
+    directory on ``sys.path`` (the current one too, under ``-m``) and what lies directly
+    in it (a ``.pth`` file runs at start-up, a module there shadows the standard
+    library's); every module imported so far; and every file of the clusterkit package
+    and its templates, which write the units. A symlink counts as its target.
 
     Checked by root's commands before they act. Code already changed has run by then, so
     this catches the set-up, not the attack: clusterkit installed into the app's own
     venv, which README step 0 once suggested, lets the app's user run code as root.
     """
-    import sysconfig
+    directories: dict[Path, str | None] = {}
+
+    def directory_reason(directory: Path) -> str | None:
+        if directory not in directories:
+            directories[directory] = why_untrusted(directory)
+        return directories[directory]
+
+    def file_reason(path: Path) -> str | None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None  # gone, or never there: nothing to run
+        if stat.S_ISLNK(st.st_mode):
+            return why_untrusted(path)  # the link and its target, every directory above
+        # a sticky directory in it (/tmp in /) is as fine as above a path: only root makes
+        # one there, under a name no code imports
+        last = not stat.S_ISDIR(st.st_mode)
+        return directory_reason(path.parent) or _entry_reason(path, st, last=last)
+
+    def tree_reason(top: Path) -> str | None:
+        seen: set[str] = set()
+        for directory, subdirectories, files in os.walk(top, followlinks=True):
+            real = os.path.realpath(directory)
+            if real in seen:  # a symlink loop
+                subdirectories.clear()
+                continue
+            seen.add(real)
+            for name in subdirectories + files:
+                reason = file_reason(Path(directory, name))
+                if reason is not None:
+                    return reason
+        return None
 
     package = Path(__file__).resolve().parent
-    places = [Path(sys.prefix), Path(sys.executable).parent, Path(sysconfig.get_paths()["purelib"])]
-    # the templates: in the package (a wheel) or beside it (a checkout), as render finds them
-    for place in [*places, package, package.parent / "templates"]:
-        reason = why_untrusted(place)
+    first = [Path(sys.executable), Path(sys.prefix, "pyvenv.cfg")]
+    for path in first:
+        reason = file_reason(path)
         if reason is not None:
             return reason
-        if place in places:
-            continue
-        for entry in sorted(place.rglob("*")):
-            reason = _entry_reason(entry, os.lstat(entry), last=True)
-            if reason is not None:
-                return reason
+    cwd = os.getcwd()
+    for entry in sys.path:
+        directory = Path(entry or cwd)
+        reason = directory_reason(directory)
+        if reason is None and directory.is_dir():
+            for child in sorted(directory.iterdir()):  # what an import can find there
+                if child.is_dir() or child.suffix in _IMPORTABLE:
+                    reason = file_reason(child)
+                    if reason is not None:
+                        break
+        if reason is not None:
+            if str(directory) == cwd:  # python -m puts it first; the clusterkit command does not
+                return f"{reason} (in the current directory, where `python -m` imports from)"
+            return reason
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        reason = file_reason(Path(path)) if isinstance(path, str) else None
+        if reason is not None:
+            return reason
+    # the templates: in the package (a wheel) or beside it (a checkout), as render finds them
+    for top in (package, package.parent / "templates"):
+        reason = directory_reason(top) or tree_reason(top)
+        if reason is not None:
+            return reason
     return None
 
 

@@ -29,8 +29,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="plays another user: n
 
 
 def ck(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI as the clusterkit command runs it: -P keeps the current directory (*cwd*,
+    the app's here and there) off sys.path, where python -m would put it first."""
     return subprocess.run(
-        [PY, "-m", "clusterkit.cli", *args], capture_output=True, text=True, cwd=cwd or "/"
+        [PY, "-P", "-m", "clusterkit.cli", *args], capture_output=True, text=True, cwd=cwd or "/"
     )
 
 
@@ -315,11 +317,15 @@ def test_names_of_existing_system_units_are_refused(tmp_path: Path, name: str) -
     assert r.returncode == 2 and "would shadow" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("planted", ["package", "file", "templates"])
+@pytest.mark.parametrize(
+    "planted", ["package", "file", "templates", "linked-template", "beside", "pth", "cwd"]
+)
 def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted: str) -> None:
     """clusterkit installed where the app's user can write (its own venv, as README step
     0 said): root's commands would run code that user can change. Root refuses to run
-    from such a place, naming it; the same copy, root's alone, runs."""
+    from such a place, naming it; the same copy, root's alone, runs. Beside the package:
+    a module on sys.path (one named as the standard library's is imported first), and the
+    current directory, which `python -m` puts first on sys.path."""
     import shutil
 
     repo = Path(__file__).resolve().parent.parent
@@ -328,25 +334,39 @@ def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(repo / "clusterkit", site / "clusterkit", ignore=ignore)
     shutil.copytree(repo / "templates", site / "templates", ignore=ignore)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     env = dict(os.environ, PYTHONPATH=str(site))
 
     def status() -> subprocess.CompletedProcess[str]:
         argv = [PY, "-B", "-m", "clusterkit.cli", "status", "nosuch"]
-        return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
+        return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
 
     r = status()
     assert r.returncode != 2 and "another user can change" not in r.stderr, r.stderr
-    target = {
+    owned = {
         "package": site / "clusterkit",
         "file": site / "clusterkit" / "serve.py",
         "templates": site / "templates" / "service.j2",
+        "linked-template": tmp_path / "elsewhere.j2",
+        "beside": site / "textwrap.py",
+        "pth": site / "zz_app.pth",  # run at start-up from a site directory
+        "cwd": cwd,
     }[planted]
-    os.chown(target, NOBODY, NOBODY)
+    if planted == "linked-template":
+        owned.write_text((site / "templates" / "service.j2").read_text())
+        (site / "templates" / "service.j2").unlink()
+        (site / "templates" / "service.j2").symlink_to(owned)
+    elif planted in ("beside", "pth"):
+        owned.write_text("import os\n")
+    os.chown(owned, NOBODY, NOBODY)
     r = status()
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("clusterkit: not running as root from code another user can")
-    assert f"{target} is owned by nobody" in r.stderr
+    assert f"{owned} is owned by nobody" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    if planted == "cwd":
+        assert "(in the current directory, where `python -m` imports from)" in r.stderr
 
 
 def test_a_manifest_copied_under_another_name_is_refused(tmp_path: Path) -> None:
