@@ -151,17 +151,16 @@ def build_fleet(
             if not isinstance(table[key], bool):
                 raise FleetError(f"fleet.{key}: expected true or false")
             kw[key] = table[key]
-    for key in ("port", "collector_port"):
+    for key, highest, what in (
+        ("port", 65535, "a port"),
+        ("collector_port", 65535, "a port"),
+        ("server_timeout", 3600, "whole seconds"),
+    ):
         if key in table:
             value = table[key]
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-                raise FleetError(f"fleet.{key}: {value!r} is not a port (1-65535)")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= highest:
+                raise FleetError(f"fleet.{key}: {value!r} is not {what} (1-{highest})")
             kw[key] = value
-    if "server_timeout" in table:
-        value = table["server_timeout"]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3600:
-            raise FleetError(f"fleet.server_timeout: {value!r} is not whole seconds (1-3600)")
-        kw["server_timeout"] = value
     if "port" not in kw:
         tcp = [listen.port for listen in spec.listen if listen.port is not None]
         if not tcp:
