@@ -30,6 +30,16 @@ _TIMESPAN_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(us|ms|s|min|h|d)")
 log = logging.getLogger("clusterkit.manager")
 
 
+def user_runtime_dir() -> Path:
+    """The calling user's runtime directory ($XDG_RUNTIME_DIR), where its manager runs."""
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}")
+
+
+def user_config_dir() -> Path:
+    """The calling user's configuration directory ($XDG_CONFIG_HOME)."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+
+
 class ManagerError(Exception):
     """systemd refused, or is not reachable; the message says what to do."""
 
@@ -60,11 +70,8 @@ class Manager:
     @property
     def unit_dir(self) -> Path:
         if self.user:
-            if self.runtime:
-                base = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}")
-                return base / "systemd" / "user"
-            config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-            return config / "systemd" / "user"
+            base = user_runtime_dir() if self.runtime else user_config_dir()
+            return base / "systemd" / "user"
         return self.root / ("run" if self.runtime else "etc") / "systemd" / "system"
 
     @property

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from clusterkit import unitfiles
+from clusterkit.manager import user_config_dir, user_runtime_dir
 
 #: systemd.unit(5), "Unit File Load Path": every directory the system manager loads
 #: units from (``systemd-analyze unit-paths``), with Debian's /lib besides /usr/lib
@@ -36,12 +37,11 @@ SUFFIXES = (".socket", "@.service", ".target", "@.socket", ".service")
 def user_unit_dirs() -> list[Path]:
     """The directories a user's manager loads units from (``systemd-analyze --user
     unit-paths``): the calling user's, as the manager that runs their units sees them."""
-    home = Path.home()
-    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
-    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    config = user_config_dir()
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     config_dirs = (os.environ.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(":")
     data_dirs = (os.environ.get("XDG_DATA_DIRS") or "/usr/local/share:/usr/share").split(":")
-    runtime = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}") / "systemd"
+    runtime = user_runtime_dir() / "systemd"
     return [
         config / "systemd" / "user.control",
         runtime / "user.control",
