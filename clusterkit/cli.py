@@ -235,6 +235,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         files = [*done.written, *done.unchanged]
         state = "installed" if changed else "unchanged"
         print(f"{state} {name}: {', '.join(files)} in {manager.unit_dir}")
+        if done.removed:
+            print(f"removed {', '.join(done.removed)} (no longer part of {name})")
         if args.now:
             print(f"started {name}.target")
         else:

@@ -122,6 +122,9 @@ def test_switching_to_a_named_user_unmounts_the_old_back_off_file_system(
     out = generate(tmp_path, "--workers", "1", "--listen", "8002", "--run-as", "app")
     r = ck(container, "install", "web", "--from", push(container, out), check=False)
     assert r.returncode == 0, r.stderr
+    # the operator is told which unit went, and why
+    old_unit = "run-private-clusterkit-backoff-web.mount"
+    assert f"removed {old_unit} (no longer part of web)" in r.stdout, r.stdout
     ck(container, "reload", "web")
     wait_for("the named user's back-off mount", lambda: mounted(named))
     wait_for("the old mount to go", lambda: not mounted(dynamic))
