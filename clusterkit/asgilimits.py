@@ -70,7 +70,7 @@ class LimitedApp:
         headers = scope["headers"]
         if len(headers) > limits.max_header_fields:
             return 431, False
-        has_body = False
+        has_body = upgrade = False
         hosts = 0
         for name, value in headers:
             if len(name) + len(value) > limits.max_header_field_size:
@@ -83,8 +83,12 @@ class LimitedApp:
                 has_body = True
             elif name == b"host":
                 hosts += 1
+            elif name == b"connection" and b"upgrade" in value.lower():
+                upgrade = True  # with an Upgrade field: httptools switches protocols
         if hosts > 1 or (not hosts and scope["http_version"] == "1.1"):
             return 400, False  # RFC 9112, 3.2 (h11 refuses these itself; httptools does not)
+        if upgrade and has_body:  # llhttp hands the body over as the new protocol's bytes:
+            return 400, False  # uvicorn would pass the app the request without its body
         return None, has_body
 
     def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:

@@ -194,6 +194,15 @@ def _other_method(method: bytes) -> str:
     return method.decode()
 
 
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's fields say a body follows: Transfer-Encoding, or a
+    Content-Length other than 0."""
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0")):
+            return True
+    return False
+
+
 class _Stop(Exception):
     """Raised from on_message_complete: the connection closes after this request, so the
     parser reads no further (a pipelined request behind it must not run, RFC 9112, 9.6)."""
@@ -522,9 +531,13 @@ class HttpProtocol(asyncio.Protocol):
                 raise _Reject(505)
             # HTTP/1.0 keep-alive is not offered (as uvicorn): the connection closes
             keep = keep and version == "1.1"
-        if keep and self.has_connection and p.should_upgrade():
+        if self.has_connection and p.should_upgrade():
             # llhttp upgrades on Connection: upgrade, or for CONNECT, which is refused below
             keep = False
+            if _declares_body(self.headers):
+                # llhttp hands an upgrade's body over as the new protocol's bytes: the app
+                # would get the request (a POST, say) without its body
+                raise _Reject(400)
         method = p.get_method()
         body = b""
         if self.body:

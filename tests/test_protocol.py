@@ -354,6 +354,26 @@ def test_upgrade_gets_one_ordinary_answer(server):
     assert statuses == [200]  # uvicorn without a websocket library ignores Upgrade
 
 
+def test_an_upgrade_with_a_body_is_refused_before_the_app(server):
+    """A server that does not switch protocols answers as if there were no Upgrade field
+    (RFC 9110, 7.8), body and all; but llhttp hands an upgrade's body over as the new
+    protocol's bytes, so serve_asyncio and uvicorn's httptools protocol ran the app on a
+    POST of "money" as a POST of nothing. Refused instead: a 4xx, closed, the app never
+    runs. (A websocket handshake has no body.)"""
+    upgrade = "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    statuses, _, r = exchange(server, post("/mark/upgrade-body", b"money", upgrade), n=2)
+    assert len(statuses) == 1 and 400 <= statuses[0] < 500, statuses
+    assert r.closed()
+    chunked = CHUNKED_POST.replace(b"/echo", b"/mark/upgrade-chunked") + b"5\r\nmoney\r\n0\r\n\r\n"
+    chunked = chunked.replace(b"Host: x\r\n", b"Host: x\r\n" + upgrade.encode())
+    statuses, _, r = exchange(server, chunked, n=2)
+    assert len(statuses) == 1 and 400 <= statuses[0] < 500, statuses
+    assert r.closed()
+    exchange(server, post("/mark/upgrade-none", b"", upgrade))  # without a body: runs
+    text = server.wait_log("ran upgrade-none")
+    assert "ran upgrade-body" not in text and "ran upgrade-chunked" not in text
+
+
 CLOSES_AFTER = {
     "client-close": get("/", "Connection: close\r\n"),
     "http-1.0": b"GET / HTTP/1.0\r\n\r\n",
