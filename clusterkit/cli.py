@@ -105,8 +105,8 @@ def spec_from_args(args: argparse.Namespace):
     from clusterkit.spec import SpecError, build_spec, deprecations, load_config
 
     try:
-        config_path = _config_path(args)
-        config = load_config(config_path) if config_path is not None else {}
+        path = config_path(args)
+        config = load_config(path) if path is not None else {}
         for warning in deprecations(config):
             print(f"warning: [tool.clusterkit] key {warning}", file=sys.stderr)
         spec = build_spec(config, _flags(args))
@@ -118,7 +118,7 @@ def spec_from_args(args: argparse.Namespace):
     return spec
 
 
-def _config_path(args: argparse.Namespace) -> Path | None:
+def config_path(args: argparse.Namespace) -> Path | None:
     """--config, or ./pyproject.toml; as root, only root's unless named explicitly (echoed)."""
     from clusterkit import trust
 

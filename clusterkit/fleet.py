@@ -178,7 +178,11 @@ class Runner:
             str(PLAYBOOK_DIR / f"{playbook}.yml"),
         ]
         out = subprocess.PIPE if capture else None
-        return subprocess.run(argv, env=self.environment(), stdout=out, stderr=out, text=True)
+        # cwd: Ansible reads ./ansible.cfg when ANSIBLE_CONFIG is not set, and the current
+        # directory may be the app's
+        return subprocess.run(
+            argv, env=self.environment(), stdout=out, stderr=out, text=True, cwd=self.workdir
+        )
 
     def close(self) -> None:
         """End the ssh masters Ansible left (ControlPersist), then remove the directory."""

@@ -18,11 +18,13 @@ from clusterkit import terminal
 
 
 def _fleet(args: argparse.Namespace):
-    from clusterkit.cli import USAGE_ERROR, CommandError
+    from clusterkit.cli import USAGE_ERROR, CommandError, config_path
     from clusterkit.fleet import FleetFailure
     from clusterkit.fleetspec import FleetError, load_fleet
 
-    config = args.config or Path("pyproject.toml")
+    # as root, ./pyproject.toml only if it is root's: its fleet table names the inventory
+    # that ansible-inventory runs, the ssh key, the hosts and what they install
+    config = config_path(args) or Path("pyproject.toml")
     if not config.is_file():
         raise CommandError(f"--config: {config} is not a file", USAGE_ERROR)
     try:

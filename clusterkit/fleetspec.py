@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clusterkit import trust
 from clusterkit.spec import Spec, SpecError, build_spec, load_config
 
 GROUP = "clusterkit"
@@ -195,17 +196,52 @@ def build_fleet(
         kw["collector_max_use"] = size
     if kw.get("ssh_user", "root") != "root" and "become" not in kw:
         kw["become"] = True
+    for key in ("ssh_key", "known_hosts", "collector_directory", "haproxy_socket"):
+        if key in kw:
+            _check_roots(f"fleet.{key}", kw[key])
     if inventory is None and "inventory" in table:
         inventory = base / _text("inventory", table["inventory"])
     if inventory is not None:
         if "hosts" in table:
             raise FleetError("fleet.hosts: give hosts or an inventory, not both")
+        inventory = inventory.absolute()  # Ansible runs in a directory of its own
+        _check_roots("inventory", inventory)
         hosts = hosts_from_inventory(inventory)
     elif "hosts" in table:
         hosts = _hosts_table(table["hosts"])
     else:
         raise FleetError("fleet.hosts: no hosts (a table name = address, or fleet.inventory)")
     return Fleet(spec, config_path.resolve(), hosts, inventory, **kw)
+
+
+def _check_roots(field: str, path: Path) -> None:
+    """As root, refuse a path of the fleet's that another user can change: an inventory is
+    run by ansible-inventory (a script, or plugins and vars beside it), the ssh key and
+    known_hosts decide whom root's ssh trusts, the collector's directory holds the hosts'
+    events, HAProxy's socket is what `fleet status` and `lb` believe."""
+    if not trust.as_root():
+        return
+    reason = trust.why_untrusted(path)
+    if reason is None and field == "inventory":
+        # Ansible reads group_vars/ and host_vars/ beside a file, and every file in a directory
+        beside = (
+            [path] if path.is_dir() else [path.parent / "group_vars", path.parent / "host_vars"]
+        )
+        reason = next(filter(None, map(_tree_reason, beside)), None)
+    if reason is not None:
+        raise FleetError(
+            f"{field}: not using {path}: {reason}; as root, the fleet uses only root's files "
+            "(chown root, chmod go-w)"
+        )
+
+
+def _tree_reason(top: Path) -> str | None:
+    for directory, subdirectories, files in os.walk(top):
+        for name in [*subdirectories, *files]:
+            reason = trust.why_untrusted(Path(directory, name))
+            if reason is not None:
+                return reason
+    return None
 
 
 def _text(key: str, raw: Any, allow_empty: bool = False) -> str:
@@ -252,12 +288,22 @@ def hosts_from_inventory(path: Path) -> tuple[Host, ...]:
     if not path.exists():
         raise FleetError(f"inventory: {path} does not exist")
     with tempfile.TemporaryDirectory(prefix="ckfleet-") as home:
-        env = {**os.environ, "ANSIBLE_HOME": home, "ANSIBLE_LOCAL_TEMP": f"{home}/tmp"}
+        # In a directory of its own, with a config of its own: Ansible reads ./ansible.cfg,
+        # and the current directory may be the app's (its plugins would run as root).
+        config = Path(home, "ansible.cfg")
+        config.write_text("# clusterkit fleet: settings come from the environment\n")
+        env = {
+            "ANSIBLE_CONFIG": str(config),
+            **os.environ,
+            "ANSIBLE_HOME": home,
+            "ANSIBLE_LOCAL_TEMP": f"{home}/tmp",
+        }
         r = subprocess.run(
-            [*ansible_command("ansible-inventory"), "-i", str(path), "--list"],
+            [*ansible_command("ansible-inventory"), "-i", str(path.absolute()), "--list"],
             capture_output=True,
             text=True,
             env=env,
+            cwd=home,
         )
     try:
         data = json.loads(r.stdout) if r.returncode == 0 else None

@@ -281,6 +281,73 @@ def test_bad_inventory_exits_2(tmp_path: Path) -> None:
         assert r.stdout == ""
 
 
+NOBODY = 65534  # the app's user, in these tests
+
+
+def test_root_runs_no_fleet_input_another_user_can_change(tmp_path: Path) -> None:
+    """The attacker is the app's user, who owns the app's directory. Root's fleet commands
+    read the fleet's pyproject.toml, and Ansible then runs what it names: an inventory
+    that is a script, plugins named by an ./ansible.cfg, vars beside the inventory. Each
+    case plants one and runs a read-only `fleet haproxy-config` as root: refused with one
+    line (or, for the current directory, ignored), and the planted code never runs."""
+    if not (Path(PY).parent / "ansible-inventory").exists():
+        assert not os.environ.get("CI"), "ansible-inventory is missing (the fleet extra)"
+        pytest.skip("ansible-inventory is missing: pip install -e '.[fleet]'")
+    pwned = tmp_path / "pwned"
+    app = tmp_path / "app"
+    (app / "plugins").mkdir(parents=True)
+    mine = tmp_path / "root-only"
+    mine.mkdir(mode=0o700)
+    base = '[tool.clusterkit]\nname = "web"\nexec = "/bin/true"\nlisten = [3000]\n'
+    script = f'#!/bin/sh\nid -u > {pwned}\necho \'{{"clusterkit": {{"hosts": ["h"]}}}}\'\n'
+    (app / "inv.sh").write_text(script)
+    (app / "inv.sh").chmod(0o755)
+    (app / "pyproject.toml").write_text(base + '[tool.clusterkit.fleet]\ninventory = "inv.sh"\n')
+    (app / "ansible.cfg").write_text(
+        "[defaults]\ninventory_plugins = ./plugins\n[inventory]\nenable_plugins = evil, ini\n"
+    )
+    (app / "plugins" / "evil.py").write_text(f"import os\nos.system('id -u > {pwned}')\n")
+    (app / "key").write_text("not a key\n")
+    (mine / "inv.ini").write_text("[clusterkit]\nweb1 ansible_host=198.18.0.11\n")
+    for path in [app, *app.rglob("*")]:
+        os.chown(path, NOBODY, NOBODY)
+
+    def fleet(config: Path | None, text: str | None = None) -> subprocess.CompletedProcess[str]:
+        if text is not None:
+            assert config is not None
+            config.write_text(base + "[tool.clusterkit.fleet]\n" + text)
+        flags = ["--config", str(config)] if config is not None else []
+        argv = [*CLI, "fleet", "haproxy-config", *flags, "--bind", "*:80"]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=app)
+
+    refused = {
+        # the app's ./pyproject.toml, not named: not read at all
+        "./pyproject.toml": fleet(None),
+        # named by root after a look, but the inventory it names is the app's script
+        "inventory": fleet(app / "pyproject.toml"),
+        # root's config, the app's ssh key
+        "fleet.ssh_key": fleet(
+            mine / "pyproject.toml", f'inventory = "inv.ini"\nssh_key = "{app / "key"}"\n'
+        ),
+    }
+    (mine / "group_vars").mkdir()
+    (mine / "group_vars" / "all.yml").write_text("ansible_ssh_common_args: -oProxyCommand=x\n")
+    os.chown(mine / "group_vars" / "all.yml", NOBODY, NOBODY)
+    refused["inventory: not using"] = fleet(mine / "pyproject.toml", 'inventory = "inv.ini"\n')
+    for field_name, r in refused.items():
+        assert r.returncode == 2, (field_name, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert field_name in lines[-1] and "owned by nobody" in lines[-1], (field_name, lines)
+        assert r.stdout == ""
+    shutil.rmtree(mine / "group_vars")
+    # root's own config and inventory, run from the app's directory: its ansible.cfg and
+    # plugins are not Ansible's to load
+    r = fleet(mine / "pyproject.toml", 'inventory = "inv.ini"\n')
+    assert r.returncode == 0, r.stderr
+    assert "198.18.0.11" in r.stdout
+    assert not pwned.exists(), pwned.read_text()
+
+
 def test_haproxy_waits_server_timeout_for_a_host(tmp_path: Path) -> None:
     """HAProxy gives a host fleet.server_timeout to answer: 30 s unless set (it was a fixed
     2 s, so every request slower than that got 504, after running on up to four hosts)."""
