@@ -117,7 +117,7 @@ class Runner:
         venv = str(Path(f.clusterkit).parent.parent)
         return {
             "clusterkit_name": f.spec.name,
-            "clusterkit_config_b64": base64.b64encode(f.config_path.read_bytes()).decode(),
+            "clusterkit_config_b64": base64.b64encode(f.config_bytes).decode(),
             "clusterkit_bin": f.clusterkit,
             "clusterkit_package": f.package,
             "clusterkit_venv": venv,

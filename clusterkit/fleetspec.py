@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterkit import trust
-from clusterkit.spec import Spec, SpecError, build_spec, load_config
+from clusterkit.spec import Spec, SpecError, build_spec, clusterkit_table, parse_config, read_config
 
 GROUP = "clusterkit"
 COLLECTOR_GROUP = "clusterkit_collector"
@@ -55,6 +55,7 @@ class Fleet:
 
     spec: Spec  # the cluster every host runs
     config_path: Path  # the pyproject.toml copied to every host
+    config_bytes: bytes  # what it held when it was checked: what is copied
     hosts: tuple[Host, ...]
     inventory: Path | None  # the user's own inventory, or None: rendered from ``hosts``
     ssh_user: str = "root"
@@ -114,22 +115,27 @@ _KEYS = {
 
 
 def load_fleet(config_path: Path, inventory: Path | None = None) -> Fleet:
-    """Read and check the cluster and its ``[tool.clusterkit.fleet]`` table."""
+    """Read and check the cluster and its ``[tool.clusterkit.fleet]`` table (the file is read
+    once: the bytes checked are the bytes copied to the hosts)."""
     try:
-        spec = build_spec(load_config(config_path), {})
+        raw = read_config(config_path)
+        document = parse_config(raw, config_path)
+        spec = build_spec(clusterkit_table(document, config_path), {})
     except SpecError as e:
         raise FleetError(str(e)) from None
-    import tomllib
-
-    data = tomllib.loads(config_path.read_text(encoding="utf-8"))
-    table = data.get("tool", {}).get("clusterkit", {}).get("fleet")
+    table = document.get("tool", {}).get("clusterkit", {}).get("fleet")
     if not isinstance(table, dict):
         raise FleetError(f"fleet: {config_path} has no [tool.clusterkit.fleet] table")
-    return build_fleet(spec, config_path, table, inventory)
+    return build_fleet(spec, config_path, table, inventory, config_bytes=raw)
 
 
 def build_fleet(
-    spec: Spec, config_path: Path, table: dict[str, Any], inventory: Path | None = None
+    spec: Spec,
+    config_path: Path,
+    table: dict[str, Any],
+    inventory: Path | None,
+    *,
+    config_bytes: bytes,
 ) -> Fleet:
     unknown = sorted(set(table) - _KEYS)
     if unknown:
@@ -196,9 +202,14 @@ def build_fleet(
         kw["collector_max_use"] = size
     if kw.get("ssh_user", "root") != "root" and "become" not in kw:
         kw["become"] = True
-    for key in ("ssh_key", "known_hosts", "collector_directory", "haproxy_socket"):
+    for key in ("ssh_key", "known_hosts"):
         if key in kw:
             _check_roots(f"fleet.{key}", kw[key])
+    # the place where they are: the socket and the directory themselves are their
+    # services' (HAProxy's group may write its socket, journal-remote owns its directory)
+    for key in ("collector_directory", "haproxy_socket"):
+        if key in kw:
+            _check_roots(f"fleet.{key}", kw[key].parent)
     if inventory is None and "inventory" in table:
         inventory = base / _text("inventory", table["inventory"])
     if inventory is not None:
@@ -211,14 +222,15 @@ def build_fleet(
         hosts = _hosts_table(table["hosts"])
     else:
         raise FleetError("fleet.hosts: no hosts (a table name = address, or fleet.inventory)")
-    return Fleet(spec, config_path.resolve(), hosts, inventory, **kw)
+    return Fleet(spec, config_path.resolve(), config_bytes, hosts, inventory, **kw)
 
 
 def _check_roots(field: str, path: Path) -> None:
     """As root, refuse a path of the fleet's that another user can change: an inventory is
     run by ansible-inventory (a script, or plugins and vars beside it), the ssh key and
     known_hosts decide whom root's ssh trusts, the collector's directory holds the hosts'
-    events, HAProxy's socket is what `fleet status` and `lb` believe."""
+    events, HAProxy's socket is what `fleet status` and `lb` believe (for these two, the
+    directory they are in)."""
     if not trust.as_root():
         return
     reason = trust.why_untrusted(path)

@@ -144,6 +144,7 @@ def _check_spec_for(spec: Spec, manager: Manager) -> None:
     problem = shadow.refusal(spec.name, user=manager.user, root=manager.root)
     if problem is not None:
         raise InstallRefused(problem)
+    _check_unit_directories(spec, manager)
     program = manager.root / spec.exec[0].lstrip("/")
     if not os.access(program, os.X_OK):
         raise InstallRefused(
@@ -156,6 +157,53 @@ def _check_spec_for(spec: Spec, manager: Manager) -> None:
             raise InstallRefused(
                 f"--env-file: {problem}; make it root's: chown root:root, chmod 0600"
             )
+
+
+#: where the system manager makes each directory a spec can give the workers
+_UNIT_DIRECTORIES = (
+    ("state_directory", "/var/lib"),
+    ("cache_directory", "/var/cache"),
+    ("runtime_directory", "/run"),
+)
+_DYNAMIC_UIDS = range(61184, 65520)  # systemd's DynamicUser= uids
+
+
+def _check_unit_directories(spec: Spec, manager: Manager) -> None:
+    """Refuse a StateDirectory= (and the like) that exists and is not the workers' already:
+    systemd hands it to them (chown, and with DynamicUser=yes a move into private/), so
+    ``state-directory = "dpkg"`` would give a worker the package manager's scripts."""
+    if spec.manager != "system":
+        return
+    for field, top in _UNIT_DIRECTORIES:
+        value = getattr(spec, field)
+        if not value:
+            continue
+        try:
+            owner = (manager.root / top.lstrip("/") / value).stat().st_uid
+        except FileNotFoundError:
+            continue
+        if owner in ((_uid(manager.root, spec.run_as),) if spec.run_as else _DYNAMIC_UIDS):
+            continue  # made for these workers by an earlier start
+        raise InstallRefused(
+            f"--{field.replace('_', '-')}: {top}/{value} exists and is owned by "
+            f"{trust.owner_name(owner)}, and systemd would hand it to the workers; choose a "
+            "directory of the cluster's own (or move that one away first)"
+        )
+
+
+def _uid(root: Path, user: str) -> int | None:
+    """The uid of user name or id ``user`` in the passwd file under ``root``."""
+    if user.isdigit():
+        return int(user)
+    try:
+        lines = (root / "etc/passwd").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) > 2 and fields[0] == user and fields[2].isdigit():
+            return int(fields[2])
+    return None
 
 
 def _check_source_matches(source: Path, files: dict[str, str]) -> None:

@@ -15,6 +15,7 @@ import pwd
 import re
 import shlex
 import shutil
+import stat
 import tomllib
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
@@ -375,22 +376,54 @@ def deprecations(keys: Iterable[str]) -> list[str]:
     ]
 
 
-def load_config(path: Path) -> dict[str, Any]:
-    """The [tool.clusterkit] table of a pyproject.toml ({} when the file has none)."""
+#: the most of a config file read: a pyproject.toml is a few KiB
+CONFIG_MAX_BYTES = 1 << 20
+
+
+def read_config(path: Path) -> bytes:
+    """The bytes of a config file: a regular file (a FIFO would block, a device never
+    end) of at most CONFIG_MAX_BYTES, read once (parse these bytes, never the path again)."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise SpecError(f"--config: cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecError(f"--config: {path} is not a regular file")
+        raw = f.read(CONFIG_MAX_BYTES + 1)
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise SpecError(f"--config: {path} is larger than {CONFIG_MAX_BYTES >> 20} MiB")
+    return raw
+
+
+def parse_config(raw: bytes, path: Path) -> dict[str, Any]:
+    """The whole TOML document of a config file's bytes (see :func:`read_config`)."""
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"--config: {path} is not valid TOML: {e}") from None
-    table = data.get("tool", {}).get("clusterkit", {})
+    except RecursionError:  # arrays nested thousands deep
+        raise SpecError(f"--config: {path} nests its values too deeply") from None
+
+
+def clusterkit_table(document: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The [tool.clusterkit] table of a parsed pyproject.toml ({} when it has none)."""
+    tool = document.get("tool", {})
+    table = tool.get("clusterkit", {}) if isinstance(tool, dict) else {}
     if not isinstance(table, dict):
         raise SpecError(f"--config: [tool.clusterkit] in {path} must be a table")
     # [tool.clusterkit.fleet] is the fleet's table, checked by clusterkit.fleetspec
     return {k: v for k, v in table.items() if k != "fleet"}
 
 
+def load_config(path: Path) -> dict[str, Any]:
+    """The [tool.clusterkit] table of a pyproject.toml ({} when the file has none)."""
+    return clusterkit_table(parse_config(read_config(path), path), path)
+
+
 def _check_combination(spec: Spec) -> None:
+    if sum(map(len, spec.exec)) > EXEC_MAX_CHARS:
+        raise SpecError(f"--exec: the command line is longer than {EXEC_MAX_CHARS} characters")
     if spec.scheduling == "reuseport":
         for listen in spec.listen:
             if listen.is_unix:
@@ -416,10 +449,17 @@ def _check_combination(spec: Spec) -> None:
 # ---- parsers: each takes (key, raw value) and returns the checked value ----
 
 
+#: the longest value: systemd reads a unit line of at most 1 MiB, and quoting can double one
+VALUE_MAX_CHARS = 64 * 1024
+EXEC_MAX_CHARS = 128 * 1024  # the command line's arguments together: one ExecStart= line
+
+
 def _text(key: str, raw: Any) -> str:
     """A string with no character that could end a line or hide in a unit."""
     if not isinstance(raw, str):
         raise SpecError(f"--{key}: expected a string, got {type(raw).__name__}")
+    if len(raw) > VALUE_MAX_CHARS:
+        raise SpecError(f"--{key}: {len(raw)} characters, more than {VALUE_MAX_CHARS}")
     bad = next((c for c in raw if unicodedata.category(c) in _FORBIDDEN_CATEGORIES), None)
     if bad is not None:
         raise SpecError(f"--{key}: contains {_describe_char(bad)}")

@@ -208,6 +208,13 @@ def _up_in_container(spec: Spec, files: list[Path], say: Say, extra: tuple[str, 
         say(f"clusterkit up: systemd is not PID 1 here and no container can boot: {missing}")
         return 1
     binds = app_binds(spec) + [b for b in extra if b not in app_binds(spec)]
+    separated = next((b for b in binds if ":" in b), None)
+    if separated is not None:  # nspawn's --bind-ro=SRC[:DST[:OPTIONS]]
+        say(
+            f"clusterkit up: {separated} has a ':' in its path, which systemd-nspawn would read "
+            "as where to bind it; move the app to a path without one"
+        )
+        return 1
     unseen = _invisible_program(spec, binds)
     if unseen:
         say(f"clusterkit up: --exec: {unseen}")

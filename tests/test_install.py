@@ -133,6 +133,35 @@ def test_switching_to_a_named_user_unmounts_the_old_back_off_file_system(
     assert not mounted(named)
 
 
+@pytest.mark.parametrize(
+    ("flag", "top"),
+    [("--state-directory", "/var/lib"), ("--runtime-directory", "/run")],
+)
+def test_a_directory_root_owns_is_never_handed_to_the_workers(
+    container: Container, tmp_path: Path, flag: str, top: str
+) -> None:
+    """systemd hands a StateDirectory= (and the like) to the workers: a chown, and with
+    DynamicUser=yes a move into private/. A config naming one that already exists for
+    something else (``dpkg``, say: its maintainer scripts run as root) is refused at install,
+    and the directory is left as it was. One the workers got at an earlier start is theirs."""
+    victim = f"{top}/victim"
+    container.write_file(f"{victim}/info/pkg.postinst", "#!/bin/sh\necho root-only\n", 0o755)
+    out = generate(tmp_path, "--workers", "1", "--listen", "8005", flag, "victim")
+    r = ck(container, "install", "web", "--from", push(container, out), check=False)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"{flag}: {victim} exists and is owned by root" in r.stderr, r.stderr
+    owner = container.run("stat", "-c", "%U %F", victim, f"{victim}/info/pkg.postinst").stdout
+    assert owner.split("\n")[:2] == ["root directory", "root regular file"], owner
+    assert container.run("test", "-e", "/etc/systemd/system/web@.service").returncode != 0
+
+    out = generate(tmp_path, "--workers", "1", "--listen", "8005", flag, "web-data")
+    ck(container, "install", "web", "--from", push(container, out), "--now")
+    wait_for("web serving", lambda: container.http_get(8005)[0] == 200)
+    r = ck(container, "install", "web", "--from", push(container, out), check=False)
+    assert r.returncode == 0, r.stderr  # the workers' own, from the first start
+    ck(container, "uninstall", "web")
+
+
 def test_drop_ins_survive_reinstall_and_hand_edits_are_refused(
     container: Container, tmp_path: Path
 ) -> None:

@@ -7,15 +7,18 @@ tests/test_argv_roundtrip.py asks systemd itself.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from specinput import generate
+from specinput import as_toml, generate
 
 from clusterkit import render
-from clusterkit.spec import Spec, SpecError, build_spec
+from clusterkit.spec import VALUE_MAX_CHARS, Spec, SpecError, build_spec
 
 PYTHON = "/usr/bin/python3"
 BASE: dict[str, Any] = {"name": "app", "exec": [PYTHON, "-m", "http.server"]}
@@ -104,6 +107,10 @@ BAD_TOML_ONLY = {
     "listen-bool": ({"listen": [True]}, "--listen"),
     "user-int-0": ({"run-as": 0}, "--run-as"),
     "description-int": ({"description": 7}, "--description"),
+    # systemd reads a unit line of at most 1 MiB: past it the unit does not load at all
+    "env-too-long": ({"env": {"A": "x" * 70_000}}, "--env"),
+    "description-too-long": ({"description": "d" * 70_000}, "--description"),
+    "exec-too-long": ({"exec": [PYTHON, *["y" * 60_000] * 3]}, "--exec"),
 }
 
 
@@ -127,6 +134,53 @@ def test_refused_with_one_line_naming_the_field(
 @pytest.mark.parametrize("settings,field", BAD_TOML_ONLY.values(), ids=BAD_TOML_ONLY.keys())
 def test_wrong_toml_types_are_refused(tmp_path: Path, settings: dict[str, Any], field: str) -> None:
     assert_refused(tmp_path / "units", settings, field, "config")
+
+
+def test_a_config_file_that_is_no_config_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A config named with --config may be the app's, and swapped after the operator read
+    it: a FIFO (which would block the root command for ever), a device that never ends, a
+    huge file, arrays nested thousands deep (a RecursionError in tomllib). Each is refused
+    with one line naming the problem, exit 2, nothing written."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    deep = tmp_path / "deep.toml"
+    deep.write_text(as_toml(BASE) + "env = " + "[" * 5000 + "]" * 5000 + "\n")
+    huge = tmp_path / "huge.toml"
+    huge.write_text(as_toml(BASE) + f"# {'x' * (1 << 20)}\n")
+    cases = {
+        fifo: "is not a regular file",
+        Path("/dev/zero"): "is not a regular file",
+        deep: "nests its values too deeply",
+        huge: "is larger than 1 MiB",
+    }
+    for path, problem in cases.items():
+        out = tmp_path / "units"
+        argv = [sys.executable, "-m", "clusterkit.cli", "generate", "--config", str(path)]
+        r = subprocess.run(
+            [*argv, "--output", str(out)], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 2, (path, r.stderr)
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"clusterkit generate: --config: {path} {problem}"
+        ), r.stderr
+        assert not out.exists()
+
+
+def test_the_longest_values_make_units_that_load(tmp_path: Path) -> None:
+    """Values at the limits: every unit still passes systemd-analyze verify (a line past
+    1 MiB failed to load: "No buffer space available")."""
+    settings = {
+        **BASE,
+        "env": {"A": "%$\\" * (VALUE_MAX_CHARS // 3)},
+        "description": "d" * VALUE_MAX_CHARS,
+    }
+    out = tmp_path / "units"
+    status, stderr = generate(out, settings, via="config")
+    assert status == 0, stderr
+    r = subprocess.run(
+        ["systemd-analyze", "verify", str(out / "app@.service")], capture_output=True, text=True
+    )
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr[-500:]
 
 
 def test_a_refused_spec_leaves_the_previous_units_alone(tmp_path: Path) -> None:

@@ -229,15 +229,30 @@ def test_up_refuses_a_python_the_container_cannot_see(tmp_path: Path) -> None:
     python = tmp_path / "pyenv" / "bin" / "python3"  # as a pyenv or /opt Python would be
     python.parent.mkdir(parents=True)
     shutil.copy("/bin/true", python)
+    assert "/usr/bin/python3 -m venv" in up_refusal("elsewhere", f"{python} -m http.server")
+
+
+def up_refusal(name: str, exec_line: str) -> str:
+    """The one line with which `clusterkit up` refuses this app, having booted nothing."""
     before = nspawn_machines()
     r = subprocess.run(
-        [sys.executable, "-m", "clusterkit.cli", "up", "--name", "elsewhere"]
-        + ["--exec", f"{python} -m http.server", "--listen", str(free_port())],
+        [sys.executable, "-m", "clusterkit.cli", "up", "--name", name]
+        + ["--exec", exec_line, "--listen", str(free_port())],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert r.returncode == 1
+    assert r.returncode == 1, (r.stdout, r.stderr)
     refusal = [line for line in r.stdout.splitlines() if line.startswith("clusterkit up:")]
-    assert len(refusal) == 1 and "/usr/bin/python3 -m venv" in refusal[0], r.stdout
+    assert len(refusal) == 1, r.stdout
     assert "booting" not in r.stdout and nspawn_machines() <= before
+    return refusal[0]
+
+
+def test_up_refuses_an_app_path_nspawn_would_split(tmp_path: Path) -> None:
+    """nspawn reads --bind-ro=SRC[:DST[:OPTIONS]]: an app directory with a ':' in its path
+    would be bound somewhere else, with options taken from its name. Refused, nothing boots."""
+    app = tmp_path / "app:/etc:rw"
+    app.mkdir(parents=True)
+    shutil.copy("/bin/true", app / "serve")
+    assert "has a ':' in its path" in up_refusal("split", str(app / "serve"))
