@@ -442,6 +442,13 @@ def serve_wsgi(
             super().parse_header(header_plus)
             if self.command == "CONNECT":  # a tunnel: see httpserver._other_method
                 raise ParsingError("CONNECT: this server opens no tunnels")
+            if self.expect_continue and (
+                self.version != "1.1" or (self.content_length == 0 and not self.chunked)
+            ):
+                # no 100 (Continue) without a body to ask for (RFC 9110, 10.1.1), nor to
+                # HTTP/1.0: waitress sent one and then read the next pipelined request
+                # into this one (its fields and body joined to this one's, one answer)
+                self.expect_continue = False
 
     class Channel(HTTPChannel):
         task_class = Task

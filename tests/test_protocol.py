@@ -456,6 +456,28 @@ def test_wsgi_refuses_connect(wsgi_server):
     _refuses_connect(wsgi_server)
 
 
+def _expect_without_a_body_keeps_the_next_request_apart(server: Server) -> None:
+    """A request that sends Expect: 100-continue but no body, with another pipelined behind
+    it: two requests, two answers in order. waitress sent 100 (Continue) and then read the
+    next request into the first, fields and all (a victim's Cookie joined to the attacker's
+    request, one answer for both)."""
+    first = get("/mark/expect-first", "Expect: 100-continue\r\nX-Who: attacker\r\n")
+    second = get("/mark/expect-second", "X-Who: victim\r\n")
+    statuses, _, r = exchange(server, first + second, n=2)
+    assert statuses == [200, 200], statuses
+    assert still_serves(r)
+    text = server.wait_log("ran expect-second")
+    assert "ran expect-first" in text
+
+
+def test_expect_without_a_body_keeps_the_next_request_apart(server):
+    _expect_without_a_body_keeps_the_next_request_apart(server)
+
+
+def test_wsgi_expect_without_a_body_keeps_the_next_request_apart(wsgi_server):
+    _expect_without_a_body_keeps_the_next_request_apart(wsgi_server)
+
+
 def test_http10_gets_no_100_continue(asyncio_server):
     """RFC 9110, 10.1.1: an HTTP/1.0 client knows no 100 (Continue); its Expect is ignored."""
     sock = asyncio_server.connect()
