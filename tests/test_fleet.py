@@ -748,9 +748,10 @@ def test_a_client_making_the_app_answer_500_takes_no_host_down(tmp_path: Path) -
 def test_the_app_gets_the_clients_address_and_no_client_can_forge_it(tmp_path: Path) -> None:
     """Behind HAProxy the app sees HAProxy's address; it learns the client's from
     X-Forwarded-For, and whether it came over TLS from X-Forwarded-Proto. A client that
-    sends those fields itself (or Forwarded, X-Real-IP) must not be believed: an app that
-    trusts them from the proxy would take a forged address (an allow-list, a rate limit, a
-    log) or think a plain request came over TLS."""
+    sends those fields itself (or Forwarded, X-Real-IP, X-Forwarded-Host and the like) must
+    not be believed: an app that trusts them from the proxy would take a forged address (an
+    allow-list, a rate limit, a log), host or path prefix, or think a plain request came
+    over TLS."""
     backend = _Backend(("127.0.0.1", 0))
     try:
         with _loopback_haproxy(tmp_path, backend.server_address[1]) as (fleet, front):
@@ -760,6 +761,10 @@ def test_the_app_gets_the_clients_address_and_no_client_can_forge_it(tmp_path: P
                     b"GET /echo HTTP/1.1\r\nHost: lb\r\nX-Forwarded-For: 10.6.6.6\r\n"
                     b"x-forwarded-for: 10.7.7.7\r\nForwarded: for=10.6.6.6;proto=https\r\n"
                     b"X-Real-IP: 10.6.6.6\r\nX-Forwarded-Proto: https\r\n"
+                    b"X-Forwarded-Host: admin.example\r\nX-Forwarded-Port: 443\r\n"
+                    b"X-Forwarded-Prefix: /admin\r\nX-Forwarded-Server: lb\r\n"
+                    b"X-Client-IP: 10.6.6.6\r\nTrue-Client-IP: 10.6.6.6\r\n"
+                    b"X-Cluster-Client-IP: 10.6.6.6\r\n"
                     b"Connection: close\r\n\r\n"
                 )
                 reply = c.makefile("rb").read().decode("latin-1")
@@ -769,7 +774,7 @@ def test_the_app_gets_the_clients_address_and_no_client_can_forge_it(tmp_path: P
         forwarding = sorted(
             (name, value)
             for name, _, value in seen
-            if name.startswith(("x-forw", "forw", "x-real"))
+            if name.startswith(("x-forw", "forw", "x-real", "x-client", "true-client", "x-cluster"))
         )
         assert forwarding == [("x-forwarded-for", "127.0.0.1"), ("x-forwarded-proto", "http")]
     finally:
