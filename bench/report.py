@@ -396,8 +396,9 @@ CLUSTERKIT_NOTES = [
     "and are listed apart under the memory table (on a server they run anyway).",
     "- The units are the defaults `clusterkit generate` writes: `RestartSec=0` and the "
     "crash-loop back-off (no wait after an isolated crash). A respawn is: PID 1 notices the "
-    "exit and starts the worker in a fresh sandbox; the unit's start shell (pid line, "
-    "back-off) `exec`s the worker, which imports Python and clusterkit and accepts; gunicorn "
+    "exit, runs the back-off (a oneshot of its own: a shell and one `systemctl show`) and "
+    "starts the worker in a fresh sandbox; the unit's start shell (the pid line) `exec`s the "
+    "worker, which imports Python and clusterkit and accepts; gunicorn "
     "forks an already-imported worker instead, which no systemd unit can do. What setting up "
     "a sandbox costs, setting by setting, is measured apart by `python -m bench.sandbox_cost` "
     "(`SANDBOX.md`).",

@@ -2,15 +2,16 @@
 
     .venv/bin/python -m bench.sandbox_cost [--rounds 6] [--starts 6] [--out bench/SANDBOX.md]
 
-Every command of a worker's unit (ExecStart=, whose shell prints the pid and paces restarts
-before it execs the worker, and ExecStop=) gets its own mount namespace, seccomp filters and
-dynamic user before it runs; ExecStart= lies on the respawn path. This boots systemd 252 in a
-container (as the clusterkit rows of bench/run.py do) and times `systemctl start` of
-`Type=oneshot` units that run `/bin/true` under: no sandbox, `DynamicUser=yes` alone, the
-sandbox clusterkit generates (`templates/hardening.j2`, rendered for a default spec), and that
-sandbox plus `ProtectKernelTunables=yes`, which it replaces by `ReadOnlyPaths=/sys` and
-`ProcSubset=pid`. The variants take turns, so drift of the machine hits all alike; medians in
-milliseconds include systemctl's own round trip, the same for every variant.
+Every command of a worker's unit (ExecStart=, whose shell prints the pid before it execs the
+worker) gets its own mount namespace, seccomp filters and dynamic user before it runs;
+ExecStart= lies on the respawn path (the crash-loop back-off is a unit of its own, with no
+sandbox). This boots systemd 252 in a container (as the clusterkit rows of bench/run.py do)
+and times `systemctl start` of `Type=oneshot` units that run `/bin/true` under: no sandbox,
+`DynamicUser=yes` alone, the sandbox clusterkit generates (`templates/hardening.j2`, rendered
+for a default spec), and that sandbox plus `ProtectKernelTunables=yes`, which it replaces by
+`ReadOnlyPaths=/sys` and `ProcSubset=pid`. The variants take turns, so drift of the machine
+hits all alike; medians in milliseconds include systemctl's own round trip, the same for
+every variant.
 """
 
 from __future__ import annotations

@@ -86,9 +86,9 @@ def install(
     done = unitfiles.write_all(manager.unit_dir, files, force=force, stale=stale)
     generated = _install_generator(manager, name, generator, force=force)
     _systemctl(manager, "daemon-reload")
-    # The back-off's file system for the other kind of user (DynamicUser= or --run-as): its
-    # unit file is gone, but it would stay mounted until reboot. The running workers keep
-    # their own view of it until they restart into the new one.
+    # An earlier version's file system for the back-off's records: its unit file is gone,
+    # but it would stay mounted until reboot. The running workers keep their own view of
+    # it until they restart into the new units.
     old_mounts = [n for n in stale if n.endswith(".mount")]
     if old_mounts:
         manager.systemctl("stop", *old_mounts, check=False)
@@ -258,6 +258,7 @@ def uninstall(name: str, manager: Manager) -> list[str]:
         shared_socket,
         workers,
         f"{name}@*.socket",
+        names.back_off(name, "*"),
         names.back_off_mount(name, dynamic_user=True),
         names.back_off_mount(name, dynamic_user=False),
         units=[workers],

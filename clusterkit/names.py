@@ -7,9 +7,12 @@ A cluster ``NAME`` is these units (systemd.unit(5) names):
   ``NAME@.socket``, instances ``NAME@K.socket`` (``reuseport``: one each);
 - ``NAME.target``: wants the workers; ``clusterkit-NAME``: the generator that
   counts them at boot when the worker count is ``auto``;
-- ``run-private-clusterkit-backoff-NAME.mount`` (``run-clusterkit-backoff-NAME.mount``
-  for workers with a named user; the system manager's only): the small file system of
-  the workers' crash-loop back-off records (:mod:`clusterkit.backoff`).
+- ``NAME-backoff@.service``, instances ``NAME-backoff@K.service``: the crash-loop
+  back-off run before every start of worker K (:mod:`clusterkit.backoff`); no cluster
+  name ends in ``-backoff``, so no cluster's units are another's;
+- ``run-private-clusterkit-backoff-NAME.mount`` and ``run-clusterkit-backoff-NAME.mount``:
+  written by earlier versions (a file system for back-off records the workers wrote),
+  removed as stale when the cluster is installed again or uninstalled.
 
 Every worker gets ``CLUSTERKIT_NAME``, ``CLUSTERKIT_WORKER_ID`` (K),
 ``CLUSTERKIT_SCHEDULING`` and ``CLUSTERKIT_DRAIN_TIMEOUT`` (seconds) in its
@@ -54,9 +57,18 @@ def generator(name: str) -> str:
     return f"{GENERATOR_PREFIX}{name}"
 
 
-#: where systemd keeps the back-off records of cluster NAME under the system manager
-#: (each worker's RuntimeDirectory=, a mount of its own): a throwaway user's
-#: (DynamicUser=yes) in systemd's private tree, behind a symlink; a named user's in /run
+#: what a back-off unit's name adds to its cluster's; no cluster name may end in it
+BACK_OFF_SUFFIX = "-backoff"
+
+
+def back_off(name: str, worker: int | str | None = None) -> str:
+    """``NAME-backoff@K.service``, or the template ``NAME-backoff@.service``."""
+    return f"{name}{BACK_OFF_SUFFIX}@{'' if worker is None else worker}.service"
+
+
+#: where earlier versions mounted the back-off records of cluster NAME (the workers'
+#: RuntimeDirectory=): a throwaway user's (DynamicUser=yes) in systemd's private tree; a
+#: named user's in /run. Only for removing those mount units now.
 BACK_OFF_ROOTS = {True: "/run/private/clusterkit/backoff", False: "/run/clusterkit/backoff"}
 
 
@@ -75,6 +87,7 @@ def files(name: str) -> tuple[str, ...]:
         service(name),
         target(name),
         generator(name),
+        back_off(name),
         back_off_mount(name, dynamic_user=True),
         back_off_mount(name, dynamic_user=False),
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 
 from clusterkit import backoff, manifest, report, unitfiles
-from clusterkit.names import BACK_OFF_ROOTS, back_off_mount
+from clusterkit.names import back_off
 from clusterkit.names import files as unit_files
 from clusterkit.spec import FD_NAME, Spec
 from clusterkit.unitsyntax import env_assignment, exec_args, specifiers
@@ -69,14 +69,8 @@ def unit_names(spec: Spec) -> dict[str, str]:
     }
     if spec.workers is None:
         names[GENERATOR_PREFIX + spec.name] = "generator.j2"
-    if spec.manager == "system":
-        names[back_off_mount(spec.name, _dynamic_user(spec))] = "backoff.mount.j2"
+    names[back_off(spec.name)] = "backoff.service.j2"
     return names
-
-
-def _dynamic_user(spec: Spec) -> bool:
-    """Whether the service runs as a throwaway user (templates/service.j2's DynamicUser=yes)."""
-    return spec.manager == "system" and not spec.run_as
 
 
 def render(spec: Spec) -> dict[str, str]:
@@ -88,15 +82,11 @@ def render(spec: Spec) -> dict[str, str]:
         "description": spec.description or f"clusterkit cluster {spec.name}",
         # shell scripts in the unit: systemd must leave every $ to the shell (its
         # %-specifiers are meant for systemd)
-        "start_script": _for_systemd(
-            f'{report.started_shell_command()}; {backoff.shell_script()}; exec "$@"'
+        "start_script": _for_systemd(f'{report.started_shell_command()}; exec "$@"'),
+        "back_off_unit": back_off(spec.name, "%i"),
+        "back_off_script": _for_systemd(
+            backoff.shell_script(spec.name, user=spec.manager == "user")
         ),
-        "clear_back_off": _for_systemd(backoff.clear_command()),
-        "back_off_directory": backoff.RUNTIME_DIRECTORY,
-        "dynamic_user": _dynamic_user(spec),
-        "back_off_root": BACK_OFF_ROOTS[_dynamic_user(spec)],
-        "back_off_size": backoff.MOUNT_SIZE,
-        "back_off_inodes": backoff.MOUNT_INODES,
     }
     return {
         name: _tidy(env.get_template(template).render(context))

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clusterkit.names import BACK_OFF_SUFFIX
+
 MAX_WORKERS = 1024
 FD_NAME = "http"  # FileDescriptorName= of every listening socket: what workers look up
 SCHEDULING_MODES = ("shared", "reuseport")
@@ -54,7 +56,7 @@ _MAX_ID = 4294967294  # (uid_t)-1 is invalid
 _UID_16_INVALID = 65535  # (uint16_t)-1, refused by systemd too
 _PATH_MAX = 4095
 _NAME_MAX = 255
-_UNIT_NAME_MAX = 255 - len("@1024.service")
+_UNIT_NAME_MAX = 255 - len(f"{BACK_OFF_SUFFIX}@1024.service")  # the longest unit of a cluster
 _SUN_PATH_MAX = 107
 
 
@@ -505,6 +507,11 @@ def _parse_name(key: str, raw: Any) -> str:
         )
     if len(name) > _UNIT_NAME_MAX:
         raise SpecError(f"--{key}: longer than {_UNIT_NAME_MAX} characters")
+    if name.endswith(BACK_OFF_SUFFIX):  # NAME-backoff@.service is cluster NAME's back-off
+        raise SpecError(
+            f"--{key}: {name!r} ends in {BACK_OFF_SUFFIX!r}, which names clusterkit's back-off "
+            f"units (of a cluster {name.removesuffix(BACK_OFF_SUFFIX)!r}); choose another name"
+        )
     return name
 
 

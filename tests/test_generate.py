@@ -34,11 +34,11 @@ def test_hello_from_the_issue(tmp_path: Path) -> None:
     r = generate(out, *HELLO, "--listen", "3000", "--workers", "4")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "hello-backoff@.service",
         "hello.clusterkit.json",
         "hello.socket",
         "hello.target",
         "hello@.service",
-        "run-private-clusterkit-backoff-hello.mount",
     ]
     target = (out / "hello.target").read_text()
     assert "Wants=hello@0.service hello@1.service hello@2.service hello@3.service" in target
@@ -59,11 +59,11 @@ def test_reuseport_writes_a_socket_template(tmp_path: Path) -> None:
     r = generate(out, *HELLO, "--workers", "2", "--scheduling", "reuseport")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "hello-backoff@.service",
         "hello.clusterkit.json",
         "hello.target",
         "hello@.service",
         "hello@.socket",
-        "run-private-clusterkit-backoff-hello.mount",
     ]
     socket = (out / "hello@.socket").read_text()
     assert "ReusePort=yes" in socket and "Service=hello@%i.service" in socket

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from scenario import APPS, ck, wait_for
 
+from clusterkit import unitfiles
 from clusterkit.container import Container
 
 PY = sys.executable
@@ -103,34 +104,39 @@ def test_uninstall_kills_a_worker_that_keeps_delaying_its_stop(
     assert state.split() == ["LoadState=not-found", "ActiveState=inactive"], state
 
 
-def test_switching_to_a_named_user_unmounts_the_old_back_off_file_system(
+def test_an_earlier_versions_back_off_file_system_is_unmounted_and_removed(
     container: Container, tmp_path: Path
 ) -> None:
-    """The back-off's tmpfs is a mount unit whose path depends on the kind of user
-    (DynamicUser=yes or --run-as). Installing the other kind removes the old unit file; its
-    file system must go too, not stay mounted until reboot."""
-    dynamic = "/run/private/clusterkit/backoff/web"
-    named = "/run/clusterkit/backoff/web"
+    """Earlier versions kept the workers' back-off records on a tmpfs of the cluster's own,
+    a mount unit beside the others. Installing this version over one removes that unit
+    file as stale, names it, and unmounts its file system (it would stay mounted until
+    reboot); an uninstall removes it as well."""
+    old = "run-private-clusterkit-backoff-web.mount"
+    where = "/run/private/clusterkit/backoff/web"
+    body = (
+        "[Unit]\nDescription=Back-off records of web\n\n[Mount]\nWhat=tmpfs\n"
+        f"Where={where}\nType=tmpfs\nOptions=mode=0755,size=4m\n"
+    )
 
-    def mounted(path: str) -> bool:
-        return container.run("findmnt", "-n", path).returncode == 0
+    def mounted() -> bool:
+        return container.run("findmnt", "-n", where).returncode == 0
 
-    container.run("useradd", "-M", "app", check=True)
-    out = generate(tmp_path, "--workers", "1", "--listen", "8002")
-    ck(container, "install", "web", "--from", push(container, out), "--now")
-    wait_for("the dynamic user's back-off mount", lambda: mounted(dynamic))
-    out = generate(tmp_path, "--workers", "1", "--listen", "8002", "--run-as", "app")
-    r = ck(container, "install", "web", "--from", push(container, out), check=False)
-    assert r.returncode == 0, r.stderr
-    # the operator is told which unit went, and why
-    old_unit = "run-private-clusterkit-backoff-web.mount"
-    assert f"removed {old_unit} (no longer part of web)" in r.stdout, r.stdout
-    ck(container, "reload", "web")
-    wait_for("the named user's back-off mount", lambda: mounted(named))
-    wait_for("the old mount to go", lambda: not mounted(dynamic))
-    assert container.http_get(8002)[0] == 200
-    ck(container, "uninstall", "web")
-    assert not mounted(named)
+    for install_again in (True, False):
+        out = generate(tmp_path, "--workers", "1", "--listen", "8002")
+        ck(container, "install", "web", "--from", push(container, out), "--now")
+        container.write_file(f"/etc/systemd/system/{old}", unitfiles.with_header(old, body))
+        container.systemctl("daemon-reload")
+        container.systemctl("start", old)
+        assert mounted()
+        if install_again:
+            r = ck(container, "install", "web", "--from", push(container, out), check=False)
+            assert r.returncode == 0, r.stderr
+            assert f"removed {old} (no longer part of web)" in r.stdout, r.stdout
+            wait_for("the old mount to go", lambda: not mounted())
+            assert container.http_get(8002)[0] == 200
+        ck(container, "uninstall", "web")
+        assert not mounted()
+        assert container.run("test", "-e", f"/etc/systemd/system/{old}").returncode != 0
 
 
 @pytest.mark.parametrize(

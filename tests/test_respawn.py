@@ -1,9 +1,9 @@
 """Respawn (issue 9, item 2): fast after an isolated crash, paced in a crash loop.
 
 The units restart a worker at once (``RestartSec=0``) after an isolated crash,
-and a ``/bin/sh`` back-off in front of the worker's command (``ExecStart=``,
-:mod:`clusterkit.backoff`) makes a worker that keeps failing wait 1 s, 2 s, then
-4 s before each start. These tests
+and a back-off that systemd runs as root before each start (``NAME-backoff@K.service``,
+a oneshot the worker wants and is ordered after, :mod:`clusterkit.backoff`) makes a
+worker that keeps failing wait 1 s, 2 s, then 4 s before each start. These tests
 read systemd's own journal records about the worker (``_PID=1``) inside a real
 systemd 252 container. No assertion is about how fast anything was: they assert
 counts, ordering and the delays systemd and the back-off were configured with
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from scenario import MODES, Cluster, deploy, load, wait_for
+from scenario import APPS, MODES, PY, Cluster, deploy, load, wait_for
 
 from clusterkit.container import Container
 from clusterkit.report import PROCESS_EXIT as PROCESS_EXITED
@@ -39,10 +39,23 @@ def of_kind(records: list[dict[str, object]], message_id: str) -> list[dict[str,
     return [r for r in records if r.get("MESSAGE_ID") == message_id]
 
 
+def back_off_unit(cl: Cluster, k: int) -> str:
+    return f"{cl.name}-backoff@{k}.service"
+
+
+def record_path(cl: Cluster, k: int) -> str:
+    return f"/run/clusterkit/starts/{cl.name}/{k}"
+
+
 def recorded_runs(cl: Cluster, k: int) -> int | None:
-    """How many runs of worker ``k`` the back-off's record holds (None: no record at all)."""
-    r = cl.c.run("cat", f"/run/clusterkit/backoff/{cl.name}/{k}/starts")
-    return len(r.stdout.split()) if r.returncode == 0 else None
+    """How many runs of worker ``k`` the back-off's record holds (None: no record at all):
+    its lines but the first (``n=``, the worker's NRestarts when it was written)."""
+    r = cl.c.run("cat", record_path(cl, k))
+    if r.returncode != 0:
+        return None
+    first, *runs = r.stdout.split()
+    assert first.startswith("n="), r.stdout
+    return len(runs)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -167,14 +180,14 @@ def test_crash_loop_is_paced_and_never_closes_the_port(
 def test_requested_restarts_do_not_count_and_the_back_off_leaves_the_worker_alone(
     container: Container, tmp_path: Path
 ) -> None:
-    """The back-off is shell code in front of the worker's command, in its sandbox.
+    """The back-off is a unit of its own, run as root before each start of the worker.
 
-    A ``clusterkit reload`` (a requested restart) empties the record (``ExecStop=``),
-    so reloads in a row never wait; a stop removes it. The worker's own environment
-    reaches it unchanged, even with variable names the back-off uses for itself,
-    and its pid line is the pid systemd watches. A record the worker spoiled (it is
-    the worker's file: text, a command substitution, an overflowing number) is
-    skipped: the worker still starts at once and nothing in it is run.
+    A ``clusterkit reload`` (a requested restart: the worker's NRestarts unchanged)
+    empties the history, so reloads in a row never wait. The worker's own environment
+    reaches the worker unchanged, even with variable names the back-off uses for itself,
+    and its pid line is the pid systemd watches. Lines of the record that are no numbers
+    (text, a command substitution, an overflowing number) are skipped: the worker still
+    starts at once and nothing in them is run, as root least of all.
     """
     c = container
     cl = deploy(c, tmp_path, "--env", "keep=mine", "--env", "n=7", workers=1)
@@ -194,9 +207,13 @@ def test_requested_restarts_do_not_count_and_the_back_off_leaves_the_worker_alon
         ),
     )
 
-    record = f"/run/clusterkit/backoff/{cl.name}/0/starts"
+    record = record_path(cl, 0)
+    restarts = cl.show(cl.unit(0), "NRestarts")["NRestarts"]
     c.write_file(
-        record, "garbage\n$(touch /run/ck-pwned)\n`touch /run/ck-pwned`\n9" + "9" * 30 + "\n"
+        record,
+        f"n={restarts}\ngarbage\n$(touch /run/ck-pwned)\n`touch /run/ck-pwned`\n9"
+        + "9" * 30
+        + "\n",
     )
     c.systemctl("kill", "-s", "KILL", cl.unit(0))
     wait_for("worker 0 back", lambda: cl.is_active(cl.unit(0)) and cl.main_pid(0) not in (0, pid))
@@ -205,17 +222,18 @@ def test_requested_restarts_do_not_count_and_the_back_off_leaves_the_worker_alon
     assert cl.get().ok
 
     c.systemctl("stop", cl.unit(0))
-    assert recorded_runs(cl, 0) is None  # a stop removes the record with its directory
+    c.systemctl("start", cl.unit(0))
+    assert recorded_runs(cl, 0) == 1  # a start asked for: the history goes
 
 
 def test_an_unpaced_restart_loop_never_closes_the_shared_port(
     container: Container, tmp_path: Path
 ) -> None:
-    """A failure before the worker's command runs is not paced by the back-off.
+    """A restart loop without the back-off (an operator masked it: ``systemctl mask
+    NAME-backoff@0.service``) never closes the shared port.
 
-    Here an operator's drop-in replaces worker 0's ``ExecStart=`` by ``/bin/false``
-    (a failed sandbox set-up, say a ``WorkingDirectory=`` that does not exist, loops the
-    same way): systemd restarts it as fast as it can. Worker 0 is the one the shared
+    Here worker 0's back-off is masked and a drop-in replaces its ``ExecStart=`` by
+    ``/bin/false``: systemd restarts it as fast as it can. Worker 0 is the one the shared
     socket names, so traffic triggers it again and again; with systemd's default trigger
     limit (20 in 2 s) the socket failed within 2 s under this load and the port closed.
     The shared socket has no trigger limit: it stays active and worker 1 serves every
@@ -227,6 +245,7 @@ def test_an_unpaced_restart_loop_never_closes_the_shared_port(
         f"/run/systemd/system/{cl.unit(0)}.d/replaced.conf",
         "[Service]\nExecStart=\nExecStart=/bin/false\n",
     )
+    c.systemctl("mask", "--runtime", back_off_unit(cl, 0))
     c.systemctl("daemon-reload")
     states: set[str] = set()
     with load(cl, concurrency=4, timeout=5, max_seconds=60, max_requests=1_000_000) as ld:
@@ -247,3 +266,85 @@ def test_an_unpaced_restart_loop_never_closes_the_shared_port(
     assert states <= {"active/listening", "active/running"}, states
     assert not report.failed(), report.summary()
     assert report.workers(sent_after=looping)["1"] >= 500, report.summary()
+
+
+def starts_after_first_failure(cl: Cluster, k: int, count: int) -> list[float] | None:
+    """When PID 1 started worker ``k``, from its first unclean exit on, once there are
+    ``count`` such starts (else None)."""
+    records = pid1_records(cl, k)
+    failures = [r for r in of_kind(records, PROCESS_EXITED) if r.get("EXIT_CODE") == "exited"]
+    if not failures:
+        return None
+    starts = [when(r) for r in of_kind(records, STARTING) if when(r) >= when(failures[0])]
+    return starts if len(starts) >= count else None
+
+
+def test_a_start_that_fails_before_the_worker_runs_is_paced_too(
+    container: Container, tmp_path: Path
+) -> None:
+    """The back-off is a unit of its own, so it runs before a start that systemd cannot set
+    up (a ``WorkingDirectory=`` that does not exist: the worker's command never runs) and
+    before a command a drop-in replaced: the loop is paced like any crash loop (before,
+    the back-off was part of the command, and such a loop ran about 16 starts a second)."""
+    c = container
+    cl = deploy(c, tmp_path, name="setup")
+    c.write_file(
+        f"/run/systemd/system/{cl.unit(1)}.d/moved.conf",
+        "[Service]\nWorkingDirectory=/nonexistent\n",
+    )
+    c.write_file(
+        f"/run/systemd/system/{cl.unit(0)}.d/replaced.conf",
+        "[Service]\nExecStart=\nExecStart=/bin/false\n",
+    )
+    c.systemctl("daemon-reload")
+    for k in (0, 1):
+        c.systemctl("kill", "-s", "TERM", cl.unit(k))
+    for k in (0, 1):
+        starts = wait_for(
+            f"7 starts of worker {k}", lambda k=k: starts_after_first_failure(cl, k, 7), timeout=90
+        )
+        gaps = [round(b - a, 2) for a, b in zip(starts, starts[1:], strict=False)]
+        print(f"[setup-failure/{k}] gaps between starts: {gaps}")
+        assert all(g >= 4 for g in gaps[4:]), gaps
+    assert cl.state(cl.socket_unit()) in ("active/listening", "active/running")
+
+
+@pytest.mark.parametrize("user", [(), ("--run-as", "app")], ids=["dynamic-user", "named-user"])
+def test_a_crashing_worker_cannot_reset_its_back_off_or_write_under_run(
+    container: Container, tmp_path: Path, user: tuple[str, ...]
+) -> None:
+    """The attacker is the worker: at every start it tries to remove and empty its back-off
+    record, rename its cluster's records and create a file in each directory from ``/run``
+    down to them, then crashes. Were the record its own (as it was: the back-off ran in
+    the worker's own start), it would be restarted at once every time, about 14 starts a
+    second, each costing PID 1 a fork and a sandbox. The record is root's (0600, in 0700
+    directories of root's): every try fails, the back-off paces the loop as any other
+    (4 s between starts from the 5th on), and nothing is planted under ``/run``; the other
+    worker serves throughout."""
+    c = container
+    if user:
+        c.run("useradd", "-M", "app", check=True)
+    cl = deploy(c, tmp_path, *user, name="tamper", exec_line=f"{PY} {APPS / 'tamper_run.py'}")
+    c.write_file("/run/ck-crash/1", "")
+    c.systemctl("kill", "-s", "TERM", cl.unit(1))  # a clean exit; its restarts crash at start
+    starts = wait_for(
+        "7 starts of the loop", lambda: starts_after_first_failure(cl, 1, 7), timeout=90
+    )
+    gaps = [round(b - a, 2) for a, b in zip(starts, starts[1:], strict=False)]
+    print(f"[tamper/{user or 'dynamic'}] gaps between starts: {gaps}")
+    assert all(g >= 4 for g in gaps[4:]), gaps  # paced: the tries changed nothing
+
+    tries = [
+        str(r.get("MESSAGE"))
+        for r in c.journal(f"_SYSTEMD_UNIT={cl.unit(1)}")
+        if str(r.get("MESSAGE", "")).startswith("tamper:")
+    ]
+    assert len(tries) >= 7 * 7, tries  # seven tries at each of seven starts
+    assert not [t for t in tries if t.endswith(": done")], tries
+    record = record_path(cl, 1)
+    assert c.run("stat", "-c", "%U %a", record, check=True).stdout.split() == ["root", "600"]
+    for directory in ("/run/clusterkit/starts", "/run/clusterkit/starts/tamper"):
+        owner_mode = c.run("stat", "-c", "%U %a", directory, check=True).stdout.split()
+        assert owner_mode == ["root", "700"], (directory, owner_mode)
+    assert c.run("find", "/run", "-name", "planted-*").stdout == ""
+    assert cl.get().ok

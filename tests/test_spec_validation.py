@@ -93,6 +93,8 @@ BAD = {
     "user-uid-00": ({"run-as": "00"}, "--run-as"),
     "group-root": ({"run-as": "nobody", "group": "root"}, "--group"),
     "group-gid-0": ({"run-as": "nobody", "group": "0"}, "--group"),
+    # NAME-backoff@.service is cluster NAME's back-off unit
+    "name-backoff": ({"name": "web-backoff"}, "--name"),
 }
 
 # Wrong TOML types: only a config file can spell them.
@@ -279,10 +281,10 @@ def test_every_unit_of_the_set_escapes_percent(scheduling: str, listen: str, wor
         for k, v in render.render(spec).items()
         if k.endswith((".service", ".socket", ".target"))
     }
-    assert len(units) == 3, sorted(units)
+    assert len(units) == 4, sorted(units)
     for name, text in units.items():
         assert not re.search(r"100%(?!%)", text), (name, text)
-        assert "Description=100%% up " in text, (name, text)
+        assert re.search(r"^Description=(Crash-loop back-off of )?100%% up ", text, re.M), text
     assert "EnvironmentFile=/etc/ck/100%%.env\n" in units["app@.service"]
     if listen.startswith("/"):
         assert "ListenStream=/run/100%%.sock\n" in units["app.socket"]

@@ -245,45 +245,6 @@ def test_exit_events_survive_a_worker_flooding_the_journal(
     print("journald:", [line for line in suppressed.splitlines() if "Suppressed" in line])
 
 
-@pytest.mark.parametrize(
-    ("user", "mount_point"),
-    [
-        pytest.param((), "/run/private/clusterkit/backoff/filler", id="dynamic-user"),
-        pytest.param(("--run-as", "app"), "/run/clusterkit/backoff/filler", id="named-user"),
-    ],
-)
-def test_a_worker_cannot_fill_run_through_its_back_off_directory(
-    container: Container, tmp_path: Path, user: tuple[str, ...], mount_point: str
-) -> None:
-    """The back-off's RuntimeDirectory is the one place under /run a sandboxed worker can
-    write; /run is the file system of systemd's own state. It lives on its cluster's own
-    small tmpfs (a mount unit of the cluster's): a worker that fills it gets ENOSPC there,
-    /run keeps its room, and the cluster still serves."""
-    c = container
-    if user:
-        c.run("useradd", "-u", str(APP_UID), "-M", "app", check=True)
-    free_before = int(c.run("df", "--output=avail", "-B1", "/run", check=True).stdout.split()[1])
-    cl = deploy(c, tmp_path, *user, name="filler", exec_line=f"{PY} {APPS / 'fill_run.py'}")
-
-    def filler_lines() -> list[str] | None:
-        records = c.journal("_SYSTEMD_SLICE=system-filler.slice")
-        said = [str(r.get("MESSAGE", "")) for r in records]
-        lines = [line for line in said if line.startswith("filler:")]
-        return lines if len(lines) == 2 else None
-
-    said = wait_for("both workers' filler lines", filler_lines)
-    written = sorted(int(line.split()[1]) for line in said)
-    assert all(line.endswith("then No space left on device") for line in said), said
-    assert sum(written) <= 4 * 2**20, said  # the mount's size, for the whole cluster
-    free_after = int(c.run("df", "--output=avail", "-B1", "/run", check=True).stdout.split()[1])
-    assert free_before - free_after < 2**20, (free_before, free_after)
-    assert cl.get().ok
-    mount = c.run("findmnt", "-n", "-o", "FSTYPE,SIZE", mount_point).stdout
-    assert mount.split() == ["tmpfs", "4M"], mount
-    c.systemctl("stop", "filler.target")  # the file system goes with the cluster (PartOf=)
-    wait_for("the unmount", lambda: c.run("findmnt", mount_point).returncode != 0)
-
-
 def test_a_worker_that_keeps_delaying_its_stop_is_killed(container: Container, tmp_path: Path):
     """TimeoutStopSec= binds a worker only until it sends EXTEND_TIMEOUT_USEC= (sd_notify(3)),
     which it may repeat for ever: systemd then never kills it, and `systemctl stop` (so a

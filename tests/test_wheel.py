@@ -41,7 +41,4 @@ def test_wheel_ships_the_templates_and_renders_from_them(tmp_path: Path) -> None
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    assert (
-        out.stdout.strip()
-        == "['run-private-clusterkit-backoff-w.mount', 'w.socket', 'w.target', 'w@.service']"
-    )
+    assert out.stdout.strip() == "['w-backoff@.service', 'w.socket', 'w.target', 'w@.service']"

@@ -10,7 +10,8 @@ from pathlib import Path
 def instances(directory: Path, name: str, ids: tuple[int, ...] = (0,)) -> list[str]:
     """Copy the templates of ``name`` to instance files (verify checks instances, not templates)."""
     files = []
-    for template in sorted(directory.glob(f"{name}@.*")):
+    templates = [*directory.glob(f"{name}@.*"), *directory.glob(f"{name}-backoff@.*")]
+    for template in sorted(templates):
         for i in ids:
             instance = directory / template.name.replace("@.", f"@{i}.")
             shutil.copy(template, instance)
