@@ -346,6 +346,32 @@ class _CloseWhenDraining:
 # -- WSGI (waitress) --------------------------------------------------------------
 
 
+def lenient_framing(head: bytes) -> str | None:
+    """What in a request head (request line and fields, CRLF-separated) waitress would
+    read where llhttp, and so serve_asyncio and uvicorn, refuse it, or None. A proxy in
+    front may frame such a request otherwise (RFC 9112, 6.1 and 11.2), and waitress went
+    on reading the connection after it."""
+    line, _, fields = head.partition(b"\r\n")
+    if any(byte < 0x20 or byte == 0x7F for byte in line):
+        return "a control character in the request line"
+    lines = fields.split(b"\r\n") if fields else []
+    if any(field[:1] in (b" ", b"\t") for field in lines):
+        return "a folded field line (obs-fold, RFC 9112, 5.2)"
+    names = [field.partition(b":")[0].lower() for field in lines]
+    if b"transfer-encoding" not in names:
+        return None
+    if b"content-length" in names:
+        return "Content-Length beside Transfer-Encoding (RFC 9112, 6.3)"
+    if line.endswith(b"HTTP/1.0"):
+        return "Transfer-Encoding in an HTTP/1.0 request (RFC 9112, 6.1)"
+    codings = b",".join(
+        f.partition(b":")[2] for f, n in zip(lines, names, strict=True) if n == b"transfer-encoding"
+    )
+    if [c.strip(b" \t").lower() for c in codings.split(b",")].count(b"chunked") > 1:
+        return "chunked more than once (RFC 9112, 7)"
+    return None
+
+
 def drop_stalled_senders(channels: Iterable[Any], send_timeout: float) -> None:
     """Close each waitress channel holding a response its client has taken nothing of for
     *send_timeout* seconds. waitress alone keeps it for ever, with the response (in a
@@ -439,9 +465,15 @@ def serve_wsgi(
 
     class Parser(HTTPRequestParser):
         def parse_header(self, header_plus: bytes) -> None:
+            lenient = lenient_framing(header_plus)
+            if lenient is not None:
+                raise ParsingError(lenient)
             super().parse_header(header_plus)
             if self.command == "CONNECT":  # a tunnel: see httpserver._other_method
                 raise ParsingError("CONNECT: this server opens no tunnels")
+            host = self.headers.get("HOST")  # waitress joins repeated fields with ", "
+            if (host is None and self.version == "1.1") or (host and "," in host):
+                raise ParsingError("Host: none or more than one (RFC 9112, 3.2)")
             if self.expect_continue and (
                 self.version != "1.1" or (self.content_length == 0 and not self.chunked)
             ):

@@ -625,6 +625,31 @@ def test_ambiguous_or_malformed_head_is_400_and_closed(request, server, case):
     assert r.closed()
 
 
+#: what waitress neither refuses nor answers: it waits for a CRLF (until channel_timeout)
+WSGI_WAITS = {"bare-lf", "chunk-bare-lf", "chunk-size-overflow"}
+WSGI_MALFORMED = {
+    **MALFORMED,
+    # waitress ignored Transfer-Encoding in HTTP/1.0 and read the chunks as the next request
+    "http-1.0-chunked": (
+        b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(set(WSGI_MALFORMED) - WSGI_WAITS))
+def test_wsgi_refuses_what_llhttp_refuses_and_closes(wsgi_server, case):
+    """serve_wsgi meets the same smuggling cases (reached directly, without a proxy that
+    normalizes them): waitress accepted a missing or second Host, Content-Length beside
+    chunked (keeping the connection), chunked twice, an obs-folded field, a control
+    character in the target, chunks in HTTP/1.0; each is now a 4xx (or waitress's 501 for
+    a coding it lacks), then closed. (It still waits where a line ends in a bare LF:
+    WSGI_WAITS.)"""
+    statuses, _, r = exchange(wsgi_server, WSGI_MALFORMED[case] + get("/mark/behind"))
+    assert len(statuses) == 1 and statuses[0] in (400, 501), statuses
+    assert r.closed()
+
+
 @pytest.mark.parametrize("version", ["0.9", "2.0", "3.0"])
 def test_http_version_other_than_1x_is_refused_and_closed(server, version):
     """llhttp parses 0.9 and 2.0 (505 here), refuses 3.0 itself (400); h11 parses all
