@@ -60,8 +60,10 @@ def shell_script(name: str, user: bool) -> str:
         'case $t in ""|*[!0-9]*|?????????????*) continue;; esac; last=$t; '
         f'if [ $((now - t)) -lt {WINDOW_CS} ]; then keep="$keep $t"; n=$((n + 1)); fi; '
         'done; } < "$r"; fi; '
-        # NRestarts unchanged: PID 1 did not restart the worker, someone started it
-        'if [ "$restarts" != unknown ] && [ "$seen" = "n=$restarts" ]; then keep=; last=; n=0; fi; '
+        # NRestarts unchanged: PID 1 did not restart the worker, someone started it; and
+        # PID 1 sets NRestarts to 0 as that start begins, so that is what the next one sees
+        'if [ "$restarts" != unknown ] && [ "$seen" = "n=$restarts" ]; then '
+        "keep=; last=; n=0; restarts=0; fi; "
         'if [ -n "$last" ] && [ $n = 0 ]; then keep=$last; n=1; fi; '
         f"case $n in {waits} *) d={LONGEST_WAIT};; esac; "
         'if [ $d != 0 ]; then echo "$n runs ended on their own within 60s: waiting ${d}s"; '
