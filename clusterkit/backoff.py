@@ -42,16 +42,32 @@ WINDOW_CS = 6000  # 60 s, in the clock's 1/100 s
 RECORD_ROOT = "%t/clusterkit/starts"
 
 
-def shell_script(name: str, user: bool) -> str:
+def shell_script(name: str, user: bool, restart_always: bool = True) -> str:
     """The back-off of cluster *name*'s worker %i, as one line of POSIX ``sh`` (systemd's
-    ``$`` not yet escaped; *user*: under a user's manager)."""
+    ``$`` not yet escaped; *user*: under a user's manager). *restart_always*: the worker has
+    ``Restart=always``, so a start with ``NRestarts`` unchanged was asked for; under another
+    policy the socket also starts a worker that ended on its own, and every start counts."""
     waits = " ".join(f"{n}) d={s};;" for n, s in WAITS.items())
     systemctl = "/bin/systemctl --user" if user else "/bin/systemctl"
+    asked_for = (
+        # NRestarts unchanged: PID 1 did not restart the worker, someone started it; and
+        # PID 1 sets NRestarts to 0 as that start begins, so that is what the next one sees
+        'if [ "$restarts" != unknown ] && [ "$seen" = "n=$restarts" ]; then '
+        "keep=; last=; n=0; restarts=0; fi; "
+        if restart_always
+        else ""
+    )
     return (
         'IFS=" "; PATH=/usr/bin:/bin; umask 077; '
-        f'dir="{RECORD_ROOT}/{name}"; r="$dir/%i"; '
-        '/bin/mkdir -p "$dir" || exit 0; '
-        '[ -d "$dir" ] && [ ! -h "$dir" ] && [ -O "$dir" ] && [ ! -h "$r" ] || exit 0; '
+        f'base="{RECORD_ROOT.rsplit("/", 1)[0]}"; top="{RECORD_ROOT}"; dir="$top/{name}"; '
+        'r="./%i"; /bin/mkdir -p "$dir"; '
+        # every directory on the way root's (no other user can then rename or replace what
+        # is in it) and no symlink, else no record can be trusted: the longest wait
+        'for d in "$base" "$top" "$dir" "$dir/%i"; do '
+        'if [ -h "$d" ] || { [ "$d" != "$dir/%i" ] && { [ ! -d "$d" ] || [ ! -O "$d" ]; }; }; '
+        f'then echo "$d is a symlink or a directory of another user: waiting {LONGEST_WAIT}s"; '
+        f"/bin/sleep {LONGEST_WAIT}; exit 0; fi; done; "
+        'cd "$dir" || exit 0; '
         "read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ now _ < /proc/self/stat; "
         f'restarts=$({systemctl} show -P NRestarts "{name}@%i.service"); '
         'case $restarts in ""|*[!0-9]*|??????????*) restarts=unknown;; esac; '
@@ -60,10 +76,7 @@ def shell_script(name: str, user: bool) -> str:
         'case $t in ""|*[!0-9]*|?????????????*) continue;; esac; last=$t; '
         f'if [ $((now - t)) -lt {WINDOW_CS} ]; then keep="$keep $t"; n=$((n + 1)); fi; '
         'done; } < "$r"; fi; '
-        # NRestarts unchanged: PID 1 did not restart the worker, someone started it; and
-        # PID 1 sets NRestarts to 0 as that start begins, so that is what the next one sees
-        'if [ "$restarts" != unknown ] && [ "$seen" = "n=$restarts" ]; then '
-        "keep=; last=; n=0; restarts=0; fi; "
+        f"{asked_for}"
         'if [ -n "$last" ] && [ $n = 0 ]; then keep=$last; n=1; fi; '
         f"case $n in {waits} *) d={LONGEST_WAIT};; esac; "
         'if [ $d != 0 ]; then echo "$n runs ended on their own within 60s: waiting ${d}s"; '

@@ -85,7 +85,9 @@ def render(spec: Spec) -> dict[str, str]:
         "start_script": _for_systemd(f'{report.started_shell_command()}; exec "$@"'),
         "back_off_unit": back_off(spec.name, "%i"),
         "back_off_script": _for_systemd(
-            backoff.shell_script(spec.name, user=spec.manager == "user")
+            backoff.shell_script(
+                spec.name, user=spec.manager == "user", restart_always=spec.restart == "always"
+            )
         ),
     }
     return {

@@ -354,6 +354,9 @@ def lenient_framing(head: bytes) -> str | None:
     line, _, fields = head.partition(b"\r\n")
     if any(byte < 0x20 or byte == 0x7F for byte in line):
         return "a control character in the request line"
+    version = line.rpartition(b" ")[2]
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):  # waitress took any, or none (0.9's form)
+        return "an HTTP version other than 1.0 and 1.1"
     lines = fields.split(b"\r\n") if fields else []
     if any(field[:1] in (b" ", b"\t") for field in lines):
         return "a folded field line (obs-fold, RFC 9112, 5.2)"
@@ -362,7 +365,7 @@ def lenient_framing(head: bytes) -> str | None:
         return None
     if b"content-length" in names:
         return "Content-Length beside Transfer-Encoding (RFC 9112, 6.3)"
-    if line.endswith(b"HTTP/1.0"):
+    if version != b"HTTP/1.1":
         return "Transfer-Encoding in an HTTP/1.0 request (RFC 9112, 6.1)"
     codings = b",".join(
         f.partition(b":")[2] for f, n in zip(lines, names, strict=True) if n == b"transfer-encoding"

@@ -234,21 +234,22 @@ def _options() -> tuple[Option, ...]:
             _parse_unit_directory,
             "StateDirectory=: "
             "/var/lib/DIR, kept across restarts and writable by the workers (a database, "
-            "uploads)",
+            "uploads); DIR is the cluster's name or `NAME/SUBDIR`",
             metavar="DIR",
         ),
         Option(
             "cache-directory",
             "cache_directory",
             _parse_unit_directory,
-            "CacheDirectory=: /var/cache/DIR, writable by the workers",
+            "CacheDirectory=: /var/cache/DIR, writable by the workers; DIR as above",
             metavar="DIR",
         ),
         Option(
             "runtime-directory",
             "runtime_directory",
             _parse_unit_directory,
-            "RuntimeDirectory=: /run/DIR, writable by the workers, removed when they stop",
+            "RuntimeDirectory=: /run/DIR, writable by the workers, removed when they stop; "
+            "DIR as above",
             metavar="DIR",
         ),
         Option(
@@ -424,6 +425,18 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def _check_combination(spec: Spec) -> None:
+    for key, value in (
+        ("state-directory", spec.state_directory),
+        ("cache-directory", spec.cache_directory),
+        ("runtime-directory", spec.runtime_directory),
+    ):
+        # systemd hands the directory to the workers (chown, and a move into private/ with
+        # DynamicUser=yes): any other name could be another program's, root's own
+        if value and value != spec.name and not value.startswith(f"{spec.name}/"):
+            raise SpecError(
+                f"--{key}: {value!r} is not the cluster's own: use {spec.name!r} or "
+                f"{spec.name}/SUBDIR (systemd gives the workers that directory, whoever has it)"
+            )
     if sum(map(len, spec.exec)) > EXEC_MAX_CHARS:
         raise SpecError(f"--exec: the command line is longer than {EXEC_MAX_CHARS} characters")
     if spec.scheduling == "reuseport":
@@ -746,6 +759,8 @@ def _parse_unit_directory(key: str, raw: Any) -> str:
             f"--{key}: {value!r} must be a relative directory name such as myapp "
             "(letters, digits, '_', '.', '-', '/'; no '..')"
         )
+    if value.split("/")[0] == "clusterkit":  # /run/clusterkit: the back-off's, root's alone
+        raise SpecError(f"--{key}: {value!r} is clusterkit's own directory; choose another")
     return value
 
 

@@ -148,11 +148,12 @@ def test_a_directory_root_owns_is_never_handed_to_the_workers(
 ) -> None:
     """systemd hands a StateDirectory= (and the like) to the workers: a chown, and with
     DynamicUser=yes a move into private/. A config naming one that already exists for
-    something else (``dpkg``, say: its maintainer scripts run as root) is refused at install,
-    and the directory is left as it was. One the workers got at an earlier start is theirs."""
-    victim = f"{top}/victim"
+    something else (a cluster named ``dpkg`` with ``state-directory = "dpkg"``, say: its
+    maintainer scripts run as root) is refused at install, and the directory is left as it
+    was. One the workers got at an earlier start is theirs."""
+    victim = f"{top}/web"  # another program's, that a cluster happens to share its name with
     container.write_file(f"{victim}/info/pkg.postinst", "#!/bin/sh\necho root-only\n", 0o755)
-    out = generate(tmp_path, "--workers", "1", "--listen", "8005", flag, "victim")
+    out = generate(tmp_path, "--workers", "1", "--listen", "8005", flag, "web")
     r = ck(container, "install", "web", "--from", push(container, out), check=False)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert f"{flag}: {victim} exists and is owned by root" in r.stderr, r.stderr
@@ -160,7 +161,7 @@ def test_a_directory_root_owns_is_never_handed_to_the_workers(
     assert owner.split("\n")[:2] == ["root directory", "root regular file"], owner
     assert container.run("test", "-e", "/etc/systemd/system/web@.service").returncode != 0
 
-    out = generate(tmp_path, "--workers", "1", "--listen", "8005", flag, "web-data")
+    container.run("rm", "-r", victim, check=True)
     ck(container, "install", "web", "--from", push(container, out), "--now")
     wait_for("web serving", lambda: container.http_get(8005)[0] == 200)
     r = ck(container, "install", "web", "--from", push(container, out), check=False)

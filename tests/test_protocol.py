@@ -630,6 +630,15 @@ WSGI_WAITS = {"bare-lf", "chunk-bare-lf", "chunk-size-overflow"}
 WSGI_MALFORMED = {
     **MALFORMED,
     # waitress ignored Transfer-Encoding in HTTP/1.0 and read the chunks as the next request
+    # waitress took any version (or none) and read chunks only in 1.1: the body ran as a
+    # second request
+    "http-1.2-chunked": (
+        b"POST /echo HTTP/1.2\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    ),
+    "no-version-chunked": (
+        b"POST /echo\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    ),
     "http-1.0-chunked": (
         b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n0\r\n\r\n"

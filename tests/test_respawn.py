@@ -358,3 +358,55 @@ def test_a_crashing_worker_cannot_reset_its_back_off_or_write_under_run(
         assert owner_mode == ["root", "700"], (directory, owner_mode)
     assert c.run("find", "/run", "-name", "planted-*").stdout == ""
     assert cl.get().ok
+
+
+def test_a_worker_the_socket_starts_again_is_paced_too(
+    container: Container, tmp_path: Path
+) -> None:
+    """With a ``Restart=`` other than ``always``, systemd does not restart a worker that
+    exits 0, but in shared mode the socket starts it again while a connection waits. Its
+    NRestarts stays 0, so the back-off cannot tell such a start from one an operator asked
+    for: under such a policy it counts every start (a review counted 78 starts in 10 s when
+    it did not). A client that connects and sends nothing keeps the socket starting it."""
+    c = container
+    cl = deploy(
+        c, tmp_path, "--restart", "on-failure", "--type", "exec", name="zero", workers=1,
+        exec_line="/bin/sh -c 'sleep 0.05; exit 0'", start=False,
+    )  # fmt: skip
+    c.systemctl("start", cl.socket_unit())
+    waiting = c.socket()
+    try:
+        waiting.connect(("127.0.0.1", cl.port))
+        time.sleep(15)
+    finally:
+        waiting.close()
+    show = cl.show(cl.unit(0), "NRestarts")
+    starts = of_kind(pid1_records(cl, 0), STARTING)
+    gaps = [round(when(b) - when(a), 2) for a, b in zip(starts, starts[1:], strict=False)]
+    print(f"[socket-started] {len(starts)} starts in 15 s, NRestarts {show['NRestarts']}: {gaps}")
+    assert show["NRestarts"] == "0"  # none of them was systemd's restart
+    assert 3 <= len(starts) <= 9, gaps  # paced: 0, 0, 0, 1, 2, then 4 s
+
+
+def test_a_record_directory_of_another_user_is_never_trusted(
+    container: Container, tmp_path: Path
+) -> None:
+    """Root's back-off trusts its record only in directories of root's alone, every one on
+    the way: one another user owns (a review got /run/clusterkit handed to a worker through
+    --runtime-directory, now refused) could have its entries renamed or replaced by a
+    symlink between the check and the write. Then no record is read or written and every
+    start waits the longest, 4 s: slow, never unpaced."""
+    c = container
+    cl = deploy(c, tmp_path, name="owned", workers=1)
+    c.run("chown", "nobody", "/run/clusterkit/starts", check=True)
+    before = cl.main_pid(0)
+    c.systemctl("kill", "-s", "KILL", cl.unit(0))
+    wait_for(
+        "worker 0 back", lambda: cl.is_active(cl.unit(0)) and cl.main_pid(0) not in (0, before)
+    )
+    records = pid1_records(cl, 0)
+    killed = [r for r in of_kind(records, PROCESS_EXITED) if r.get("EXIT_CODE") == "killed"]
+    started = [when(r) for r in of_kind(records, STARTING) if when(r) >= when(killed[0])]
+    assert started and started[0] - when(killed[0]) >= 4, (started, when(killed[0]))
+    said = [str(r.get("MESSAGE")) for r in c.journal(f"_SYSTEMD_UNIT={back_off_unit(cl, 0)}")]
+    assert "/run/clusterkit/starts is a symlink or a directory of another user: waiting 4s" in said

@@ -95,6 +95,15 @@ BAD = {
     "group-gid-0": ({"run-as": "nobody", "group": "0"}, "--group"),
     # NAME-backoff@.service is cluster NAME's back-off unit
     "name-backoff": ({"name": "web-backoff"}, "--name"),
+    # systemd hands these to the workers: only the cluster's own (here "app"), never
+    # another program's (dpkg's maintainer scripts run as root) nor clusterkit's /run tree
+    "state-directory-not-own": ({"state-directory": "dpkg"}, "--state-directory"),
+    "cache-directory-not-own": ({"cache-directory": "apt"}, "--cache-directory"),
+    "runtime-directory-not-own": ({"runtime-directory": "systemd/system"}, "--runtime-directory"),
+    "runtime-directory-clusterkit": (
+        {"runtime-directory": "clusterkit/starts"},
+        "--runtime-directory",
+    ),
 }
 
 # Wrong TOML types: only a config file can spell them.
