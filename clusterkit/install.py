@@ -8,6 +8,7 @@ so overrides survive a re-install.
 from __future__ import annotations
 
 import os
+import pwd
 from pathlib import Path
 
 from clusterkit import manifest, names, render, shadow, trust, unitfiles
@@ -192,9 +193,15 @@ def _check_unit_directories(spec: Spec, manager: Manager) -> None:
 
 
 def _uid(root: Path, user: str) -> int | None:
-    """The uid of user name or id ``user`` in the passwd file under ``root``."""
+    """The uid of user name or id ``user`` on the system under ``root``: this host's
+    (through NSS, as systemd looks it up), else a container's passwd file."""
     if user.isdigit():
         return int(user)
+    if root == Path("/"):
+        try:
+            return pwd.getpwnam(user).pw_uid
+        except KeyError:
+            return None
     try:
         lines = (root / "etc/passwd").read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
