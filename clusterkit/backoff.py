@@ -23,9 +23,14 @@ a crash, or an exit nobody asked for. Before a start the script counts those tha
 within the last 60 s (the latest one always counts), and waits 0 s after the first or
 second, then 1 s, 2 s, and 4 s from the fifth on. An isolated crash costs no wait.
 
+Under a ``Restart=`` other than ``always`` every start counts: there the shared socket
+also starts a worker that ended on its own, and ``NRestarts`` stays unchanged.
+
 It trusts nothing it did not make: ``IFS``, ``PATH`` and the umask are set first, every
-program has its full path, the cluster's directory is used only if it is a directory of
-root's and no symlink, and a line of the record that is not a number is skipped. Its
+program has its full path, and a line of the record that is not a number is skipped. The
+record is used only if every directory from ``/run/clusterkit`` down is root's and no
+symlink (nor is the record one); else nothing is read or written and every start waits
+the longest, 4 s: slow, never unpaced. Its
 clock is the start time of its own process in ``/proc/self/stat`` (1/100 s since boot).
 Under a user's manager it runs as that user, in the user's runtime directory, beside
 workers of the same user.

@@ -59,6 +59,14 @@ def ansible_command(tool: str) -> list[str]:
     return [found]
 
 
+def empty_ansible_config(directory: Path) -> Path:
+    """An ansible.cfg with no settings, in *directory*: Ansible reads ./ansible.cfg when
+    ANSIBLE_CONFIG is not set, and the current directory may be the app's."""
+    config = directory / "ansible.cfg"
+    config.write_text("# clusterkit fleet: settings come from the environment\n")
+    return config
+
+
 def controller_command() -> list[str]:
     """How a playbook runs this clusterkit on the control machine (HAProxy's runtime API)."""
     return [sys.executable, "-I", "-m", "clusterkit.cli"]
@@ -144,9 +152,7 @@ class Runner:
         if self.fleet.known_hosts is not None:
             ssh_args += f" -o UserKnownHostsFile={self.fleet.known_hosts}"
             ssh_args += " -o StrictHostKeyChecking=yes"
-        empty_config = self.workdir / "ansible.cfg"
-        empty_config.write_text("# clusterkit fleet: settings come from the environment\n")
-        env.setdefault("ANSIBLE_CONFIG", str(empty_config))
+        env.setdefault("ANSIBLE_CONFIG", str(empty_ansible_config(self.workdir)))
         env.update(
             ANSIBLE_HOME=str(self.workdir / "home"),
             ANSIBLE_LOCAL_TEMP=str(self.workdir / "tmp"),

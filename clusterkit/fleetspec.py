@@ -295,17 +295,15 @@ def _checked_hosts(pairs: list[tuple[str, str]], field: str) -> tuple[Host, ...]
 
 def hosts_from_inventory(path: Path) -> tuple[Host, ...]:
     """The hosts of group ``clusterkit`` in an Ansible inventory, parsed by Ansible itself."""
-    from clusterkit.fleet import ansible_command
+    from clusterkit.fleet import ansible_command, empty_ansible_config
 
     if not path.exists():
         raise FleetError(f"inventory: {path} does not exist")
     with tempfile.TemporaryDirectory(prefix="ckfleet-") as home:
-        # In a directory of its own, with a config of its own: Ansible reads ./ansible.cfg,
-        # and the current directory may be the app's (its plugins would run as root).
-        config = Path(home, "ansible.cfg")
-        config.write_text("# clusterkit fleet: settings come from the environment\n")
+        # In a directory of its own, with a config of its own: the current directory may
+        # be the app's, and its ansible.cfg's plugins would run as root.
         env = {
-            "ANSIBLE_CONFIG": str(config),
+            "ANSIBLE_CONFIG": str(empty_ansible_config(Path(home))),
             **os.environ,
             "ANSIBLE_HOME": home,
             "ANSIBLE_LOCAL_TEMP": f"{home}/tmp",

@@ -14,7 +14,7 @@ from pathlib import Path
 from clusterkit import manifest, names, render, shadow, trust, unitfiles
 from clusterkit.manager import Manager, ManagerError
 from clusterkit.render import GENERATOR_PREFIX, file_names
-from clusterkit.spec import Spec, SpecError
+from clusterkit.spec import UNIT_DIRECTORIES, Spec, SpecError
 
 
 class InstallError(Exception):
@@ -160,12 +160,6 @@ def _check_spec_for(spec: Spec, manager: Manager) -> None:
             )
 
 
-#: where the system manager makes each directory a spec can give the workers
-_UNIT_DIRECTORIES = (
-    ("state_directory", "/var/lib"),
-    ("cache_directory", "/var/cache"),
-    ("runtime_directory", "/run"),
-)
 _DYNAMIC_UIDS = range(61184, 65520)  # systemd's DynamicUser= uids
 
 
@@ -175,7 +169,7 @@ def _check_unit_directories(spec: Spec, manager: Manager) -> None:
     ``state-directory = "dpkg"`` would give a worker the package manager's scripts."""
     if spec.manager != "system":
         return
-    for field, top in _UNIT_DIRECTORIES:
+    for field, top in UNIT_DIRECTORIES:
         value = getattr(spec, field)
         if not value:
             continue

@@ -25,7 +25,7 @@ without scanning the run's whole log; the first such line of a run counts. A
 clean end is reported as exit 0: telling it apart from a clean signal would
 take a command after the exit (``ExecStopPost=``), and every command systemd
 starts in the sandbox costs a fresh mount namespace on the respawn path
-(:mod:`clusterkit.backoff`). A worker flooding its journal can get the pid
+(``bench/SANDBOX.md``). A worker flooding its journal can get the pid
 line dropped by journald's rate limit; PID 1's records are counted against
 ``init.scope``, not the worker, so the exit event itself survives (its pid is
 then unknown).

@@ -424,18 +424,24 @@ def load_config(path: Path) -> dict[str, Any]:
     return clusterkit_table(parse_config(read_config(path), path), path)
 
 
+#: the directories a spec can give the workers: its field, where the system manager makes it
+UNIT_DIRECTORIES = (
+    ("state_directory", "/var/lib"),
+    ("cache_directory", "/var/cache"),
+    ("runtime_directory", "/run"),
+)
+
+
 def _check_combination(spec: Spec) -> None:
-    for key, value in (
-        ("state-directory", spec.state_directory),
-        ("cache-directory", spec.cache_directory),
-        ("runtime-directory", spec.runtime_directory),
-    ):
+    for field, _top in UNIT_DIRECTORIES:
+        value = getattr(spec, field)
         # systemd hands the directory to the workers (chown, and a move into private/ with
         # DynamicUser=yes): any other name could be another program's, root's own
         if value and value != spec.name and not value.startswith(f"{spec.name}/"):
             raise SpecError(
-                f"--{key}: {value!r} is not the cluster's own: use {spec.name!r} or "
-                f"{spec.name}/SUBDIR (systemd gives the workers that directory, whoever has it)"
+                f"--{field.replace('_', '-')}: {value!r} is not the cluster's own: use "
+                f"{spec.name!r} or {spec.name}/SUBDIR (systemd gives the workers that "
+                "directory, whoever has it)"
             )
     if sum(map(len, spec.exec)) > EXEC_MAX_CHARS:
         raise SpecError(f"--exec: the command line is longer than {EXEC_MAX_CHARS} characters")
