@@ -240,7 +240,8 @@ def test_exit_events_survive_a_worker_flooding_the_journal(
     found = wait_for("both exits", lambda: (e := _exits(c)) and len(e) == 2 and e)
     assert sorted(found) == [(0, 0, None, False), (1, 0, None, True)]
     events = map(json.loads, ck(c, "events", "t", "--json").stdout.splitlines())
-    assert sorted(e["pid"] for e in events if e["event"] == "exit") == pids
+    # each worker's pid, in no order: which worker forks first is PID 1's business
+    assert sorted(e["pid"] for e in events if e["event"] == "exit") == sorted(pids)
     suppressed = c.run("journalctl", "-o", "cat", "--no-pager", "-u", "systemd-journald").stdout
     print("journald:", [line for line in suppressed.splitlines() if "Suppressed" in line])
 
