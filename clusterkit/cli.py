@@ -802,19 +802,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_untrusted_code(reason: str) -> int:
+    print(
+        f"clusterkit: not running as root from code another user can change: "
+        f"{terminal.lines(reason, '')}; install clusterkit where only root can write (a "
+        "venv of root's, such as /opt/clusterkit, as the fleet role does) and run that",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if trust.as_root() and (reason := trust.why_code_untrusted()) is not None:
-        print(
-            f"clusterkit: not running as root from code another user can change: "
-            f"{terminal.lines(reason, '')}; install clusterkit where only root can write (a "
-            "venv of root's, such as /opt/clusterkit, as the fleet role does) and run that",
-            file=sys.stderr,
-        )
-        return 2
+    if trust.as_root():
+        if (reason := trust.why_code_untrusted()) is not None:
+            return _refuse_untrusted_code(reason)
+        trust.guard_imports()
     try:
         return args.func(args)
+    except trust.UntrustedCode as e:
+        return _refuse_untrusted_code(str(e))
     except CommandError as e:
         # escaped: a message can quote a name or path anyone chose (a planted file's)
         print(f"clusterkit {args.command}: {terminal.lines(str(e), '')}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import importlib.util
 import io
 import ipaddress
 import json
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clusterkit import trust
 from clusterkit.fleetspec import COLLECTOR_GROUP, GROUP, Fleet, FleetError, Host
 
 PLAYBOOK_DIR = Path(__file__).resolve().parent / "ansible"
@@ -47,15 +49,26 @@ class FleetFailure(Exception):
 
 
 def ansible_command(tool: str) -> list[str]:
-    """``ansible-playbook`` & co. from this Python's environment (the ``fleet`` extra)."""
+    """``ansible-playbook`` & co. from this Python's environment (the ``fleet`` extra).
+
+    As root, the command and ansible-core's package must be root's alone: they run as root
+    in a process of their own, whose imports clusterkit's guard does not see."""
     here = Path(sys.executable).parent / tool
-    if here.exists():
-        return [str(here)]
-    found = shutil.which(tool)
+    found = str(here) if here.exists() else shutil.which(tool)
     if found is None:
         raise FleetFailure(
             f"{tool} not found: install the fleet extra (pip install 'clusterkit-systemd[fleet]')"
         )
+    if trust.as_root():
+        package = importlib.util.find_spec("ansible")
+        packages = package.submodule_search_locations or () if package else ()
+        places = [Path(found), *map(Path, packages)]
+        for reason in map(trust.why_tree_untrusted, places):
+            if reason is not None:
+                raise FleetFailure(
+                    f"not running {tool} as root: {reason}; install ansible-core where only "
+                    "root can write (clusterkit's own venv, its fleet extra)"
+                )
     return [found]
 
 

@@ -13,6 +13,8 @@ only hurt itself.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import os
 import pwd
 import stat
@@ -51,27 +53,22 @@ def why_untrusted(path: Path) -> str | None:
 _IMPORTABLE = frozenset({".py", ".pyc", ".pth", ".so", ".zip", ".egg"})
 
 
-def why_code_untrusted() -> str | None:
-    """Why another user could change the code that runs as clusterkit here, or None.
+class UntrustedCode(Exception):
+    """Root was about to run code another user could have changed; the message says which."""
 
-    What Python runs: the interpreter and its environment's ``pyvenv.cfg``; every
-    directory on ``sys.path`` (the current one too, under ``-m``) and what lies directly
-    in it (a ``.pth`` file runs at start-up, a module there shadows the standard
-    library's); every module imported so far; and every file of the clusterkit package
-    and its templates, which write the units. A symlink counts as its target.
 
-    Checked by root's commands before they act. Code already changed has run by then, so
-    this catches the set-up, not the attack: clusterkit installed into the app's own
-    venv, which README step 0 once suggested, lets the app's user run code as root.
-    """
-    directories: dict[Path, str | None] = {}
+class _CodeCheck:
+    """Whether another user could change a file Python runs, its directories remembered."""
 
-    def directory_reason(directory: Path) -> str | None:
-        if directory not in directories:
-            directories[directory] = why_untrusted(directory)
-        return directories[directory]
+    def __init__(self) -> None:
+        self._directories: dict[Path, str | None] = {}
 
-    def file_reason(path: Path) -> str | None:
+    def directory_reason(self, directory: Path) -> str | None:
+        if directory not in self._directories:
+            self._directories[directory] = why_untrusted(directory)
+        return self._directories[directory]
+
+    def file_reason(self, path: Path) -> str | None:
         try:
             st = os.lstat(path)
         except OSError:
@@ -81,9 +78,9 @@ def why_code_untrusted() -> str | None:
         # a sticky directory in it (/tmp in /) is as fine as above a path: only root makes
         # one there, under a name no code imports
         last = not stat.S_ISDIR(st.st_mode)
-        return directory_reason(path.parent) or _entry_reason(path, st, last=last)
+        return self.directory_reason(path.parent) or _entry_reason(path, st, last=last)
 
-    def tree_reason(top: Path) -> str | None:
+    def tree_reason(self, top: Path) -> str | None:
         seen: set[str] = set()
         for directory, subdirectories, files in os.walk(top, followlinks=True):
             real = os.path.realpath(directory)
@@ -92,25 +89,41 @@ def why_code_untrusted() -> str | None:
                 continue
             seen.add(real)
             for name in subdirectories + files:
-                reason = file_reason(Path(directory, name))
+                reason = self.file_reason(Path(directory, name))
                 if reason is not None:
                     return reason
         return None
 
+
+def why_code_untrusted() -> str | None:
+    """Why another user could change the code that runs as clusterkit here, or None.
+
+    What Python runs: the interpreter and its environment's ``pyvenv.cfg``; every
+    directory on ``sys.path`` (the current one too, under ``-m``) and what lies directly
+    in it (a ``.pth`` file runs at start-up, a module there shadows the standard
+    library's); every module imported so far; and every file of the clusterkit package
+    and its templates, which write the units. A symlink counts as its target. What is
+    imported later (jinja2, the journal's bindings) :func:`guard_imports` checks as it
+    is found.
+
+    Checked by root's commands before they act. Code already changed has run by then, so
+    this catches the set-up, not the attack: clusterkit installed into the app's own
+    venv, which README step 0 once suggested, lets the app's user run code as root.
+    """
+    check = _CodeCheck()
     package = Path(__file__).resolve().parent
-    first = [Path(sys.executable), Path(sys.prefix, "pyvenv.cfg")]
-    for path in first:
-        reason = file_reason(path)
+    for path in (Path(sys.executable), Path(sys.prefix, "pyvenv.cfg")):
+        reason = check.file_reason(path)
         if reason is not None:
             return reason
     cwd = os.getcwd()
     for entry in sys.path:
         directory = Path(entry or cwd)
-        reason = directory_reason(directory)
+        reason = check.directory_reason(directory)
         if reason is None and directory.is_dir():
             for child in sorted(directory.iterdir()):  # what an import can find there
                 if child.is_dir() or child.suffix in _IMPORTABLE:
-                    reason = file_reason(child)
+                    reason = check.file_reason(child)
                     if reason is not None:
                         break
         if reason is not None:
@@ -119,15 +132,60 @@ def why_code_untrusted() -> str | None:
             return reason
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        reason = file_reason(Path(path)) if isinstance(path, str) else None
+        reason = check.file_reason(Path(path)) if isinstance(path, str) else None
         if reason is not None:
             return reason
     # the templates: in the package (a wheel) or beside it (a checkout), as render finds them
     for top in (package, package.parent / "templates"):
-        reason = directory_reason(top) or tree_reason(top)
+        reason = check.directory_reason(top) or check.tree_reason(top)
         if reason is not None:
             return reason
     return None
+
+
+def why_tree_untrusted(top: Path) -> str | None:
+    """Why another user could change ``top`` or a file under it, or None (a program run
+    as root, such as ansible-core's, whose imports this process does not see)."""
+    check = _CodeCheck()
+    return check.directory_reason(top) or check.tree_reason(top)
+
+
+class _TrustedPathFinder(importlib.abc.MetaPathFinder):
+    """Finds modules as Python's PathFinder does, and refuses one another user could change:
+    its source, its bytecode, its extension module or a directory above them."""
+
+    def __init__(self) -> None:
+        self._check = _CodeCheck()
+
+    def find_spec(self, name: str, path=None, target=None):  # noqa: ANN001 - the protocol's
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None:
+            return None
+        files = [Path(f) for f in (spec.origin, spec.cached) if f and os.path.isabs(f)]
+        # __pycache__ may not hold the bytecode yet: Python reads what appears there later
+        directories = [f.parent for f in files] + [
+            Path(d) for d in spec.submodule_search_locations or ()
+        ]
+        for reason in (
+            *(self._check.directory_reason(d) for d in directories),
+            *(self._check.file_reason(f) for f in files),
+        ):
+            if reason is not None:
+                raise UntrustedCode(f"{reason} (imported as {name})")
+        return spec
+
+
+def guard_imports() -> None:
+    """From now on, importing a module another user could change raises :class:`UntrustedCode`
+    before any of it runs. Root's commands call this once their start-up check passed: a
+    command imports most of what it uses (jinja2, systemd's journal bindings) only then."""
+    if any(isinstance(f, _TrustedPathFinder) for f in sys.meta_path):
+        return
+    at = next(
+        (i for i, f in enumerate(sys.meta_path) if f is importlib.machinery.PathFinder),
+        len(sys.meta_path),
+    )
+    sys.meta_path.insert(at, _TrustedPathFinder())
 
 
 def why_symlink_unsafe(directory: Path) -> str | None:

@@ -318,15 +318,31 @@ def test_names_of_existing_system_units_are_refused(tmp_path: Path, name: str) -
 
 
 @pytest.mark.parametrize(
-    "planted", ["package", "file", "templates", "linked-template", "beside", "pth", "cwd"]
+    "planted",
+    [
+        "package",
+        "file",
+        "templates",
+        "linked-template",
+        "beside",
+        "pth",
+        "cwd",
+        "dependency",
+        "dependency-bytecode",
+    ],
 )
 def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted: str) -> None:
     """clusterkit installed where the app's user can write (its own venv, as README step
     0 said): root's commands would run code that user can change. Root refuses to run
     from such a place, naming it; the same copy, root's alone, runs. Beside the package:
     a module on sys.path (one named as the standard library's is imported first), and the
-    current directory, which `python -m` puts first on sys.path."""
+    current directory, which `python -m` puts first on sys.path. In a dependency imported
+    only once the command runs (systemd's journal bindings, for status): a module, and its
+    bytecode, which Python runs in place of the source."""
+    import py_compile
     import shutil
+
+    import systemd
 
     repo = Path(__file__).resolve().parent.parent
     tmp_path.chmod(0o755)
@@ -334,6 +350,8 @@ def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(repo / "clusterkit", site / "clusterkit", ignore=ignore)
     shutil.copytree(repo / "templates", site / "templates", ignore=ignore)
+    shutil.copytree(Path(systemd.__file__).parent, site / "systemd", ignore=ignore)
+    bytecode = Path(py_compile.compile(str(site / "systemd" / "journal.py")))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = dict(os.environ, PYTHONPATH=str(site))
@@ -352,6 +370,8 @@ def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted
         "beside": site / "textwrap.py",
         "pth": site / "zz_app.pth",  # run at start-up from a site directory
         "cwd": cwd,
+        "dependency": site / "systemd" / "journal.py",
+        "dependency-bytecode": bytecode,
     }[planted]
     if planted == "linked-template":
         owned.write_text((site / "templates" / "service.j2").read_text())
@@ -367,6 +387,32 @@ def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted
     assert len(r.stderr.strip().splitlines()) == 1
     if planted == "cwd":
         assert "(in the current directory, where `python -m` imports from)" in r.stderr
+
+
+def test_root_runs_no_ansible_another_user_can_change(tmp_path: Path) -> None:
+    """ansible-playbook runs as root in a process of its own, out of clusterkit's import
+    guard: a fleet command refuses to start it while a module of ansible-core's that it
+    would import is another user's (here a copy of the package, first on the path)."""
+    import shutil
+
+    import ansible
+
+    tmp_path.chmod(0o755)
+    site = tmp_path / "site"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(Path(ansible.__file__).parent, site / "ansible", ignore=ignore)
+    planted = site / "ansible" / "executor" / "playbook_executor.py"
+    code = "from clusterkit import fleet; print(fleet.ansible_command('ansible-playbook'))"
+
+    def command() -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, PYTHONPATH=str(site))
+        return subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env)
+
+    assert command().returncode == 0
+    os.chown(planted, NOBODY, NOBODY)
+    r = command()
+    assert r.returncode != 0
+    assert f"not running ansible-playbook as root: {planted} is owned by nobody" in r.stderr
 
 
 def test_a_manifest_copied_under_another_name_is_refused(tmp_path: Path) -> None:
