@@ -94,6 +94,54 @@ async def _watchdog_pinger(wd: Watchdog) -> None:
         await asyncio.sleep(wd.interval)
 
 
+class _ListenerWatch:
+    """Whether the worker's listening socket still listens: any worker of a shared socket
+    can shut it down for all. At start, a socket found shut down is made to listen again,
+    clean (worker.listen_again). While serving, it looks every LISTEN_CHECK_EVERY seconds;
+    a socket that stopped: a log line, *stop* (the server drains what it has), and
+    :meth:`raise_if_gone` ends the worker (75), so that systemd starts it again.
+
+    Why not listen again in place: if the socket's own service (worker 0) exits, PID 1
+    finds the socket shut down, fails it and makes a new one on the port as worker 0
+    starts again; an old one listening again would take the port from it (EADDRINUSE),
+    leaving worker 0 without a socket for as long as the others run. Ended, the others
+    drop the old one, and start with what PID 1 holds: the new socket, or the old one (if
+    PID 1 never looked), which a starting worker makes listen again."""
+
+    def __init__(self, sock: socket.socket, log: Any, stop: Callable[[], None]) -> None:
+        self.sock, self.log, self.stop = sock, log, stop
+        self.where = _describe(sock)  # the server closes sock when it stops
+        self.gone = False
+        self.looked_at = 0.0
+        if worker_mod.listen_again(sock):
+            log.warning(
+                "the listening socket %s had been shut down by a process that holds it "
+                "(a worker of this cluster?): listening again",
+                self.where,
+            )
+
+    def check(self) -> bool:
+        """Look (at most every LISTEN_CHECK_EVERY seconds); True once it is gone."""
+        now = time.monotonic()
+        if self.gone or now < self.looked_at + worker_mod.LISTEN_CHECK_EVERY:
+            return self.gone
+        self.looked_at = now
+        if not worker_mod.listening(self.sock):
+            self.gone = True
+            self.log.error("%s", worker_mod.ListenerGone(self.where))
+            self.stop()
+        return self.gone
+
+    async def run(self) -> None:
+        """A task in the serving loop."""
+        while not self.check():
+            await asyncio.sleep(worker_mod.LISTEN_CHECK_EVERY)
+
+    def raise_if_gone(self) -> None:
+        if self.gone:
+            raise worker_mod.ListenerGone(self.where)
+
+
 # -- asyncio ------------------------------------------------------------------
 
 
@@ -163,15 +211,18 @@ async def _serve_asyncio(
         factory = state.protocol
         state.start_ticking(loop)
 
+    listener = _ListenerWatch(sock, log, stop.set)  # before the server's own listen()
     # backlog: asyncio calls listen() again on the (shared) socket; keep systemd's.
     server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
     wd = Watchdog()
     pinger = loop.create_task(_watchdog_pinger(wd)) if wd.enabled else None
+    watch = loop.create_task(listener.run())
     where = _describe(sock)
     w.ready(f"serving on {where}")
     log.info("worker %d (pid %d) serving on %s", w.id, w.pid, where)
 
     await stop.wait()
+    watch.cancel()  # closing the server closes its socket object: no more looks
     server.close()  # stop accepting; the socket stays open in systemd and other workers
     w.stopping(f"draining {len(conns)} connection(s)")
     log.info("worker %d draining %d connection(s)", w.id, len(conns))
@@ -186,6 +237,7 @@ async def _serve_asyncio(
     if pinger:
         pinger.cancel()
     log.info("worker %d stopped (%d connection(s) cut)", w.id, len(conns))
+    listener.raise_if_gone()
 
 
 # -- ASGI (uvicorn) -------------------------------------------------------------
@@ -282,13 +334,18 @@ def serve_asgi(
             self.config.loaded_app = self._ck_closing
             await super().startup(sockets=sockets)
             if self.started:
+                loop = asyncio.get_running_loop()
                 wd = Watchdog()
                 if wd.enabled:
-                    self._ck_pinger = asyncio.get_running_loop().create_task(_watchdog_pinger(wd))
+                    self._ck_pinger = loop.create_task(_watchdog_pinger(wd))
+                self._ck_watch = loop.create_task(listener.run())
                 w.ready(f"serving on {_describe(sock)}")
                 log.info("worker %d (pid %d) serving on %s", w.id, w.pid, _describe(sock))
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            watch = getattr(self, "_ck_watch", None)
+            if watch:  # closing the servers closes their socket objects: no more looks
+                watch.cancel()
             w.stopping("draining")
             # uvicorn closes a connection with no request in progress at once, which
             # resets a keep-alive client whose next request is on its way (and one
@@ -309,8 +366,11 @@ def serve_asgi(
 
     for sig in STOP_SIGNALS:  # what uvicorn restores and re-raises into
         signal.signal(sig, lambda signum, frame: None)
-    Server(config).run(sockets=[sock])
+    server = Server(config)
+    listener = _ListenerWatch(sock, log, lambda: setattr(server, "should_exit", True))
+    server.run(sockets=[sock])
     log.info("worker %d stopped", w.id)
+    listener.raise_if_gone()
 
 
 class _CloseWhenDraining:
@@ -496,6 +556,8 @@ def serve_wsgi(
         **WSGI_LIMITS,
     }
     options.update(waitress_options)
+    stop = threading.Event()
+    listener = _ListenerWatch(sock, log, stop.set)  # before waitress's own listen()
     server = create_server(app, sockets=[sock], **options)
     server.channel_class = Channel
     dispatcher = server.task_dispatcher
@@ -506,7 +568,6 @@ def serve_wsgi(
         "raise it (serve_wsgi(..., connection_limit=N))",
     )
 
-    stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda s, f: stop.set()) for sig in STOP_SIGNALS}
     wd = Watchdog()
     tick = min(0.25, wd.interval or 0.25)
@@ -544,6 +605,8 @@ def serve_wsgi(
                 drop_stalled_senders(server.active_channels.values(), send_timeout)
             if wd.due() and healthy():
                 wd.ping()
+            if not draining.is_set():
+                listener.check()
             if (
                 not draining.is_set()
                 and len(server._map) >= connection_limit  # waitress's own test to accept
@@ -578,3 +641,4 @@ def serve_wsgi(
         for sig, h in previous.items():
             signal.signal(sig, h)
     log.info("worker %d stopped", w.id)
+    listener.raise_if_gone()

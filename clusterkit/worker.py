@@ -83,6 +83,56 @@ def _parse(address: Address) -> tuple[str, object]:
     raise ValueError(f"not a port, host:port or socket path: {address!r}")
 
 
+#: a worker's exit status when its listening socket stopped listening (EX_TEMPFAIL)
+LISTENER_GONE = 75
+#: how often the servers look whether their listening socket still listens (seconds)
+LISTEN_CHECK_EVERY = 0.25
+
+
+class ListenerGone(SystemExit):
+    """The listening socket stopped listening (any process that holds it can shut it down):
+    the worker ends with :data:`LISTENER_GONE`, and systemd starts it again with the socket
+    it holds then, which the new worker makes listen again if need be (listen_again)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(LISTENER_GONE)
+        self.where = where
+
+    def __str__(self) -> str:
+        return (
+            f"the listening socket {self.where} stopped listening (shut down by a process "
+            f"that holds it?): exiting with status {LISTENER_GONE} to be started again"
+        )
+
+
+def listening(sock: socket.socket) -> bool:
+    """Whether *sock* is open and listens."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    except OSError:
+        return False
+
+
+def listen_again(sock: socket.socket) -> bool:
+    """Make *sock* listen again if it was shut down; True if it was, and listens now.
+
+    shutdown() on a listening socket, from any process that holds it, stops it for every
+    holder: for a shared socket, every worker and PID 1 (which fails the socket unit if it
+    looks while worker 0 is down). listen() alone is not enough: a second shutdown() (of a
+    socket already closed) leaves its shutdown flags set, listen() keeps them, and every
+    connection accepted from then on inherits them (reset at once). shutdown(SHUT_RD) of a
+    listening socket closes it and clears them; then it listens clean."""
+    if listening(sock):
+        return False
+    try:
+        sock.listen(BACKLOG)
+        sock.shutdown(socket.SHUT_RD)
+        sock.listen(BACKLOG)
+    except OSError:  # closed, or the port is another socket's now
+        return False
+    return listening(sock)
+
+
 def bound_to(sock: socket.socket) -> str:
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:

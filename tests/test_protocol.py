@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 from apps.protocol_app import BAD_HEADERS, BIG_SIZE
+from localworker import free_port
+from scenario import wait_for
 
 from clusterkit.limits import Limits
 
@@ -46,6 +48,13 @@ _EXEC_WITH_FD3 = (
 )
 
 
+def _refused_is_none(f, *args):  # noqa: ANN001, ANN202 - a test helper
+    try:
+        return f(*args)
+    except ConnectionRefusedError:
+        return None
+
+
 class Server:
     def __init__(
         self,
@@ -56,9 +65,10 @@ class Server:
         concurrency: int | None = None,
         keep_alive: float | None = None,
         sndbuf: int | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         self.kind = kind
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.listener = listener or socket.create_server(("127.0.0.1", 0), backlog=1024)
         if sndbuf is not None:  # inherited by each accepted socket, fixed (no autotuning)
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.port = self.listener.getsockname()[1]
@@ -93,7 +103,14 @@ class Server:
             stderr=subprocess.STDOUT,
             preexec_fn=limit_files,
         )
-        status, _, _ = exchange(self, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # refused only while a socket found shut down is not listening yet (listener=)
+        status, _, _ = wait_for(
+            "the server to answer",
+            lambda: _refused_is_none(
+                exchange, self, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            ),
+            timeout=10,
+        )
         assert status == [200], self.logs()
 
     @property
@@ -1669,3 +1686,33 @@ def test_serve_asyncio_requires_httptools():
     code = "import sys; sys.modules['httptools'] = None; import clusterkit.httpserver"
     p = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=30)
     assert p.returncode != 0 and "clusterkit-systemd[fast]" in p.stderr
+
+
+@pytest.mark.parametrize("kind", [*SERVERS, "wsgi"])
+def test_a_listening_socket_shut_down_ends_the_worker_and_the_next_listens_again(
+    kind: str, tmp_path: Path
+) -> None:
+    """Every holder of a shared listening socket can shut it down for all (twice: the flags
+    a second shutdown() leaves would reset every connection a plain listen() accepts after).
+    A worker whose socket stopped listening says so and exits 75, to be started again
+    (tests/test_respawn.py: on systemd); the one started with the same socket makes it
+    listen again, clean, and serves."""
+    # a port of its own, as systemd binds: one the kernel picked is let go by the shutdown
+    listener = socket.create_server(("127.0.0.1", free_port()), backlog=1024)
+    first = Server(kind, tmp_path, listener=listener)
+    try:
+        first.listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            first.listener.shutdown(socket.SHUT_RDWR)
+        assert first.popen.wait(10) == 75, first.logs()
+        assert "stopped listening (shut down by a process that holds it?)" in first.logs()
+        second = Server(kind, tmp_path, listener=first.listener)  # asserts a 200 itself
+        try:
+            assert "had been shut down by a process that holds it" in second.logs()
+            for _ in range(5):
+                status, _, _ = exchange(second, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert status == [200], second.logs()
+        finally:
+            second.stop()
+    finally:
+        first.stop()

@@ -7,13 +7,18 @@ Built on :func:`clusterkit.serve.serve_asyncio` (listens on ``CK_PORT``, default
 - ``GET /exit/N``: answer, then end the process with status N (``os._exit``);
 - ``GET /hang``: block the event loop for good (``time.sleep`` in the handler),
   so the watchdog pings stop;
+- ``GET /shutdown-listener/ID``: if this is worker ID, answer, then ``shutdown(SHUT_RDWR)``
+  the listening socket systemd passed (fd 3), which every worker of a shared socket
+  shares, twice: an attack; ``/shutdown-listener-exit/ID``: the same, then exit 1 at once;
 - at start, if ``/run/ck-crash/ID`` exists, exit 1 before serving (a crash loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import sys
 import time
 
@@ -34,7 +39,18 @@ def handle(request: Request) -> Response:
         asyncio.get_running_loop().call_later(0.1, os._exit, status)
     elif path == "/hang":
         time.sleep(1000)
+    elif path.startswith("/shutdown-listener") and path.endswith(f"/{WORKER_ID}"):
+        asyncio.get_running_loop().call_later(0.1, shut_down_listener, "-exit/" in path)
     return Response(f"{WORKER_ID} {os.getpid()}\n", headers=headers)
+
+
+def shut_down_listener(then_exit: bool) -> None:
+    listener = socket.socket(fileno=os.dup(3))
+    listener.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):  # a second time sets its flags for good (ENOTCONN)
+        listener.shutdown(socket.SHUT_RDWR)
+    if then_exit:
+        os._exit(1)
 
 
 def main() -> None:
