@@ -29,8 +29,9 @@ by tests/test_server_adapters.py: ``serve_asgi`` extends ``uvicorn.Server``'s
 ``startup``/``shutdown`` (READY=1 and STOPPING=1 at the right moments) and
 imports uvicorn without its command line (:mod:`clusterkit.uvicornimport`);
 ``serve_wsgi`` drives waitress's loop itself (``server._map``) and reads each
-channel's ``requests``, ``request`` and ``total_outbufs_len`` to drain, and to make
-room at ``connection_limit`` (setting ``will_close``, as waitress's own timeout does).
+channel's ``requests``, ``request``, ``total_outbufs_len`` and ``last_activity`` to
+drain, to make room at ``connection_limit`` (setting ``will_close``, as waitress's own
+timeout does, or ``handle_close``).
 
 Running the stock servers unmodified under a clusterkit unit instead:
 
@@ -447,13 +448,24 @@ def drop_stalled_senders(channels: Iterable[Any], send_timeout: float) -> None:
     doing: waitress sends it once ``send_bytes`` (18000) have gathered or the app ends."""
     now = time.time()  # waitress's clock for last_activity (a byte sent or received)
     for ch in list(channels):
-        unsent = ch.total_outbufs_len
-        if (
-            unsent
-            and (not ch.requests or unsent >= ch.adj.send_bytes)
-            and now - ch.last_activity >= send_timeout
-        ):
+        if _holds_unsent(ch) and now - ch.last_activity >= send_timeout:
             ch.handle_close()
+
+
+def _holds_unsent(ch: Any) -> bool:
+    """The waitress channel *ch* holds output its client has not taken (see
+    drop_stalled_senders for what small unsent output does not count)."""
+    unsent = ch.total_outbufs_len
+    return bool(unsent) and (not ch.requests or unsent >= ch.adj.send_bytes)
+
+
+def furthest_behind(channels: Iterable[Any], idle_for: float = 0.0) -> Any | None:
+    """The waitress channel among *channels* holding output its client has taken nothing
+    of for longest (at least *idle_for* seconds), or None: the one to drop when a slow
+    reader must make way. Closing it (``handle_close``) wakes a thread waiting for it."""
+    now = time.time()
+    behind = [ch for ch in channels if _holds_unsent(ch) and now - ch.last_activity >= idle_for]
+    return min(behind, key=lambda ch: ch.last_activity, default=None)
 
 
 #: waitress settings for the baseline; any can be overridden by passing it to serve_wsgi.
@@ -586,12 +598,19 @@ def serve_wsgi(
         """At connection_limit, waitress stops accepting: a client holding that many
         connections would lock every other client out. While one waits to be accepted,
         the oldest connection with no response in progress is closed, as serve_asyncio
-        does (its request, if it had begun one, is dropped)."""
+        does (its request, if it had begun one, is dropped); failing that, the one whose
+        client has taken nothing of its output for longest: slow readers holding every
+        connection would lock others out until send_timeout."""
         for ch in server.active_channels.values():
             if not ch.requests and not ch.total_outbufs_len and not ch.will_close:
                 ch.will_close = True  # waitress closes it in the loop's next turn
                 shed.count()
                 return
+        behind = furthest_behind(server.active_channels.values())
+        if behind is not None:
+            # at once: will_close waits for the socket to take data, which it does not
+            behind.handle_close()
+            shed.count()
 
     deadline = None
     look_every = min(1.0, send_timeout / 4)  # not at every request: a few times a timeout

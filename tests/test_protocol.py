@@ -1135,12 +1135,14 @@ def test_connections_held_open_do_not_lock_others_out(tmp_path, kind, limit):
         s.stop()
 
 
-def _stalled_download(server: Server, path: str = "/big", close: bool = True) -> socket.socket:
+def _stalled_download(
+    server: Server, path: str = "/big", close: bool = True, within: float = 10
+) -> socket.socket:
     """A client that asks for *path* and reads nothing; returns once the response has begun
-    to arrive (the server holds the rest)."""
+    to arrive (the server holds the rest), which must be *within* seconds."""
     sock = _small_window(server)
     sock.sendall(get(path, "Connection: close\r\n" if close else ""))
-    assert select.select([sock], [], [], 10)[0], "no response began"
+    assert select.select([sock], [], [], within)[0], "no response began"
     return sock
 
 
@@ -1268,6 +1270,43 @@ def test_a_download_in_progress_does_not_stop_making_room(tmp_path, kind):
         for sock in [stalled, *silent]:
             sock.close()
     finally:
+        s.stop()
+
+
+SLOW = 20.0  # the timeouts of the wsgi slow-reader cases: send_timeout is far off
+
+
+def _answered_in(server: Server) -> float:
+    """Seconds a new client waits for GET / to be answered."""
+    began = time.monotonic()
+    with server.connect(timeout=2 * SLOW) as sock:
+        sock.sendall(get("/"))
+        resp = Reader(sock).response()
+    assert resp is not None and resp[0] == 200
+    return time.monotonic() - began
+
+
+def test_wsgi_slow_readers_at_connection_limit_make_room(tmp_path):
+    """100 clients each ask for 4 MiB and read nothing. At waitress's connection_limit
+    (100) make_room closed only connections with no output unsent, so it closed none: a
+    new client waited for send_timeout (20 s here). Now the one whose client has taken
+    nothing for longest goes, as in serve_asyncio, and the log counts it."""
+    s = Server("wsgi", tmp_path, timeout=SLOW)
+    socks: list[socket.socket] = []
+    try:
+        waited = 0.0
+        # from the 99th on each needs room: waitress counts its listener and trigger too
+        for _ in range(100):
+            began = time.monotonic()
+            socks.append(_stalled_download(s, "/sized/4194304", within=2 * SLOW))
+            waited = max(waited, time.monotonic() - began)
+        assert waited < 5
+        assert _answered_in(s) < 5
+        assert _taken_until_closed(socks[0]) < 4194304  # the oldest went first
+        s.wait_log("to make room", "connection_limit (100)")
+    finally:
+        for sock in socks:
+            sock.close()
         s.stop()
 
 

@@ -15,6 +15,7 @@ Routes, the same in each:
 - ``/big``: ``BIG_SIZE`` bytes, more than the kernel's socket buffers hold;
 - ``asyncio`` only: ``/sync/N`` and ``/sized/N``, N bytes from a handler that answers at
   once and from a coroutine; ``/surrogate``: a str with a lone surrogate (no UTF-8);
+- ``wsgi`` only: ``/sized/N``, N bytes;
   ``/sync-close``: ``/close`` from a handler that answers at once;
 - a websocket (the ``-ws`` kinds): each text message echoed.
 """
@@ -179,6 +180,8 @@ def run_wsgi() -> None:
         path = environ["PATH_INFO"]
         mark(path)
         out = body if path == "/echo" else big() if path == "/big" else b"hello"
+        if path.startswith("/sized/"):
+            out = b"x" * min(int(path.rpartition("/")[2]), BIG_SIZE)
         headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))]
         if path.startswith("/bad-header/"):
             name, value, _ = BAD_HEADERS[int(path.rpartition("/")[2])]
