@@ -31,7 +31,7 @@ imports uvicorn without its command line (:mod:`clusterkit.uvicornimport`);
 ``serve_wsgi`` drives waitress's loop itself (``server._map``) and reads each
 channel's ``requests``, ``request``, ``total_outbufs_len`` and ``last_activity`` to
 drain, to make room at ``connection_limit`` (setting ``will_close``, as waitress's own
-timeout does, or ``handle_close``).
+timeout does, or ``handle_close``) and to free threads waiting on clients.
 
 Running the stock servers unmodified under a clusterkit unit instead:
 
@@ -64,7 +64,7 @@ from typing import Any
 
 from clusterkit import responsefields
 from clusterkit import worker as worker_mod
-from clusterkit.limits import Limits, check_seconds, connections_shed
+from clusterkit.limits import CountedWarning, Limits, check_seconds, connections_shed
 from clusterkit.watchdog import Watchdog
 from clusterkit.worker import BACKLOG, Address, ThisWorker
 
@@ -468,6 +468,14 @@ def furthest_behind(channels: Iterable[Any], idle_for: float = 0.0) -> Any | Non
     return min(behind, key=lambda ch: ch.last_activity, default=None)
 
 
+def waiting_on_clients(channels: Iterable[Any]) -> list[Any]:
+    """The waitress channels whose task thread waits for its client to take output: an
+    app's write blocks while more than ``outbuf_high_watermark`` (16 MiB) is unsent."""
+    return [
+        ch for ch in channels if ch.requests and ch.total_outbufs_len > ch.adj.outbuf_high_watermark
+    ]
+
+
 #: waitress settings for the baseline; any can be overridden by passing it to serve_wsgi.
 #: waitress answers 431 for a large head and 413 for a large body; channel_timeout
 #: closes a connection inactive that long (idle keep-alive, or a stalled request).
@@ -504,7 +512,8 @@ def serve_wsgi(
     loop and lets us drain (stop accepting, ``Connection: close`` on every later
     response, close connections left idle for ``fresh_grace``, wait for busy
     ones). The watchdog also stops pinging when requests wait in the queue while no request finished
-    during a whole ping interval: a pool of hung app threads cannot hide
+    during a whole ping interval, unless every thread waits for a client to take a
+    response (the loop frees those): a pool of hung app threads cannot hide
     behind a healthy loop. waitress gets :data:`WSGI_LIMITS` unless
     *waitress_options* say otherwise. *send_timeout*: see :func:`drop_stalled_senders`.
     """
@@ -584,11 +593,18 @@ def serve_wsgi(
     wd = Watchdog()
     tick = min(0.25, wd.interval or 0.25)
     seen = [-1]
+    look_every = min(1.0, send_timeout / 4)  # not at every request: a few times a timeout
+
+    def all_waiting_on_clients() -> list[Any]:
+        """The channels every thread waits on for a client to take output, or []."""
+        waiting = waiting_on_clients(server.active_channels.values())
+        return waiting if len(waiting) >= threads else []
 
     def healthy() -> bool:
         progressed = finished[0] != seen[0]
         seen[0] = finished[0]
-        return progressed or not dispatcher.queue
+        # threads waiting on clients are not hung: the loop frees them (free_a_thread)
+        return progressed or not dispatcher.queue or bool(all_waiting_on_clients())
 
     where = _describe(sock)
     w.ready(f"serving on {where}")
@@ -612,8 +628,24 @@ def serve_wsgi(
             behind.handle_close()
             shed.count()
 
+    freed = CountedWarning(
+        log,
+        "closed %d connection(s) whose client took nothing while every thread waited on "
+        "such clients and requests queued; raise threads if that is legitimate load",
+    )
+
+    def free_a_thread() -> None:
+        """When requests queue and every thread waits for a client to take a response,
+        close the connection whose client has taken nothing for longest (since the last
+        look at least): else a few clients that never read hold every thread, and
+        everyone else waits, until send_timeout."""
+        if dispatcher.queue:
+            stalled = furthest_behind(all_waiting_on_clients(), idle_for=look_every)
+            if stalled is not None:
+                stalled.handle_close()  # wakes its thread: the app's next write raises
+                freed.count()
+
     deadline = None
-    look_every = min(1.0, send_timeout / 4)  # not at every request: a few times a timeout
     senders_looked_at = 0.0
     try:
         while True:
@@ -622,6 +654,7 @@ def serve_wsgi(
             if now >= senders_looked_at + look_every:
                 senders_looked_at = now
                 drop_stalled_senders(server.active_channels.values(), send_timeout)
+                free_a_thread()
             if wd.due() and healthy():
                 wd.ping()
             if not draining.is_set():
@@ -632,8 +665,9 @@ def serve_wsgi(
                 and select.select([sock], [], [], 0)[0]  # a connection waits to be accepted
             ):
                 make_room()
-            if time.monotonic() >= shed.logged_at + 1.0:
-                shed.flush()  # what count() left: at most a line a second
+            for warning in (shed, freed):
+                if time.monotonic() >= warning.logged_at + 1.0:
+                    warning.flush()  # what count() left: at most a line a second
             if stop.is_set() and not draining.is_set():
                 draining.set()
                 wasyncore.dispatcher.close(server)  # stop accepting; keep the trigger

@@ -66,6 +66,7 @@ class Server:
         keep_alive: float | None = None,
         sndbuf: int | None = None,
         listener: socket.socket | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.kind = kind
         self.listener = listener or socket.create_server(("127.0.0.1", 0), backlog=1024)
@@ -88,6 +89,7 @@ class Server:
             env["CK_KEEP_ALIVE"] = str(keep_alive)
         for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "INVOCATION_ID", "JOURNAL_STREAM"):
             env.pop(k, None)
+        env.update(extra_env or {})
         fd = self.listener.fileno()
         argv = [PYTHON, "-c", _EXEC_WITH_FD3, str(fd), PYTHON, str(APP), kind]
 
@@ -1308,6 +1310,72 @@ def test_wsgi_slow_readers_at_connection_limit_make_room(tmp_path):
         for sock in socks:
             sock.close()
         s.stop()
+
+
+WATCHDOG_SEC = 2.0  # the wsgi thread cases' WatchdogSec=: pings every second
+
+
+def _longest_without_ping(notify, began: float) -> float:
+    """The longest the worker went without a WATCHDOG=1 from *began* until now."""
+    now = time.monotonic()
+    times = [began, *(t for t in notify.times("WATCHDOG=1") if t > began), now]
+    return max(b - a for a, b in zip(times, times[1:], strict=False))
+
+
+@contextlib.contextmanager
+def _streams_to_8_clients(tmp_path, notify) -> Iterator[tuple[Server, list[socket.socket]]]:
+    """serve_wsgi with 8 threads, each streaming 40 MiB (a MiB at a time) to a client with
+    a tiny receive window that has read nothing yet: past outbuf_high_watermark (16 MiB),
+    each thread waits for its client. Small socket buffers on the server's side too, so
+    that what a client takes reaches waitress at once (a large one takes it for seconds)."""
+    env = {
+        "CK_THREADS": "8",
+        "NOTIFY_SOCKET": notify.path,
+        "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1e6)),
+    }
+    s = Server("wsgi", tmp_path, timeout=SLOW, sndbuf=8192, extra_env=env)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            sock = _small_window(s, rcvbuf=4096)
+            sock.sendall(get("/stream/40"))
+            assert select.select([sock], [], [], 10)[0], "no response began"
+            socks.append(sock)
+        yield s, socks
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()
+
+
+def test_wsgi_clients_that_never_read_a_stream_do_not_hold_every_thread(tmp_path, notify_socket):
+    """8 clients (one per thread) ask for a 40 MiB stream and read nothing: each thread
+    waited in waitress for its client until send_timeout (20 s here), and so did a ninth
+    client. Now, as requests queue, the worker closes the connection whose client has
+    taken nothing for longest, and says so."""
+    with _streams_to_8_clients(tmp_path, notify_socket) as (s, _):
+        began = time.monotonic()
+        assert _answered_in(s) < 5
+        s.wait_log("took nothing while every thread waited")
+        assert _longest_without_ping(notify_socket, began) < WATCHDOG_SEC
+
+
+def test_wsgi_threads_waiting_on_slow_readers_keep_the_watchdog_pinging(tmp_path, notify_socket):
+    """8 clients (one per thread) take a 40 MiB stream a little at a time, and a ninth
+    request waits for a thread: requests queued and none finished, so the watchdog's
+    pings stopped and systemd would have killed a worker that was serving. A thread
+    waiting on a client is no hung thread: the pings go on."""
+    with _streams_to_8_clients(tmp_path, notify_socket) as (s, socks):
+        ninth = s.connect(timeout=2 * SLOW)
+        ninth.sendall(get("/"))
+        began = time.monotonic()
+        for sock in socks:
+            sock.settimeout(0.001)
+        while time.monotonic() < began + 2 * WATCHDOG_SEC:
+            _trickle(socks)
+            time.sleep(0.1)
+        assert _longest_without_ping(notify_socket, began) < WATCHDOG_SEC
+        ninth.close()
 
 
 @pytest.mark.parametrize("route", ["/sync/4194304", "/sized/4194304"])

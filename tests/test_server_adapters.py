@@ -35,6 +35,7 @@ def test_waitress_has_the_loop_map_and_channel_state_serve_wsgi_reads() -> None:
             assert isinstance(server._map, dict) and server._map
             assert hasattr(server, "channel_class") and hasattr(server, "task_dispatcher")
             assert isinstance(server.adj.connection_limit, int)  # where it stops accepting
+            assert isinstance(server.adj.outbuf_high_watermark, int)  # where app writes wait
         finally:
             server.close()
     for attribute in ("requests", "request", "total_outbufs_len", "will_close", "last_activity"):

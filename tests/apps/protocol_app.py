@@ -15,7 +15,8 @@ Routes, the same in each:
 - ``/big``: ``BIG_SIZE`` bytes, more than the kernel's socket buffers hold;
 - ``asyncio`` only: ``/sync/N`` and ``/sized/N``, N bytes from a handler that answers at
   once and from a coroutine; ``/surrogate``: a str with a lone surrogate (no UTF-8);
-- ``wsgi`` only: ``/sized/N``, N bytes;
+- ``wsgi`` only: ``/sized/N``, N bytes; ``/stream/N``, N MiB from a generator, a MiB at
+  a time (``CK_THREADS``: waitress's threads, 2 unless set);
   ``/sync-close``: ``/close`` from a handler that answers at once;
 - a websocket (the ``-ws`` kinds): each text message echoed.
 """
@@ -39,6 +40,7 @@ LIMITS = Limits(
     send_timeout=TIMEOUT,
 )
 BIG_SIZE = 64 << 20
+MiB = 1 << 20
 
 
 def mark(path: str) -> bool:
@@ -179,6 +181,9 @@ def run_wsgi() -> None:
         body = environ["wsgi.input"].read()
         path = environ["PATH_INFO"]
         mark(path)
+        if path.startswith("/stream/"):  # N MiB from a generator, as a streaming app writes
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return (b"x" * MiB for _ in range(int(path.rpartition("/")[2])))
         out = body if path == "/echo" else big() if path == "/big" else b"hello"
         if path.startswith("/sized/"):
             out = b"x" * min(int(path.rpartition("/")[2]), BIG_SIZE)
@@ -193,7 +198,7 @@ def run_wsgi() -> None:
         app,
         None,
         drain_timeout=1,
-        threads=2,
+        threads=int(os.environ.get("CK_THREADS", "2")),
         channel_timeout=max(1, int(KEEP_ALIVE)),
         send_timeout=TIMEOUT,
     )
