@@ -13,9 +13,12 @@ import os
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from clusterkit import __version__, terminal, trust
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 USAGE_ERROR = 2
 FAILURE = 1
@@ -423,6 +426,17 @@ def _since(args: argparse.Namespace):
         raise CommandError(f"--since: {e}", USAGE_ERROR) from None
 
 
+def _warn_dropped(count: int, when: datetime) -> None:
+    """journald dropped records of the service manager: say so among the events."""
+    print(
+        f"warning: journald dropped {count} of the service manager's records (its rate"
+        f" limit) before {when.astimezone():%Y-%m-%d %H:%M:%S}: exits before then may"
+        " show as lost (how they ended is unknown)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     import json
 
@@ -442,6 +456,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         cursor=args.after_cursor,
         at_end=args.follow and since is None and not args.after_cursor,
         directory=args.directory,
+        dropped=_warn_dropped,
     )
     stream = reader.follow() if args.follow else iter(reader)
     try:

@@ -10,7 +10,11 @@ process can have it):
 - ``disconnect``: "Stopping NAME@K.service" (``de5b426a…``): a requested stop
   began (Node also emits it on a crash; clusterkit does not);
 - ``exit``: the end of the run, "Deactivated successfully" or "Failed with
-  result 'X'" (:mod:`clusterkit.report` says which records complete it).
+  result 'X'" (:mod:`clusterkit.report` says which records complete it); or, when
+  journald dropped that record (its rate limit for PID 1, see :mod:`clusterkit.journals`),
+  a *lost* exit: ``lost`` true, ``code``, ``signal`` and ``service_result`` None, read
+  at the first record of the worker's next run (the previous record of that unit a
+  reader knows of is of another run, and not its end).
 
 Under a user's manager the same records come from the user's systemd
 (``_SYSTEMD_USER_UNIT=init.scope``), with ``USER_UNIT=``/``USER_INVOCATION_ID=``.
@@ -52,6 +56,7 @@ class Event:
     signal: str | None = None  # exit only: "SIGKILL", when a signal killed it
     exited_after_disconnect: bool | None = None  # exit only: the stop was requested
     service_result: str | None = None  # exit only: systemd's $SERVICE_RESULT
+    lost: bool | None = None  # exit only: PID 1's record of the end is missing (how: unknown)
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict (``time`` in ISO 8601)."""
@@ -64,6 +69,8 @@ class Event:
         who = f"worker {self.worker}" + (f" (pid {self.pid})" if self.pid else "")
         if self.event == "exit":
             how = f"signal {self.signal}" if self.signal else f"code {self.code}"
+            if self.lost:
+                how = "how is unknown (journald dropped PID 1's record of its end)"
             verb = "exited after disconnect" if self.exited_after_disconnect else "died"
             return f"{who} {verb}: {how}"
         return {
@@ -82,7 +89,9 @@ class EventReader:
     ``at_end=True`` only records written from now on are read. The journal is
     ``manager``'s (the local one, or the container's that ``up`` runs), or the
     files in ``directory`` (journals collected from other hosts), or only the
-    journal ``files`` given (one sender's, on a collector).
+    journal ``files`` given (one sender's, on a collector). ``dropped(count, time)``, if
+    given, is called in journal order for each of journald's records that it dropped
+    ``count`` of the manager's records (exits before ``time`` may show as lost).
     """
 
     def __init__(
@@ -97,6 +106,7 @@ class EventReader:
         exits_only: bool = False,
         directory: str | None = None,
         files: Sequence[str] | None = None,
+        dropped: Callable[[int, datetime], None] | None = None,
     ) -> None:
         self.name = name
         manager = manager or Manager("user" if user else "system")
@@ -106,8 +116,15 @@ class EventReader:
         self._open = lambda: journals.open_reader(manager, directory=directory, files=files)
         self._reader = self._open()
         self._details: journal.Reader | None = None  # looks up one run's records
+        self._exits_only = exits_only
+        self._dropped = dropped
+        # worker -> its last run this reader knows of, and whether its end was read
+        self._runs: dict[int, tuple[str, bool]] = {}
         ids = RUN_ENDED if exits_only else (*_SYSTEMD_EVENTS, *RUN_ENDED)
         self._reader.add_match(*(f"MESSAGE_ID={i}" for i in ids), self._manager.match_writer())
+        if dropped is not None:
+            self._reader.add_disjunction()
+            self._reader.add_match(*self._manager.match_dropped())
         if cursor:
             journals.seek_after(self._reader, cursor)
         elif since is not None:
@@ -122,7 +139,14 @@ class EventReader:
         """The events recorded so far (from the start position), then stop."""
         for entry in self._reader:  # up to the end of what is written now
             self.cursor = str(entry["__CURSOR"])
-            yield from self.parse(entry)
+            count, when = self._manager.dropped(entry), _when(entry)
+            if count is not None and when is not None and self._dropped is not None:
+                self._dropped(count, when)
+                continue
+            found = self.parse(entry)
+            if found and not self._exits_only:
+                yield from self._lost_exit(found[0])
+            yield from found
 
     def last_exits(self, workers: Collection[int]) -> dict[int, Event]:
         """The last recorded exit of each of *workers*, read from the tail back: the run
@@ -154,6 +178,45 @@ class EventReader:
         kinds = _SYSTEMD_EVENTS.get(str(message_id), ())
         return [Event(kind, worker, str(unit), invocation, when, cursor) for kind in kinds]
 
+    def _lost_exit(self, ev: Event) -> list[Event]:
+        """An exit for the worker's previous run when ``ev`` is of another run and that
+        run's end was never written (journald dropped it): its pid and requested stop are
+        known, how it ended is not."""
+        if ev.invocation_id is None:
+            return []
+        last = self._runs.get(ev.worker) or self._last_run(ev)
+        self._runs[ev.worker] = (ev.invocation_id, ev.event == "exit")
+        if last is None or last[1] or last[0] == ev.invocation_id:
+            return []
+        run = self._run(ev.unit, last[0], ev.time)
+        return [
+            Event(
+                "exit",
+                ev.worker,
+                ev.unit,
+                last[0],
+                ev.time,
+                ev.cursor,
+                pid=run.pid,
+                exited_after_disconnect=run.stop_requested,
+                lost=True,
+            )
+        ]
+
+    def _last_run(self, ev: Event) -> tuple[str, bool] | None:
+        """The run of ``ev``'s unit in the record of it before ``ev``'s, and whether that
+        record is the run's end: for the first record a reader reads of a worker."""
+        m = self._manager
+        r = self._lookup()
+        ids = (*_SYSTEMD_EVENTS, *RUN_ENDED)
+        r.add_match(*(f"MESSAGE_ID={i}" for i in ids), f"{m.unit}={ev.unit}", m.match_writer())
+        r.seek_cursor(ev.cursor)
+        while entry := r.get_previous():
+            invocation = report.invocation_id(entry.get(m.invocation))
+            if entry["__CURSOR"] != ev.cursor and m.wrote(entry) and invocation is not None:
+                return invocation, entry.get("MESSAGE_ID") in RUN_ENDED
+        return None
+
     def _exit(
         self,
         unit: str,
@@ -178,6 +241,7 @@ class EventReader:
             signal=signal,
             exited_after_disconnect=run.stop_requested,
             service_result="success" if succeeded else report.unit_result(end.get("UNIT_RESULT")),
+            lost=False,
         )
 
     def _run(self, unit: str, invocation: str, ended: datetime) -> _Run:

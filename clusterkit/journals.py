@@ -9,6 +9,12 @@ journals collected from other hosts, or a given list of files (one sender's, on 
 Records a service manager writes about a unit are trusted by fields no other process
 can set: ``_PID=1`` for the system manager; for a user's manager, a sender in the user's
 ``init.scope`` with the user's ``_UID``.
+
+journald's rate limit (per unit: PID 1 counts as ``init.scope``) can drop those records
+when something makes the manager log a lot (a worker's child flooding ``$NOTIFY_SOCKET``,
+which PID 1 refuses with one warning each). journald then writes "Suppressed N messages
+from init.scope" (:data:`DROPPED`) with ``_TRANSPORT=driver``, which only journald's own
+records carry: no client can set a ``_`` field, and a driver record holds no client field.
 """
 
 from __future__ import annotations
@@ -39,8 +45,13 @@ CONVERTERS: dict[str, Callable[[bytes], object]] = {
     "EXIT_STATUS": bytes.decode,
     "_PID": _int_or_none,
     "_UID": _int_or_none,
+    "N_DROPPED": _int_or_none,
     "__REALTIME_TIMESTAMP": _utc,
 }
+
+
+#: journald's "Suppressed N messages from UNIT" (SD_MESSAGE_JOURNAL_DROPPED)
+DROPPED = "a596d6fe7bfa4994828e72309e95d61e"
 
 
 def open_reader(
@@ -76,6 +87,7 @@ class ManagerFields:
     writer: tuple[str, object]  # the trusted field and value of the manager itself
     sender_unit: str  # the trusted unit of a record's sender
     uid: int = 0  # the manager's user (every user's manager has an init.scope)
+    rate_limited_as: str = "init.scope"  # the unit journald counts the manager's records to
 
     def wrote(self, entry: dict[str, object]) -> bool:
         """Written by the service manager itself: trusted fields only a manager has."""
@@ -85,6 +97,24 @@ class ManagerFields:
     def match_writer(self) -> str:
         field_name, value = self.writer
         return f"{field_name}={value}"
+
+    def match_dropped(self) -> list[str]:
+        """The matches for journald's records of the manager's records it dropped."""
+        return [f"MESSAGE_ID={DROPPED}", "_TRANSPORT=driver"]
+
+    def dropped(self, entry: dict[str, object]) -> int | None:
+        """How many of the manager's records journald says it dropped, if ``entry`` is
+        journald's own record of that; else None."""
+        count = entry.get("N_DROPPED")
+        if (
+            entry.get("MESSAGE_ID") == DROPPED
+            and entry.get("_TRANSPORT") == "driver"
+            and entry.get("_UID") == 0
+            and entry.get("OBJECT_SYSTEMD_UNIT") == self.rate_limited_as
+            and isinstance(count, int)
+        ):
+            return count
+        return None
 
     def match_user_lines(self, unit: str) -> list[str] | None:
         """Under a user's manager, the matches for lines that unit's processes wrote,
@@ -111,7 +141,8 @@ def manager_fields(manager: Manager) -> ManagerFields:
     """The fields of ``manager``'s own records: the system's, or this user's."""
     if not manager.user:
         return SYSTEM
-    return replace(_USER, uid=os.getuid())
+    uid = os.getuid()  # journald counts the user's manager to its system unit
+    return replace(_USER, uid=uid, rate_limited_as=f"user@{uid}.service")
 
 
 def manager_lines(manager: Manager, unit: str, count: int = 3) -> list[str]:

@@ -6,6 +6,10 @@ EventReader, as `clusterkit events` reads a fleet's collector. No container need
 The real attack takes a unit flooding journald's rate limit until its next run's
 genuine pid line is dropped, then printing a line of its own (reproduced on systemd
 252: `events` named pid 1 for a run whose main pid was 66).
+
+Also a run whose end PID 1 wrote but journald dropped: it ends as lost when the next
+run begins, and only journald's own record of the drop warns (the container test is
+test_trust_boundary.py's test_exits_are_reported_when_a_worker_floods_pid1_records_away).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -58,18 +63,8 @@ def unit_line(invocation: str, message: str, pid: int, transport: str = "stdout"
     }
 
 
-def killed_run_pid(tmp_path: Path, *lines) -> int | None:
-    """The pid `events` gives the SIGKILLed run whose unit wrote *lines* (each made by
-    unit_line from the run's invocation id)."""
-    invocation = uuid.uuid4().hex
-    entries = [
-        pid1(STARTING, invocation, "Starting t@0..."),
-        *(line(invocation) for line in lines),
-        pid1(STARTED, invocation, "Started t@0."),
-        pid1(EXITED, invocation, "Main process exited", EXIT_CODE="killed", EXIT_STATUS="9")
-        | {"COMMAND": "ExecStart"},
-        pid1(FAILED, invocation, "Failed with result 'signal'.", UNIT_RESULT="signal"),
-    ]
+def _journal(tmp_path: Path, entries: list[dict[str, str]]) -> str:
+    """A journal file holding *entries*, in order (systemd-journal-remote writes it)."""
     boot, machine = uuid.uuid4().hex, uuid.uuid4().hex
     export = "".join(
         "".join(
@@ -93,7 +88,23 @@ def killed_run_pid(tmp_path: Path, *lines) -> int | None:
         check=True,
         capture_output=True,
     )
-    exits = [e for e in EventReader("t", files=[str(path)]) if e.event == "exit"]
+    return str(path)
+
+
+def killed_run_pid(tmp_path: Path, *lines) -> int | None:
+    """The pid `events` gives the SIGKILLed run whose unit wrote *lines* (each made by
+    unit_line from the run's invocation id)."""
+    invocation = uuid.uuid4().hex
+    entries = [
+        pid1(STARTING, invocation, "Starting t@0..."),
+        *(line(invocation) for line in lines),
+        pid1(STARTED, invocation, "Started t@0."),
+        pid1(EXITED, invocation, "Main process exited", EXIT_CODE="killed", EXIT_STATUS="9")
+        | {"COMMAND": "ExecStart"},
+        pid1(FAILED, invocation, "Failed with result 'signal'.", UNIT_RESULT="signal"),
+    ]
+    path = _journal(tmp_path, entries)
+    exits = [e for e in EventReader("t", files=[path]) if e.event == "exit"]
     assert [(e.worker, e.signal) for e in exits] == [(0, "SIGKILL")]
     return exits[0].pid
 
@@ -120,3 +131,60 @@ def test_the_units_pid_line_names_the_pid(tmp_path: Path):
 def test_a_line_a_worker_can_write_names_no_pid(tmp_path: Path, forged):
     later = lambda inv: unit_line(inv, "clusterkit: started pid=777", 777)  # noqa: E731
     assert killed_run_pid(tmp_path, forged, later) is None
+
+
+def dropped_record(unit: str, **fields: str) -> dict[str, str]:
+    """journald's own "Suppressed N messages from UNIT" (``fields`` as a forger sets them)."""
+    return {
+        "MESSAGE": f"Suppressed 7 messages from {unit}",
+        "MESSAGE_ID": "a596d6fe7bfa4994828e72309e95d61e",
+        "N_DROPPED": "7",
+        "OBJECT_SYSTEMD_UNIT": unit,
+        "_PID": "30",
+        "_UID": "0",
+        "_TRANSPORT": "driver",
+        **fields,
+    }
+
+
+def test_a_run_whose_end_was_dropped_ends_as_lost_when_the_next_begins(tmp_path: Path):
+    """journald dropped PID 1's records of the first run's end: the next run's start
+    reports it, pid known, how unknown; also to a reader that begins after that run's
+    start. Only journald's own record of the drop is a warning."""
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    path = _journal(
+        tmp_path,
+        [
+            pid1(STARTING, first, "Starting t@0..."),
+            unit_line(first, "clusterkit: started pid=777", 777),
+            pid1(STARTED, first, "Started t@0."),
+            dropped_record("init.scope", _TRANSPORT="journal", _UID="61000"),  # forged
+            dropped_record("t@0.service"),  # the worker's own lines: no exit is missing
+            pid1(STARTING, second, "Starting t@0..."),
+            dropped_record("init.scope"),
+            pid1(STARTED, second, "Started t@0."),
+        ],
+    )
+    drops: list[int] = []
+    reader = EventReader("t", files=[path], dropped=lambda n, when: drops.append(n))
+    seen = [(e.event, e.invocation_id, e.pid, e.code, e.signal, e.lost) for e in reader]
+    assert seen[3:5] == [
+        ("exit", first, 777, None, None, True),
+        ("fork", second, None, None, None, None),
+    ]
+    assert [e[0] for e in seen] == [
+        "fork",
+        "online",
+        "listening",
+        "exit",
+        "fork",
+        "online",
+        "listening",
+    ]
+    assert drops == [7]
+    for since in (2, 5):  # after the first run's start, or just after its last record
+        start = datetime.fromtimestamp(1_700_000_000, UTC) + timedelta(microseconds=since)
+        later = [
+            (e.event, e.invocation_id, e.lost) for e in EventReader("t", files=[path], since=start)
+        ]
+        assert [e for e in later if e[0] == "exit"] == [("exit", first, True)], later
