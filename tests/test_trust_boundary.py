@@ -23,6 +23,7 @@ import pytest
 from scenario import APPS, ck, deploy, wait_for
 
 from clusterkit.container import Container
+from clusterkit.report import UNIT_FAILED
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,6 +245,99 @@ def test_exit_events_survive_a_worker_flooding_the_journal(
     assert sorted(e["pid"] for e in events if e["event"] == "exit") == sorted(pids)
     suppressed = c.run("journalctl", "-o", "cat", "--no-pager", "-u", "systemd-journald").stdout
     print("journald:", [line for line in suppressed.splitlines() if "Suppressed" in line])
+
+
+# The attacker against PID 1's own records: a child of the worker (not its main process)
+# floods $NOTIFY_SOCKET; PID 1 logs a warning for each datagram ("reception only permitted
+# for main PID"), and journald's rate limit for init.scope then drops PID 1's records of
+# every unit, exits of other clusters included. Bounded: 15 s or 200,000 datagrams at most.
+NOTIFY_FLOOD = r"""
+import os, signal, socket, time
+from systemd import daemon
+
+def flood(signum, frame):
+    if os.fork():
+        return
+    address = os.environ["NOTIFY_SOCKET"].replace("@", "\0", 1)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deadline = time.monotonic() + 15
+    for i in range(200_000):
+        s.sendto(b"STATUS=x", address)
+        if i == 3000:
+            open("/run/ck-flood/flooding", "w").close()
+        if os.path.exists("/run/ck-flood/stop") or time.monotonic() > deadline:
+            break
+    os._exit(0)
+
+signal.signal(signal.SIGUSR1, flood)
+daemon.notify("READY=1")
+while True:
+    signal.pause()
+"""
+
+# A forger of journald's own record that it dropped PID 1's records.
+FORGED_DROP = (
+    "from systemd import journal; journal.send('Suppressed 9 messages from init.scope', "
+    "MESSAGE_ID='a596d6fe7bfa4994828e72309e95d61e', N_DROPPED='9', "
+    "OBJECT_SYSTEMD_UNIT='init.scope', OBJECT_PID='1', _TRANSPORT='driver')"
+)
+DROPPED_WARNING = "warning: journald dropped"
+
+
+def test_exits_are_reported_when_a_worker_floods_pid1_records_away(
+    container: Container, tmp_path: Path
+) -> None:
+    c = container
+    # journald's defaults on 252 are 10,000 records per 30 s (times 1-6 with the free
+    # space): a smaller budget makes the flood short, the window 5 s
+    c.write_file(
+        "/etc/systemd/journald.conf.d/rate.conf",
+        "[Journal]\nRateLimitIntervalSec=5s\nRateLimitBurst=100\n",
+    )
+    c.systemctl("restart", "systemd-journald")
+    c.run("mkdir", "-m", "1777", "-p", "/run/ck-flood", check=True)
+    c.write_file("/srv/attacker.py", NOTIFY_FLOOD)
+    deploy(c, tmp_path, name="a", workers=1, exec_line=f"{PY} /srv/attacker.py")
+    b = deploy(c, tmp_path, name="b", workers=2, port=3001)
+    killed = {k: (b.invocation_id(k), b.main_pid(k)) for k in (0, 1)}
+    # a forged record of a drop, sent by an ordinary process, is no warning
+    c.run("systemd-run", "--wait", "-q", "-p", "DynamicUser=yes", PY, "-c", FORGED_DROP, check=True)
+    assert DROPPED_WARNING not in ck(c, "events", "b").stderr
+    since = c.run("date", "+%s.%N", check=True).stdout.strip()
+
+    c.systemctl("kill", "-s", "USR1", "a@0.service")
+    wait_for("the flood", lambda: c.run("test", "-e", "/run/ck-flood/flooding").returncode == 0)
+    for k in (0, 1):
+        c.systemctl("kill", "-s", "KILL", b.unit(k))
+    for k in (0, 1):
+        wait_for(
+            f"b@{k} again",
+            lambda k=k: b.is_active(b.unit(k)) and b.invocation_id(k) != killed[k][0],
+        )
+    c.write_file("/run/ck-flood/stop", "")
+    # the attack worked: PID 1's records of both ends are gone
+    for invocation, _ in killed.values():
+        ends = c.journal("_PID=1", f"INVOCATION_ID={invocation}", f"MESSAGE_ID={UNIT_FAILED}")
+        assert ends == [], ends
+
+    exits = [e for e in b.events("exit") if e["invocation_id"] in {i for i, _ in killed.values()}]
+    assert sorted((e["worker"], e["pid"], e["code"], e["signal"], e["lost"]) for e in exits) == [
+        (k, killed[k][1], None, None, True) for k in (0, 1)
+    ]
+    assert all(e["exited_after_disconnect"] is False for e in exits)
+    # a reader that starts between the kills and the restarts finds them too
+    later = ck(c, "events", "b", "--json", f"--since=@{since}").stdout.splitlines()
+    assert sorted(e["worker"] for e in map(json.loads, later) if e["event"] == "exit") == [0, 1]
+    text = ck(c, "events", "b").stdout
+    assert f"worker 0 (pid {killed[0][1]}) died: how is unknown" in text
+
+    # journald's record of the drop comes with PID 1's next record after the window
+    wait_for(
+        "journald's record of the drop",
+        lambda: c.systemctl("daemon-reload") and DROPPED_WARNING in ck(c, "events", "b").stderr,
+        timeout=60,
+        interval=1,
+    )
 
 
 def test_a_worker_that_keeps_delaying_its_stop_is_killed(container: Container, tmp_path: Path):
