@@ -161,6 +161,9 @@ _PLAIN_200 = b"HTTP/1.1 200 OK\r\nContent-Type: " + TEXT.encode() + b"\r\nConten
 #: the head of a text/plain 200 by body length, for the lengths an app answers most
 _PLAIN_200_HEADS: dict[int, bytes] = {}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: a larger body is written apart from its head: joined, each connection a client is slow
+#: to take it from would hold a copy (an app answering every request with the same bytes)
+_COPY_MAX = 64 * 1024
 #: what ends a response head after Date: keep the connection, or close it
 _END = b"\r\n\r\n"
 _END_CLOSE = b"\r\nConnection: close\r\n\r\n"
@@ -311,6 +314,7 @@ class HttpProtocol(asyncio.Protocol):
         "held",
         "counted",
         "raw",
+        "first_read",
         "head_parsed",
         "in_head",
         "in_message",
@@ -324,6 +328,7 @@ class HttpProtocol(asyncio.Protocol):
         "deadline",
         "write_paused",
         "unsent",
+        "half_closed",
     )
 
     def __init__(self, state: ConnectionSet) -> None:
@@ -342,6 +347,7 @@ class HttpProtocol(asyncio.Protocol):
         self.counted = 0  # of them, the request being read
         #: bytes received for the request being read, from the read after the one it began in
         self.raw = 0
+        self.first_read = 0  # bytes of the read it began in, once it spans reads
         self.head_parsed = 0  # bytes of request line and fields parsed
         self.in_head = False
         self.in_message = False
@@ -358,6 +364,7 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         #: bytes of responses the client had not taken at the last look (-1: no look yet)
         self.unsent = -1
+        self.half_closed = False  # the client sent its last byte: close after what it is owed
 
     # -- transport events --------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -376,6 +383,14 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = None
         self.deadline = 0.0
         self._release()
+
+    def eof_received(self) -> bool:
+        """The client sent all it will (shutdown(SHUT_WR), as ``curl`` with ``--no-buffer``
+        and HTTP/1.0 clients may): what it asked is still answered, then the connection
+        closes. True keeps the transport open for those responses."""
+        self._stop_reading()
+        self.half_closed = True
+        return bool(self.busy or self.pending)
 
     def data_received(self, data: bytes) -> None:
         if self.stopped or self.closing:
@@ -402,6 +417,8 @@ class HttpProtocol(asyncio.Protocol):
             self._reject(400)
             return
         if self.in_message:  # a request spans reads: what it holds counts for the worker
+            if self.first_read < 0:  # it began in this read, which is counted whole: the
+                self.first_read = len(data)  # parser holds what it has of a field not yet whole
             # past its body, a request sends its head, chunk framing and trailer fields: an
             # endless head or trailer field (which the parser buffers whole) ends here
             if self.raw - self.body_size > self.limits.max_head_size + self.body_size:
@@ -450,6 +467,7 @@ class HttpProtocol(asyncio.Protocol):
         else:  # a request begins: set up here, not in on_message_begin (one call from C fewer)
             self.in_message = self.in_head = True
             self.raw = self.counted = self.body_size = 0
+            self.first_read = -1  # in this read: data_received counts it if the request spans
             self.url = url
             self.head_parsed = len(url)
             self.headers = []  # self.body is empty here: emptied when a request completes
@@ -581,8 +599,8 @@ class HttpProtocol(asyncio.Protocol):
             req, keep, held = pending.popleft()
             if isinstance(req, int):  # a refusal that waited its turn
                 self._send_error(req)
-            else:
-                self._serve(req, keep, held)
+            else:  # the client half-closed: close after the last one it is owed
+                self._serve(req, keep and not (self.half_closed and not pending), held)
         if self.busy or self.write_paused:
             return
         self._maybe_resume_reading()
@@ -616,7 +634,8 @@ class HttpProtocol(asyncio.Protocol):
             result = Response(b"Internal Server Error", 500)
         else:
             result = task.result()
-        self._respond(req, result, keep, held)
+        # the client half-closed: close after the last response it is owed
+        self._respond(req, result, keep and not (self.half_closed and not self.pending), held)
         self._answer_waiting()
 
     def _head(self, req: Request, result: Result) -> tuple[bytes, bytes, bool]:
@@ -650,8 +669,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _hold(self) -> None:
         """Count what the request being read holds so far; 503 past max_request_buffer."""
-        # raw misses the read the request began in, head_parsed a field not yet whole
-        n = max(self.raw, self.head_parsed + self.body_size) - self.counted
+        # raw is the reads after the one the request began in (first_read, counted whole:
+        # a field not yet whole is in it, held by the parser; head_parsed misses that)
+        n = max(self.first_read + self.raw, self.head_parsed + self.body_size) - self.counted
         if n <= 0:
             return
         self.counted += n
@@ -682,15 +702,17 @@ class HttpProtocol(asyncio.Protocol):
                 result = Response(b"Internal Server Error", 500)
         if isinstance(result, bytes):  # text/plain, 200: the common case, without a call
             body, app_close = result, False
-            head = _PLAIN_200_HEADS.get(len(body)) or _plain_200_head(len(body))
+            size = len(body)
+            head = _PLAIN_200_HEADS.get(size) or _plain_200_head(size)
         else:
             try:
                 head, body, app_close = self._head(req, result)
             except Exception as e:  # noqa: BLE001 - the app's mistake: 500, logged
                 self.state.logger.error("handler for %s %s %s", req.method, req.target, e)
                 head, body, app_close = self._head(req, Response(b"Internal Server Error", 500))
+            size = len(body)
         if req.method == "HEAD":
-            body = b""
+            body, size = b"", 0
         state = self.state
         close = not keep or app_close or state.draining
         if not close and not self.busy and not self.in_message and not self.pending:
@@ -698,7 +720,13 @@ class HttpProtocol(asyncio.Protocol):
             # starts the send watch instead) if the client is slow to take the response
             self.deadline = state.keep_alive_deadline
             self.unsent = -1
-        if close:
+        if size > 65536:  # _COPY_MAX (a literal: no lookup per request)
+            # written apart: the transport keeps the app's bytes, no copy
+            transport.write(head + (state.date + _END_CLOSE if close else state.date_end))
+            transport.write(body)
+            if close:
+                self._close()
+        elif close:
             transport.write(b"".join((head, state.date, _END_CLOSE, body)))
             self._close()
         else:  # two concatenations cost less than building a tuple to join

@@ -15,6 +15,7 @@ Routes, the same in each:
 - ``/big``: ``BIG_SIZE`` bytes, more than the kernel's socket buffers hold;
 - ``asyncio`` only: ``/sync/N`` and ``/sized/N``, N bytes from a handler that answers at
   once and from a coroutine; ``/surrogate``: a str with a lone surrogate (no UTF-8);
+  ``/shared``: the same 4 MiB bytes object for every request (a cached page, say);
 - ``wsgi`` only: ``/sized/N``, N bytes; ``/stream/N``, N MiB from a generator, a MiB at
   a time (``CK_THREADS``: waitress's threads, 2 unless set);
   ``/sync-close``: ``/close`` from a handler that answers at once;
@@ -41,6 +42,8 @@ LIMITS = Limits(
 )
 BIG_SIZE = 64 << 20
 MiB = 1 << 20
+#: the /shared body (asyncio): one bytes object every response to it sends
+SHARED = b"s" * (4 << 20)
 
 
 def mark(path: str) -> bool:
@@ -81,6 +84,8 @@ def run_asyncio() -> None:
             return b"x" * min(int(req.path.rpartition("/")[2]), BIG_SIZE)
         if req.path == "/sync-close":
             return Response("bye", headers=[("Connection", "close")])
+        if req.path == "/shared":
+            return SHARED
         if mark(req.path):
             return "hello"
         return routes(req)
