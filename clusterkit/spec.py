@@ -711,6 +711,12 @@ def _refuse_root(key: str, value: str) -> None:
             f"--{key}: {value!r} is root (id 0); workers never run as root (a root worker can "
             "forge exit events and defeats the sandbox): name an unprivileged one"
         )
+    if value in ("nobody", "nogroup") or resolved == "65534":
+        raise SpecError(
+            f"--{key}: {value!r} is the overflow id (65534), which other services share (a "
+            "worker could signal them, and they it; systemd-analyze calls it not safe): "
+            "name one of the app's own, or leave --run-as out for a dynamic user"
+        )
 
 
 def _parse_abs_path(key: str, raw: Any) -> str:

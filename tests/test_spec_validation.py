@@ -91,8 +91,12 @@ BAD = {
     "user-root": ({"run-as": "root"}, "--run-as"),
     "user-uid-0": ({"run-as": "0"}, "--run-as"),
     "user-uid-00": ({"run-as": "00"}, "--run-as"),
-    "group-root": ({"run-as": "nobody", "group": "root"}, "--group"),
-    "group-gid-0": ({"run-as": "nobody", "group": "0"}, "--group"),
+    "group-root": ({"run-as": "1000", "group": "root"}, "--group"),
+    "group-gid-0": ({"run-as": "1000", "group": "0"}, "--group"),
+    # nor as the overflow id other services share (systemd-analyze: "not safe")
+    "user-nobody": ({"run-as": "nobody"}, "--run-as"),
+    "user-uid-65534": ({"run-as": "65534"}, "--run-as"),
+    "group-nogroup": ({"run-as": "1000", "group": "nogroup"}, "--group"),
     # NAME-backoff@.service is cluster NAME's back-off unit
     "name-backoff": ({"name": "web-backoff"}, "--name"),
     # systemd hands these to the workers: only the cluster's own (here "app"), never
@@ -215,7 +219,7 @@ def test_generate_refuses_root_workers_and_says_why(tmp_path: Path, user: str) -
         {"description": "Café frontend"},
         {"description": "日本語のサービス"},
         {"description": "naïve – “quoted” 100% $HOME \\ back"},
-        {"run-as": "nobody", "group": "nogroup"},
+        {"run-as": "app", "group": "app"},
         {"run-as": "1000"},
         {"restart-sec": "0"},
         {"watchdog-sec": "0.001"},
