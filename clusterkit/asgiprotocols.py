@@ -66,7 +66,7 @@ class _Deadline:
     byte, must come (0: none is awaited), and its one timer, armed again only when it
     fires, not a timer per request. Also _SendWatch's timer and what it last saw unsent."""
 
-    __slots__ = ("deadline", "timer", "refused", "send_timer", "unsent")
+    __slots__ = ("deadline", "timer", "refused", "send_timer", "unsent", "dropped")
 
     def __init__(self) -> None:
         self.deadline = 0.0
@@ -74,6 +74,12 @@ class _Deadline:
         self.refused: int | str | None = None  # a refusal: nothing more is awaited
         self.send_timer: Any = None  # while a response waits for the client to take it
         self.unsent = 0  # bytes of it not sent at the last look
+        self.dropped = 0  # h11: bytes of body read after the response, to be dropped
+
+
+def answered(cycle: Any) -> bool:
+    """Whether uvicorn's request *cycle* has sent its whole response."""
+    return cycle is not None and cycle.response_complete
 
 
 class _Timed:
@@ -258,6 +264,7 @@ def guarded_h11(limits: Limits) -> type:
 
     header_timeout = limits.header_timeout
     body_timeout = limits.body_timeout
+    max_body_size = limits.max_body_size
 
     class GuardedH11Protocol(_MakesRoom, _SendWatch, _Timed, H11Protocol):
         opened: dict[Any, None] = {}  # noqa: RUF012 - this class's connections, oldest first
@@ -272,6 +279,16 @@ def guarded_h11(limits: Limits) -> type:
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
+            reading = self.reading
+            if self.conn.their_state is h11.SEND_BODY and answered(self.cycle):
+                # the app answered without reading the body: h11 reads the rest only to
+                # drop it, for as long as the client sends; past max_body_size, close
+                reading.dropped += len(data)
+                if reading.dropped > max_body_size:
+                    self.transport.close()
+                    return
+            else:
+                reading.dropped = 0
             self.awaiting()
 
         def on_response_complete(self) -> None:
@@ -341,6 +358,7 @@ def guarded_httptools(limits: Limits) -> type:
     body_timeout = limits.body_timeout
     max_head_size = limits.max_head_size
     max_pipelined = limits.max_pipelined
+    max_body_size = limits.max_body_size
     # uvicorn's methods called directly, not through super(): this runs on every request
     base = HttpToolsProtocol
 
@@ -406,6 +424,12 @@ def guarded_httptools(limits: Limits) -> type:
             reading = self.reading
             reading.body_size += len(body)
             reading.deadline = self.loop.time() + body_timeout
+            if reading.body_size > max_body_size and answered(self.cycle):
+                # the app answered without reading it: uvicorn reads the rest only to drop
+                # it, for as long as the client sends (a review: 100 MiB and on)
+                if not self.transport.is_closing():
+                    self.transport.close()
+                return
             base.on_body(self, body)
 
         def on_message_complete(self) -> None:

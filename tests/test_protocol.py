@@ -1891,3 +1891,25 @@ def test_a_client_that_half_closes_still_gets_its_answer(kind, path, tmp_path, r
         assert r.response() is None  # then closed
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", [*SERVERS, "wsgi"])
+def test_a_body_the_app_never_reads_is_not_read_for_ever(kind, tmp_path):
+    """The app answers without reading the body (``/noread``), and the client goes on
+    sending chunks: uvicorn read them only to drop them, for as long as the client sent
+    (a review: 100 MiB and on, the connection in use). Past max_body_size the connection
+    closes, as serve_asyncio and waitress refuse the body (413) before the app runs."""
+    server = Server(kind, tmp_path)
+    try:
+        sock = server.connect()
+        sock.sendall(CHUNKED_POST.replace(b"/echo", b"/noread"))
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"c" * (64 * 1024))
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < 8 * Limits().max_body_size:
+                sock.sendall(chunk)
+                sent += 64 * 1024
+        assert sent < 8 * Limits().max_body_size, f"{kind} read {sent} bytes of body and on"
+        sock.close()
+    finally:
+        server.stop()

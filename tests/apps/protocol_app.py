@@ -6,6 +6,7 @@ send timeouts so the suite sees them fire, ``CK_KEEP_ALIVE`` sets keep-alive's a
 Routes, the same in each:
 
 - ``/``: ``hello``; ``/echo``: the request body; ``/slow``: ``slow`` after 0.2 s;
+- ``/noread``: ``hello`` without reading the body (the ASGI app; the others read it);
 - ``/xff``: the request's ``X-Forwarded-For`` header, or ``-``;
 - ``/none``: the handler returns nothing; ``/raise``: it raises;
 - ``/bad-header/N``: it sets ``BAD_HEADERS[N]`` (the first: CR/LF in a value);
@@ -137,7 +138,7 @@ def run_uvicorn(**options) -> None:
             return
         path = scope["path"]
         body = b""
-        more = True
+        more = path != "/noread"  # /noread: answered without reading the body
         while more:
             message = await receive()
             body += message.get("body", b"")
