@@ -27,7 +27,8 @@ The journal is opened, and its fields converted, by :mod:`clusterkit.journals`.
 from __future__ import annotations
 
 import time as _time
-from collections.abc import Callable, Collection, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -70,7 +71,10 @@ class Event:
         if self.event == "exit":
             how = f"signal {self.signal}" if self.signal else f"code {self.code}"
             if self.lost:
-                how = "how is unknown (journald dropped PID 1's record of its end)"
+                how = (
+                    "how is unknown (no record of its end: journald dropped it, "
+                    "or the host went down)"
+                )
             verb = "exited after disconnect" if self.exited_after_disconnect else "died"
             return f"{who} {verb}: {how}"
         return {
@@ -79,6 +83,13 @@ class Event:
             "listening": f"{who} is listening",
             "disconnect": f"{who} disconnecting",
         }[self.event]
+
+
+def _machine_id(entry: Mapping[str, object]) -> str:
+    """The record's host as a journal match takes it (32 hex digits; the bindings give a
+    UUID), or "" if it has none."""
+    machine = entry.get("_MACHINE_ID")
+    return machine.hex if isinstance(machine, uuid.UUID) else str(machine or "")
 
 
 class EventReader:
@@ -118,8 +129,9 @@ class EventReader:
         self._details: journal.Reader | None = None  # looks up one run's records
         self._exits_only = exits_only
         self._dropped = dropped
-        # worker -> its last run this reader knows of, and whether its end was read
-        self._runs: dict[int, tuple[str, bool]] = {}
+        # (host, worker) -> its last run this reader knows of, and whether its end was read:
+        # a collector's directory holds several hosts' workers of the same numbers
+        self._runs: dict[tuple[str, int], tuple[str, bool]] = {}
         ids = RUN_ENDED if exits_only else (*_SYSTEMD_EVENTS, *RUN_ENDED)
         self._reader.add_match(*(f"MESSAGE_ID={i}" for i in ids), self._manager.match_writer())
         if dropped is not None:
@@ -145,7 +157,7 @@ class EventReader:
                 continue
             found = self.parse(entry)
             if found and not self._exits_only:
-                yield from self._lost_exit(found[0])
+                yield from self._lost_exit(found[0], _machine_id(entry))
             yield from found
 
     def last_exits(self, workers: Collection[int]) -> dict[int, Event]:
@@ -178,14 +190,16 @@ class EventReader:
         kinds = _SYSTEMD_EVENTS.get(str(message_id), ())
         return [Event(kind, worker, str(unit), invocation, when, cursor) for kind in kinds]
 
-    def _lost_exit(self, ev: Event) -> list[Event]:
-        """An exit for the worker's previous run when ``ev`` is of another run and that
-        run's end was never written (journald dropped it): its pid and requested stop are
-        known, how it ended is not."""
+    def _lost_exit(self, ev: Event, machine: str) -> list[Event]:
+        """An exit for the worker's previous run on host *machine* (its ``_MACHINE_ID``)
+        when ``ev`` is of another run and that run's end was never written (journald
+        dropped it, or the host went down): its pid and requested stop are known, how it
+        ended is not."""
         if ev.invocation_id is None:
             return []
-        last = self._runs.get(ev.worker) or self._last_run(ev)
-        self._runs[ev.worker] = (ev.invocation_id, ev.event == "exit")
+        key = (machine, ev.worker)
+        last = self._runs.get(key) or self._last_run(ev, machine)
+        self._runs[key] = (ev.invocation_id, ev.event == "exit")
         if last is None or last[1] or last[0] == ev.invocation_id:
             return []
         run = self._run(ev.unit, last[0], ev.time)
@@ -203,13 +217,17 @@ class EventReader:
             )
         ]
 
-    def _last_run(self, ev: Event) -> tuple[str, bool] | None:
-        """The run of ``ev``'s unit in the record of it before ``ev``'s, and whether that
-        record is the run's end: for the first record a reader reads of a worker."""
+    def _last_run(self, ev: Event, machine: str) -> tuple[str, bool] | None:
+        """The run of ``ev``'s unit on host *machine* in the record of it before ``ev``'s,
+        and whether that record is the run's end: for the first record a reader reads of
+        a worker."""
         m = self._manager
         r = self._lookup()
         ids = (*_SYSTEMD_EVENTS, *RUN_ENDED)
-        r.add_match(*(f"MESSAGE_ID={i}" for i in ids), f"{m.unit}={ev.unit}", m.match_writer())
+        host = [f"_MACHINE_ID={machine}"] if machine else []
+        r.add_match(
+            *(f"MESSAGE_ID={i}" for i in ids), f"{m.unit}={ev.unit}", *host, m.match_writer()
+        )
         r.seek_cursor(ev.cursor)
         while entry := r.get_previous():
             invocation = report.invocation_id(entry.get(m.invocation))

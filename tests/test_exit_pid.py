@@ -63,25 +63,28 @@ def unit_line(invocation: str, message: str, pid: int, transport: str = "stdout"
     }
 
 
-def _journal(tmp_path: Path, entries: list[dict[str, str]]) -> str:
-    """A journal file holding *entries*, in order (systemd-journal-remote writes it)."""
+def _journal(
+    tmp_path: Path, entries: list[dict[str, str]], host: str = "h", every_us: int = 1
+) -> str:
+    """A journal file of host *host* holding *entries*, in order, *every_us* apart
+    (systemd-journal-remote writes it)."""
     boot, machine = uuid.uuid4().hex, uuid.uuid4().hex
     export = "".join(
         "".join(
             f"{k}={v}\n"
             for k, v in {
-                "__REALTIME_TIMESTAMP": str(1_700_000_000_000_000 + i),
+                "__REALTIME_TIMESTAMP": str(1_700_000_000_000_000 + i * every_us),
                 "__MONOTONIC_TIMESTAMP": str(1000 + i),
                 "_BOOT_ID": boot,
                 "_MACHINE_ID": machine,
-                "_HOSTNAME": "h",
+                "_HOSTNAME": host,
                 **entry,
             }.items()
         )
         + "\n"
         for i, entry in enumerate(entries)
     )
-    path = tmp_path / "remote.journal"
+    path = tmp_path / f"remote-{host}.journal"
     subprocess.run(
         [JOURNAL_REMOTE, "--compress=no", "-o", str(path), "-"],
         input=export.encode(),
@@ -188,3 +191,22 @@ def test_a_run_whose_end_was_dropped_ends_as_lost_when_the_next_begins(tmp_path:
             (e.event, e.invocation_id, e.lost) for e in EventReader("t", files=[path], since=start)
         ]
         assert [e for e in later if e[0] == "exit"] == [("exit", first, True)], later
+
+
+def test_the_same_worker_on_two_hosts_is_two_workers(tmp_path: Path):
+    """A collector's directory: worker 0 of cluster t on two hosts, each run started and
+    ended, their records interleaved in time. Each host's t@0 is its own: no run is taken
+    for the other's next one and reported lost (a review saw every run end four times)."""
+    for host in ("a", "b"):
+        run = uuid.uuid4().hex
+        ended = pid1(FAILED, run, "Deactivated successfully.")  # d9b373ed: ended well
+        _journal(
+            tmp_path,
+            [pid1(STARTING, run, "Starting t@0..."), pid1(STARTED, run, "Started t@0."), ended],
+            host=host,
+            every_us=10,
+        )
+    events = [(e.event, e.lost) for e in EventReader("t", directory=str(tmp_path))]
+    assert sorted(events, key=str) == sorted(
+        [("fork", None), ("online", None), ("listening", None), ("exit", False)] * 2, key=str
+    ), events
