@@ -49,27 +49,24 @@ class FleetFailure(Exception):
 
 
 def ansible_command(tool: str) -> list[str]:
-    """``ansible-playbook`` & co. from this Python's environment (the ``fleet`` extra).
-
-    As root, the command and ansible-core's package must be root's alone: they run as root
-    in a process of their own, whose imports clusterkit's guard does not see."""
-    here = Path(sys.executable).parent / tool
-    found = str(here) if here.exists() else shutil.which(tool)
-    if found is None:
+    """How to run ``ansible-playbook`` or ``ansible-inventory`` (*tool*) from this Python's
+    environment (the ``fleet`` extra): through :mod:`clusterkit.ansible_guarded`, which
+    guards every module ansible imports as root. As root, ansible-core's package tree must
+    be root's alone too: ansible reads the modules it ships to hosts as data."""
+    package = importlib.util.find_spec("ansible")
+    if package is None:
         raise FleetFailure(
             f"{tool} not found: install the fleet extra (pip install 'clusterkit-systemd[fleet]')"
         )
     if trust.as_root():
-        package = importlib.util.find_spec("ansible")
-        packages = package.submodule_search_locations or () if package else ()
-        places = [Path(found), *map(Path, packages)]
-        for reason in map(trust.why_tree_untrusted, places):
+        for top in package.submodule_search_locations or ():
+            reason = trust.why_tree_untrusted(Path(top))
             if reason is not None:
                 raise FleetFailure(
                     f"not running {tool} as root: {reason}; install ansible-core where only "
                     "root can write (clusterkit's own venv, its fleet extra)"
                 )
-    return [found]
+    return [sys.executable, "-I", "-m", "clusterkit.ansible_guarded", tool.removeprefix("ansible-")]
 
 
 def empty_ansible_config(directory: Path) -> Path:

@@ -53,8 +53,10 @@ def why_untrusted(path: Path) -> str | None:
 _IMPORTABLE = frozenset({".py", ".pyc", ".pth", ".so", ".zip", ".egg"})
 
 
-class UntrustedCode(Exception):
-    """Root was about to run code another user could have changed; the message says which."""
+class UntrustedCode(BaseException):
+    """Root was about to run code another user could have changed; the message says which.
+    Not an Exception: code that catches every error (ansible's, at import) must not carry
+    on without the module, or try another way to the same code."""
 
 
 class _CodeCheck:
@@ -150,18 +152,33 @@ def why_tree_untrusted(top: Path) -> str | None:
     return check.directory_reason(top) or check.tree_reason(top)
 
 
-class _TrustedPathFinder(importlib.abc.MetaPathFinder):
-    """Finds modules as Python's PathFinder does, and refuses one another user could change:
-    its source, its bytecode, its extension module or a directory above them."""
+class _TrustedFinder(importlib.abc.MetaPathFinder):
+    """First on ``sys.meta_path``: asks the finders after it, as Python would, and refuses a
+    module another user could change: its source, bytecode, extension module or zip
+    archive, or a directory above them. Every finder, not only the path's: an editable
+    install's finder maps a package to its source tree wherever that is."""
 
     def __init__(self) -> None:
         self._check = _CodeCheck()
 
     def find_spec(self, name: str, path=None, target=None):  # noqa: ANN001 - the protocol's
-        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
-        if spec is None:
-            return None
-        files = [Path(f) for f in (spec.origin, spec.cached) if f and os.path.isabs(f)]
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                self._refuse_untrusted(name, spec)
+                return spec
+        return None
+
+    def _refuse_untrusted(self, name: str, spec: importlib.machinery.ModuleSpec) -> None:
+        archive = getattr(spec.loader, "archive", None)  # zipimport's
+        files = [
+            Path(f)
+            for f in (spec.origin, spec.cached, archive)
+            if isinstance(f, str) and os.path.isabs(f)
+        ]
         # __pycache__ may not hold the bytecode yet: Python reads what appears there later
         directories = [f.parent for f in files] + [
             Path(d) for d in spec.submodule_search_locations or ()
@@ -172,20 +189,14 @@ class _TrustedPathFinder(importlib.abc.MetaPathFinder):
         ):
             if reason is not None:
                 raise UntrustedCode(f"{reason} (imported as {name})")
-        return spec
 
 
 def guard_imports() -> None:
     """From now on, importing a module another user could change raises :class:`UntrustedCode`
     before any of it runs. Root's commands call this once their start-up check passed: a
     command imports most of what it uses (jinja2, systemd's journal bindings) only then."""
-    if any(isinstance(f, _TrustedPathFinder) for f in sys.meta_path):
-        return
-    at = next(
-        (i for i, f in enumerate(sys.meta_path) if f is importlib.machinery.PathFinder),
-        len(sys.meta_path),
-    )
-    sys.meta_path.insert(at, _TrustedPathFinder())
+    if not any(isinstance(f, _TrustedFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TrustedFinder())
 
 
 def why_symlink_unsafe(directory: Path) -> str | None:
@@ -210,8 +221,8 @@ def _chain_reason(path: Path) -> str | None:
     for part in [*reversed(path.parents), path]:
         try:
             st = os.lstat(part)
-        except FileNotFoundError:
-            return None  # what does not exist yet, the command creates itself
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # what does not exist yet (or lies in a zip), judged as far as it does
         reason = _entry_reason(part, st, last=part == path)
         if reason is not None:
             return reason

@@ -317,6 +317,23 @@ def test_names_of_existing_system_units_are_refused(tmp_path: Path, name: str) -
     assert r.returncode == 2 and "would shadow" in r.stderr, r.stderr
 
 
+#: what a setuptools editable install puts on sys.meta_path (here from sitecustomize, first):
+#: a finder mapping a package name to its source tree, wherever that is
+EDITABLE_FINDER = """
+import importlib.abc, importlib.util, os, sys
+
+class EditableFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "systemd":
+            return None
+        tree = os.path.join(%r, name)
+        init = os.path.join(tree, "__init__.py")
+        return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[tree])
+
+sys.meta_path.insert(0, EditableFinder())  # here the venv has a systemd package too
+"""
+
+
 @pytest.mark.parametrize(
     "planted",
     [
@@ -329,6 +346,7 @@ def test_names_of_existing_system_units_are_refused(tmp_path: Path, name: str) -
         "cwd",
         "dependency",
         "dependency-bytecode",
+        "editable-finder",
     ],
 )
 def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted: str) -> None:
@@ -337,8 +355,9 @@ def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted
     from such a place, naming it; the same copy, root's alone, runs. Beside the package:
     a module on sys.path (one named as the standard library's is imported first), and the
     current directory, which `python -m` puts first on sys.path. In a dependency imported
-    only once the command runs (systemd's journal bindings, for status): a module, and its
-    bytecode, which Python runs in place of the source."""
+    only once the command runs (systemd's journal bindings, for status): a module, its
+    bytecode, which Python runs in place of the source, and one an editable install's
+    finder (on sys.meta_path, as setuptools puts it) maps to a tree outside sys.path."""
     import py_compile
     import shutil
 
@@ -372,7 +391,11 @@ def test_root_runs_no_clusterkit_another_user_can_change(tmp_path: Path, planted
         "cwd": cwd,
         "dependency": site / "systemd" / "journal.py",
         "dependency-bytecode": bytecode,
+        "editable-finder": tmp_path / "elsewhere" / "systemd" / "__init__.py",
     }[planted]
+    if planted == "editable-finder":
+        shutil.move(site / "systemd", tmp_path / "elsewhere" / "systemd")
+        (site / "sitecustomize.py").write_text(EDITABLE_FINDER % str(tmp_path / "elsewhere"))
     if planted == "linked-template":
         owned.write_text((site / "templates" / "service.j2").read_text())
         (site / "templates" / "service.j2").unlink()
@@ -413,6 +436,33 @@ def test_root_runs_no_ansible_another_user_can_change(tmp_path: Path) -> None:
     r = command()
     assert r.returncode != 0
     assert f"not running ansible-playbook as root: {planted} is owned by nobody" in r.stderr
+
+
+def test_ansible_imports_nothing_another_user_can_change_as_root(tmp_path: Path) -> None:
+    """fleet runs ansible through clusterkit.ansible_guarded: a module ansible imports as
+    root (here PyYAML's, in a copy first on the path) that another user can change stops
+    it before any of it runs (a review: a world-writable yaml/constructor.py ran)."""
+    import shutil
+
+    import yaml
+
+    tmp_path.chmod(0o755)
+    site = tmp_path / "site"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(Path(yaml.__file__).parent, site / "yaml", ignore=ignore)
+    argv = [PY, "-m", "clusterkit.ansible_guarded", "playbook", "--version"]
+
+    def run() -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, PYTHONPATH=str(site))
+        return subprocess.run(argv, capture_output=True, text=True, env=env, cwd="/")
+
+    r = run()
+    assert r.returncode == 0 and "ansible-playbook" in r.stdout, r.stderr
+    planted = site / "yaml" / "constructor.py"
+    os.chown(planted, NOBODY, NOBODY)
+    r = run()
+    assert r.returncode == 2, r.stderr
+    assert f"{planted} is owned by nobody (imported as yaml.constructor)" in r.stderr
 
 
 def test_a_manifest_copied_under_another_name_is_refused(tmp_path: Path) -> None:
