@@ -41,10 +41,17 @@ def _command(meta: dict) -> str:
     return re.sub(r"(?<![\w.])/\S*/", "", meta.get("command", "?"))
 
 
+def _machine(meta: dict) -> str:
+    return f"{meta.get('cpu', '?')}, {meta.get('cpus', '?')} CPUs, Linux {meta.get('kernel', '?')}"
+
+
 def _when_and_what(meta: dict) -> str:
-    """A run's date, command and the commit it measured."""
+    """A run's date, command, the commit it measured and the machine it ran on."""
     commit = meta.get("commit", "? (not recorded by this run)")
-    return f"{meta.get('date', '?')}, `{_command(meta)}`, code: commit {commit}"
+    return (
+        f"{meta.get('date', '?')}, `{_command(meta)}`, code: commit {commit}, "
+        f"machine: {_machine(meta)}"
+    )
 
 
 def compare(a: dict, b: dict, a_label: str, b_label: str) -> list[str]:
@@ -58,6 +65,13 @@ def compare(a: dict, b: dict, a_label: str, b_label: str) -> list[str]:
         "((max-min)/median of its runs) of the system plus that of the baseline.",
         "",
     ]
+    if _machine(a["meta"]) != _machine(b["meta"]):
+        lines.insert(
+            5,
+            "- **the runs were on different machines**: a ratio to Node's cluster module "
+            "moves with the CPU (Node's JIT and Python's interpreter do not speed up alike), "
+            "so a difference here is not only noise; compare runs of one machine for that.",
+        )
     within = outside = 0
     for fig in FIGURES:
         if not fig.ratio:
