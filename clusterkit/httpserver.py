@@ -161,9 +161,6 @@ _PLAIN_200 = b"HTTP/1.1 200 OK\r\nContent-Type: " + TEXT.encode() + b"\r\nConten
 #: the head of a text/plain 200 by body length, for the lengths an app answers most
 _PLAIN_200_HEADS: dict[int, bytes] = {}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-#: a larger body is written apart from its head: joined, each connection a client is slow
-#: to take it from would hold a copy (an app answering every request with the same bytes)
-_COPY_MAX = 64 * 1024
 #: what ends a response head after Date: keep the connection, or close it
 _END = b"\r\n\r\n"
 _END_CLOSE = b"\r\nConnection: close\r\n\r\n"
@@ -720,8 +717,9 @@ class HttpProtocol(asyncio.Protocol):
             # starts the send watch instead) if the client is slow to take the response
             self.deadline = state.keep_alive_deadline
             self.unsent = -1
-        if size > 65536:  # _COPY_MAX (a literal: no lookup per request)
-            # written apart: the transport keeps the app's bytes, no copy
+        if size > 65536:  # a literal, not a constant: no global lookup per request
+            # written apart from its head, the transport keeps the app's bytes: joined,
+            # each client slow to take it would hold a copy (one body every response shares)
             transport.write(head + (state.date + _END_CLOSE if close else state.date_end))
             transport.write(body)
             if close:

@@ -82,6 +82,10 @@ class _CodeCheck:
         last = not stat.S_ISDIR(st.st_mode)
         return self.directory_reason(path.parent) or _entry_reason(path, st, last=last)
 
+    def whole_tree_reason(self, top: Path) -> str | None:
+        """*top* itself (every directory above it too), then every file under it."""
+        return self.directory_reason(top) or self.tree_reason(top)
+
     def tree_reason(self, top: Path) -> str | None:
         seen: set[str] = set()
         for directory, subdirectories, files in os.walk(top, followlinks=True):
@@ -139,7 +143,7 @@ def why_code_untrusted() -> str | None:
             return reason
     # the templates: in the package (a wheel) or beside it (a checkout), as render finds them
     for top in (package, package.parent / "templates"):
-        reason = check.directory_reason(top) or check.tree_reason(top)
+        reason = check.whole_tree_reason(top)
         if reason is not None:
             return reason
     return None
@@ -148,8 +152,7 @@ def why_code_untrusted() -> str | None:
 def why_tree_untrusted(top: Path) -> str | None:
     """Why another user could change ``top`` or a file under it, or None (a program run
     as root, such as ansible-core's, whose imports this process does not see)."""
-    check = _CodeCheck()
-    return check.directory_reason(top) or check.tree_reason(top)
+    return _CodeCheck().whole_tree_reason(top)
 
 
 class _TrustedFinder(importlib.abc.MetaPathFinder):
