@@ -666,6 +666,41 @@ def targets(runs: dict[str, list[dict]], groups: list[dict] | None = None) -> li
     return lines
 
 
+def server_decision(runs: dict[str, list[dict]]) -> list[str]:
+    """Issue 9, item 1: serve_asyncio is clusterkit's own server, not uvicorn's protocol. The
+    figures are this run's: the same units, socket and parser under both, only the server
+    differs (``clusterkit-shared`` runs serve_asyncio, ``clusterkit-asgi`` serve_asgi)."""
+    own, adopted = "clusterkit-shared", "clusterkit-asgi"
+    if own not in runs or adopted not in runs:
+        return []
+    figures = []
+    for label, rps, cpu in (
+        ("keep-alive", "ka_rps", "ka_cpu"),
+        ("new connection", "nc_rps", "nc_cpu"),
+    ):
+        served, used = _ratio(runs, rps, own, adopted), _ratio(runs, cpu, own, adopted)
+        if served is None or used is None:
+            return []
+        figures.append(
+            f"{label} {served:.2f}× its throughput at {1 / used:.1f}× less CPU per request"
+        )
+    return [
+        "## serve_asyncio: clusterkit's own server, not a maintained one (issue 9, item 1)",
+        "",
+        "`serve_asyncio` keeps clusterkit's own HTTP/1.1 server (`clusterkit/httpserver.py` on "
+        "httptools, llhttp: Node's parser; no pure-Python parser) rather than serving the "
+        "handler through uvicorn's protocol, which `serve_asgi` runs. The protocol suite "
+        "(`tests/test_protocol.py`, in `bash dev test`) runs its cases against both and "
+        "asserts the same outcome; uvicorn's protocols pass it only with what "
+        "`clusterkit.asgiprotocols` adds to them. What uvicorn's protocol would cost, in this "
+        f"run (medians of the runs; `{own}` against `{adopted}`: the same units, socket "
+        f"and parser, uvicorn's httptools protocol and uvloop in `{adopted}`): "
+        f"{'; '.join(figures)}. How the decision was first made, with uvicorn's h11 protocol "
+        "too: [SERVER.md](SERVER.md) (`python -m bench.server_compare`).",
+        "",
+    ]
+
+
 def write(
     out: str, meta: dict, runs: dict[str, list[dict]], groups: list[dict] | None = None
 ) -> None:
@@ -697,6 +732,7 @@ def write(
         "",
         *targets(runs, groups),
         "",
+        *server_decision(runs),
     ]
     if groups:
         md += [
