@@ -99,6 +99,9 @@ class Spec:
     watchdog_sec: float = 0.0  # 0: no watchdog
     cpu_affinity: bool = False
     memory_max: str | None = None
+    # TasksMax=: systemd's default is 15% of the host's pid space per unit, so seven
+    # workers of an app gone hostile could take every pid on the host; this bounds them
+    tasks_max: str = "512"
     type: str = "notify"
     hardening: str = "default"
     manager: str = "system"  # the systemd instance the units are for
@@ -294,6 +297,14 @@ def _options() -> tuple[Option, ...]:
             _parse_memory,
             "MemoryMax= per worker, e.g. 512M",
             metavar="SIZE",
+        ),
+        Option(
+            "tasks-max",
+            "tasks_max",
+            _parse_tasks_max,
+            "TasksMax=: processes and threads per worker, or infinity (systemd's default, 15% of "
+            "the host's, would let 7 workers of an app gone hostile take every pid there)",
+            metavar="N",
         ),
         Option(
             "type",
@@ -632,16 +643,34 @@ def _port(key: str, text: str, whole: str) -> int:
     return port
 
 
+def _count_or(word: str, highest: int) -> Callable[[str, Any], int | str]:
+    """A parser of a count from 1 to *highest*, or *word* (returned as it is)."""
+
+    def parse(key: str, raw: Any) -> int | str:
+        if raw == word:
+            return word
+        if isinstance(raw, str):
+            raw = int(_ascii(key, raw, _ASCII_INT, f"{word!r} or a number"))
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise SpecError(f"--{key}: expected {word!r} or a number, got {raw!r}")
+        if not 1 <= raw <= highest:
+            raise SpecError(f"--{key}: {raw} is outside 1-{highest}")
+        return raw
+
+    return parse
+
+
 def _parse_workers(key: str, raw: Any) -> int | None:
-    if raw == "auto":
-        return None
-    if isinstance(raw, str):
-        raw = int(_ascii(key, raw, _ASCII_INT, "'auto' or a number"))
-    if not isinstance(raw, int) or isinstance(raw, bool):
-        raise SpecError(f"--{key}: expected 'auto' or a number, got {raw!r}")
-    if not 1 <= raw <= MAX_WORKERS:
-        raise SpecError(f"--{key}: {raw} is outside 1-{MAX_WORKERS}")
-    return raw
+    count = _count_or("auto", MAX_WORKERS)(key, raw)
+    return None if count == "auto" else int(count)
+
+
+#: the most pids a Linux host has (PID_MAX_LIMIT): a larger TasksMax= bounds nothing
+_MOST_TASKS = 4194304
+
+
+def _parse_tasks_max(key: str, raw: Any) -> str:
+    return str(_count_or("infinity", _MOST_TASKS)(key, raw))
 
 
 def _choice(options: tuple[str, ...]):

@@ -456,3 +456,34 @@ def test_a_worker_that_shuts_down_the_shared_socket_does_not_close_the_port(
     # closed for a look's interval (0.25 s), not for good: a generous bound
     assert not report.failed(sent_after=attack + 3), report.summary()
     assert cl.get().ok
+
+
+def test_every_worker_is_bounded_in_processes_and_threads(
+    container: Container, tmp_path: Path
+) -> None:
+    """An app gone hostile starts threads (or processes) until the kernel refuses one. Under
+    systemd's default, TasksMax= 15% of the host's pids per unit, seven such workers would
+    take every pid there, root's included. Each worker gets TasksMax=512, or what
+    --tasks-max says, as systemd loaded it. The kernel's pids controller enforces it: where
+    this container has one (cgroup v2), worker 0 takes threads until refused at the bound
+    while worker 1 serves; under cgroup v1 nspawn mounts the controller read-only, nothing
+    is enforced inside, and the attack is not run (it would take the test host's pids)."""
+    c = container
+    cl = deploy(c, tmp_path, name="pids", workers=2)
+    assert c.systemctl("show", "-P", "TasksMax", cl.unit(0)).stdout.strip() == "512"
+    other = deploy(c, tmp_path, "--tasks-max", "64", name="fewer", workers=1, port=3001)
+    assert c.systemctl("show", "-P", "TasksMax", other.unit(0)).stdout.strip() == "64"
+    tasks = c.systemctl("show", "-P", "TasksCurrent", cl.unit(0)).stdout.strip()
+    if not tasks.isdigit():
+        print(f"[tasks-max] TasksCurrent {tasks}: no pids controller here, the bound is not run")
+        return
+    for _ in range(20):  # until worker 0 takes it (the kernel picks who accepts)
+        sample = cl.get("/spawn-threads/0", timeout=60)
+        if sample.worker == "0":
+            break
+    assert sample.worker == "0" and sample.ok, sample
+    started = int(sample.body.split()[0])
+    tasks = c.systemctl("show", "-P", "TasksCurrent", cl.unit(0)).stdout.strip()
+    print(f"[tasks-max] worker 0 started {started} threads, then was refused; {tasks} tasks")
+    assert 400 < started < 512 and int(tasks) <= 512, (started, tasks)
+    assert all(cl.get().ok for _ in range(10))  # worker 0 still answers, and worker 1 serves

@@ -76,6 +76,7 @@ BAD = {
     "restart-sec-arabic-indic": ({"restart-sec": "٣"}, "--restart-sec"),
     "drain-timeout-superscript": ({"drain-timeout": "³"}, "--drain-timeout"),
     "memory-max-arabic-indic": ({"memory-max": "٣G"}, "--memory-max"),
+    "tasks-max-arabic-indic": ({"tasks-max": "٣"}, "--tasks-max"),
     # systemd 252 refuses every IPv6 zone id in ListenStream=.
     "zone-id": ({"listen": ["[fe80::1%eth0]:80"]}, "--listen"),
     "zone-id-numeric": ({"listen": ["[fe80::1%2]:80"]}, "--listen"),
@@ -87,6 +88,9 @@ BAD = {
     "memory-max-zero": ({"memory-max": "0"}, "--memory-max"),
     "memory-max-zero-unit": ({"memory-max": "0M"}, "--memory-max"),
     "memory-max-zero-percent": ({"memory-max": "0%"}, "--memory-max"),
+    "tasks-max-zero": ({"tasks-max": 0}, "--tasks-max"),
+    # past the most pids a host has: a bound that bounds nothing
+    "tasks-max-past-pid-max-limit": ({"tasks-max": "4194305"}, "--tasks-max"),
     # Workers never run as root.
     "user-root": ({"run-as": "root"}, "--run-as"),
     "user-uid-0": ({"run-as": "0"}, "--run-as"),
@@ -119,6 +123,8 @@ BAD_TOML_ONLY = {
     "workers-float": ({"workers": 2.0}, "--workers"),
     "restart-sec-bool": ({"restart-sec": True}, "--restart-sec"),
     "memory-max-bool": ({"memory-max": True}, "--memory-max"),
+    "tasks-max-bool": ({"tasks-max": True}, "--tasks-max"),
+    "tasks-max-percent": ({"tasks-max": "15%"}, "--tasks-max"),
     "listen-bool": ({"listen": [True]}, "--listen"),
     "user-int-0": ({"run-as": 0}, "--run-as"),
     "description-int": ({"description": 7}, "--description"),

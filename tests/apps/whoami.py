@@ -10,6 +10,8 @@ Built on :func:`clusterkit.serve.serve_asyncio` (listens on ``CK_PORT``, default
 - ``GET /shutdown-listener/ID``: if this is worker ID, answer, then ``shutdown(SHUT_RDWR)``
   the listening socket systemd passed (fd 3), which every worker of a shared socket
   shares, twice: an attack; ``/shutdown-listener-exit/ID``: the same, then exit 1 at once;
+- ``GET /spawn-threads/ID``: if this is worker ID, start threads that sleep for good until
+  no more can start, and answer how many did (an app gone hostile, taking pids);
 - at start, if ``/run/ck-crash/ID`` exists, exit 1 before serving (a crash loop).
 """
 
@@ -20,6 +22,7 @@ import contextlib
 import os
 import socket
 import sys
+import threading
 import time
 
 from clusterkit import cluster
@@ -39,9 +42,22 @@ def handle(request: Request) -> Response:
         asyncio.get_running_loop().call_later(0.1, os._exit, status)
     elif path == "/hang":
         time.sleep(1000)
+    elif path == f"/spawn-threads/{WORKER_ID}":
+        return Response(f"{spawn_threads()}\n", headers=headers)
     elif path.startswith("/shutdown-listener") and path.endswith(f"/{WORKER_ID}"):
         asyncio.get_running_loop().call_later(0.1, shut_down_listener, "-exit/" in path)
     return Response(f"{WORKER_ID} {os.getpid()}\n", headers=headers)
+
+
+def spawn_threads() -> int:
+    """Start threads that never end until the kernel refuses one; how many started."""
+    started = 0
+    while True:
+        try:
+            threading.Thread(target=time.sleep, args=(10**6,), daemon=True).start()
+        except RuntimeError:  # "can't start new thread": EAGAIN from clone()
+            return started
+        started += 1
 
 
 def shut_down_listener(then_exit: bool) -> None:
