@@ -99,9 +99,7 @@ class Spec:
     watchdog_sec: float = 0.0  # 0: no watchdog
     cpu_affinity: bool = False
     memory_max: str | None = None
-    # TasksMax=: systemd's default is 15% of the host's pid space per unit, so seven
-    # workers of an app gone hostile could take every pid on the host; this bounds them
-    tasks_max: str = "512"
+    tasks_max: str = "512"  # TasksMax= per worker, or "infinity" (why: its Option's help)
     type: str = "notify"
     hardening: str = "default"
     manager: str = "system"  # the systemd instance the units are for

@@ -89,6 +89,8 @@ BAD = {
     "memory-max-zero-unit": ({"memory-max": "0M"}, "--memory-max"),
     "memory-max-zero-percent": ({"memory-max": "0%"}, "--memory-max"),
     "tasks-max-zero": ({"tasks-max": 0}, "--tasks-max"),
+    # systemd's own form for DefaultTasksMax=, but a share of the host, not a bound per worker
+    "tasks-max-percent": ({"tasks-max": "15%"}, "--tasks-max"),
     # past the most pids a host has: a bound that bounds nothing
     "tasks-max-past-pid-max-limit": ({"tasks-max": "4194305"}, "--tasks-max"),
     # Workers never run as root.
@@ -124,7 +126,6 @@ BAD_TOML_ONLY = {
     "restart-sec-bool": ({"restart-sec": True}, "--restart-sec"),
     "memory-max-bool": ({"memory-max": True}, "--memory-max"),
     "tasks-max-bool": ({"tasks-max": True}, "--tasks-max"),
-    "tasks-max-percent": ({"tasks-max": "15%"}, "--tasks-max"),
     "listen-bool": ({"listen": [True]}, "--listen"),
     "user-int-0": ({"run-as": 0}, "--run-as"),
     "description-int": ({"description": 7}, "--description"),
